@@ -1,0 +1,87 @@
+# haven.dr developer entry points. Recipes stay short; logic lives in tools/.
+# `make test` is what CI runs (.ci/run).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+VENV := .venv
+# Tools find each other (ansible-lint -> ansible, ansible-test -> python) in the venv.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Written by `make setup`; rebuilt when any of its inputs changes.
+STAMP := $(VENV)/.setup-stamp
+# Linted with havend's ruff config; $(wildcard) skips dirs that do not exist yet.
+RUFF_PATHS := $(wildcard service tests/service bench)
+# nbd_ingest.py first, then every other bench/*.py with a main guard.
+BENCHES := bench/nbd_ingest.py $(filter-out bench/nbd_ingest.py,\
+	$(shell grep -l '^if __name__ == .__main__.:' bench/*.py 2>/dev/null))
+
+.PHONY: test setup ruff service-tests units sanity lint changelog bench build \
+	constraints clean distclean
+
+## test: everything CI checks, in order, stopping at the first failure
+test: setup
+	$(MAKE) --no-print-directory ruff
+	$(MAKE) --no-print-directory service-tests
+	$(MAKE) --no-print-directory units
+	$(MAKE) --no-print-directory sanity
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory changelog
+
+## setup: apt packages, .venv, pinned dev tools, havend (editable)
+setup: $(STAMP)
+$(STAMP): requirements-dev.txt constraints.txt service/pyproject.toml tools/setup.sh
+	tools/setup.sh
+	touch $@
+
+## ruff: lint and format check of havend, its tests and benchmarks
+ruff: setup
+	$(VENV)/bin/ruff check --config service/pyproject.toml $(RUFF_PATHS)
+	$(VENV)/bin/ruff format --check --config service/pyproject.toml $(RUFF_PATHS)
+
+## service-tests: havend's pytest suite (no tests collected = failure)
+service-tests: setup
+	$(VENV)/bin/pytest tests/service
+
+## units: collection unit tests (ansible-test units), when there are any
+units: setup
+	@if [ -n "$$(find tests/unit -name 'test_*.py' -print -quit)" ]; then \
+		tools/ansible-test.sh units; \
+	else echo "units: no collection unit tests yet (no tests/unit/**/test_*.py), skipping"; fi
+
+## sanity: ansible-test sanity on a copy of the collection (offline)
+sanity: setup
+	tools/ansible-test.sh sanity
+
+## lint: ansible-lint --profile production, once there is a role or playbook
+lint: setup
+	@if [ -n "$$(find roles -mindepth 1 -maxdepth 1 -type d -print -quit; \
+			find playbooks -name '*.yml' -print -quit)" ]; then \
+		$(VENV)/bin/ansible-lint --profile production; \
+	else echo "lint: no roles or playbooks yet, skipping ansible-lint"; fi
+
+## changelog: antsibull-changelog checks of fragments and changelog.yaml
+changelog: setup
+	$(VENV)/bin/antsibull-changelog lint
+	$(VENV)/bin/antsibull-changelog lint-changelog-yaml changelogs/changelog.yaml
+
+## bench: run the benchmarks (results under bench/results/)
+bench: setup
+	for b in $(BENCHES); do echo "== $$b"; $(VENV)/bin/python "$$b"; done
+
+## build: the collection tarball, .build/haven-dr-<version>.tar.gz
+build: setup
+	$(VENV)/bin/ansible-galaxy collection build --force --output-path .build
+
+## constraints: re-resolve requirements-dev.txt and rewrite constraints.txt
+constraints:
+	tools/constraints.sh
+
+## clean: build and test artefacts (keeps .venv)
+clean:
+	rm -rf .build tests/output .pytest_cache .ruff_cache .hypothesis service/build
+	rm -rf "$${XDG_CACHE_HOME:-$$HOME/.cache}/haven-dr"
+	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+## distclean: clean, and remove .venv too
+distclean: clean
+	rm -rf $(VENV)

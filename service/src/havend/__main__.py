@@ -1,0 +1,7 @@
+"""``python -m havend``."""
+
+import sys
+
+from havend.cli import main
+
+sys.exit(main())

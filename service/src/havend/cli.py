@@ -1,0 +1,142 @@
+"""The ``havend`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from havend import __version__
+from havend.errors import ConfigError, HavendError
+from havend.nbd.server import NBDServer
+from havend.volume import FileVolume
+
+log = logging.getLogger("havend")
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise HavendError("--loop uvloop: uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+async def _nbd_serve(args: argparse.Namespace) -> None:
+    volume = FileVolume(args.path, read_only=args.read_only)
+    name = args.name if args.name is not None else Path(args.path).stem
+    server = NBDServer(
+        {name: volume},
+        default=name,
+        descriptions={name: args.description or ""},
+        inline_io_limit=args.inline_io_limit,
+    )
+    try:
+        if args.socket:
+            where = f"nbd+unix:///{name}?socket={await server.listen_unix(args.socket)}"
+        else:
+            host, port = await server.listen_tcp(args.bind, args.port)
+            where = f"nbd://{host}:{port}/{name}"
+    except OSError as exc:
+        await server.close()
+        volume.close()
+        target = args.socket or f"{args.bind}:{args.port}"
+        raise ConfigError(f"cannot listen on {target}: {exc.strerror or exc}") from exc
+    mode = "read-only" if args.read_only else "read-write"
+    loop = asyncio.get_running_loop()
+    log.info(
+        "serving %s (%s, %s) on %s [loop %s]",
+        volume.path,
+        _human(volume.size),
+        mode,
+        where,
+        type(loop).__module__.split(".")[0],
+    )
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping: finishing in-flight requests and syncing %s", volume.path)
+    finally:
+        await server.close()
+        volume.close()
+        if args.socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.socket)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="havend", description="haven.dr block replication service"
+    )
+    parser.add_argument("--version", action="version", version=f"havend {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("HAVEND_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "nbd-serve",
+        help="serve a file-backed volume over NBD",
+        description="Serve a file or block device as an NBD export until SIGINT/SIGTERM.",
+    )
+    serve.add_argument("path", help="file or block device to serve")
+    serve.add_argument("--name", help="export name (default: the file name without extension)")
+    serve.add_argument("--description", help="export description shown by NBD_OPT_LIST")
+    where = serve.add_mutually_exclusive_group()
+    where.add_argument("--port", type=int, default=10809, help="TCP port (0 picks a free one)")
+    where.add_argument("--socket", help="serve on this UNIX socket instead of TCP")
+    serve.add_argument("--bind", default="127.0.0.1", help="TCP address to listen on")
+    serve.add_argument("--read-only", action="store_true", help="refuse writes with EPERM")
+    serve.add_argument(
+        "--loop", choices=["auto", "uvloop", "asyncio"], default="auto", help="event loop"
+    )
+    serve.add_argument(
+        "--inline-io-limit",
+        type=int,
+        default=256 * 1024,
+        help="transfers up to this many bytes run on the event loop, larger ones in threads",
+    )
+    serve.set_defaults(run=_nbd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s havend[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+            runner.run(args.run(args))
+    except HavendError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

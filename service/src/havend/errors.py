@@ -1,0 +1,31 @@
+"""The one exception hierarchy of havend.
+
+Callers convert these to user-facing messages at the edge (CLI, API, NBD error
+replies); inside, raise the most specific class that says who is at fault.
+"""
+
+from __future__ import annotations
+
+
+class HavendError(Exception):
+    """Base of every error havend raises on purpose."""
+
+
+class ConfigError(HavendError):
+    """The operator asked for something impossible (bad path, bad option)."""
+
+
+class ProtocolError(HavendError):
+    """A wire protocol was violated."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol: drop that one connection, keep serving the rest."""
+
+
+class LocalProtocolError(ProtocolError):
+    """havend itself tried something the protocol forbids: a bug in havend."""
+
+
+class VolumeError(HavendError):
+    """A volume could not be opened or used."""
