@@ -63,13 +63,14 @@ MAX_OPTION_DATA = 64 * 1024
 _OPTION_DISCARD_LIMIT = 16 * 1024 * 1024
 
 # Flags each command may carry (spec: unknown or inapplicable flags get EINVAL).
-_ALLOWED_FLAGS = {
+# Plain ints: ~ of an IntFlag keeps only the bits the enum names.
+_ALLOWED_FLAGS: dict[int, int] = {
     Command.READ: 0,
-    Command.WRITE: CommandFlag.FUA,
+    Command.WRITE: int(CommandFlag.FUA),
     Command.DISC: 0,
     Command.FLUSH: 0,
-    Command.TRIM: CommandFlag.FUA,
-    Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE,
+    Command.TRIM: int(CommandFlag.FUA),
+    Command.WRITE_ZEROES: int(CommandFlag.FUA | CommandFlag.NO_HOLE),
 }
 _MUTATING = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
 
@@ -323,8 +324,8 @@ class ServerConnection:
             return NEED_DATA
         (flags,) = struct.unpack_from(">I", self._buf)
         del self._buf[:4]
-        known = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
-        if flags & ~known:
+        known = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
+        if flags & ~known:  # int, not IntFlag: ~IntFlag drops the bits it does not name
             raise RemoteProtocolError(f"client sent unknown handshake flags {flags:#x}")
         self._no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
         self._set_state(State.OPTIONS)

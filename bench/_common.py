@@ -1,0 +1,125 @@
+"""Helpers shared by the benchmarks: bounded subprocesses, ports, machine facts.
+
+Every helper that starts or waits for a process takes a timeout, and every
+failure raises :class:`BenchError` with enough output to see what went wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+# Scratch space on the repository's file system; each run makes (and removes)
+# its own directory under it.
+WORK = ROOT / "bench" / ".work"
+
+
+class BenchError(Exception):
+    """A benchmark cannot go on: a tool failed, timed out or gave wrong data."""
+
+
+def _tail(text: str | bytes | None, lines: int = 20) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return "\n".join((text or "").rstrip().splitlines()[-lines:])
+
+
+def run(argv: Sequence[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` to completion; raise BenchError unless it exits 0 in time."""
+    cmd = shlex.join(argv)
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"timed out after {timeout:.0f} s: {cmd}\n{_tail(exc.stderr)}") from None
+    except OSError as exc:
+        raise BenchError(f"cannot run {cmd}: {exc}") from None
+    if done.returncode != 0:
+        raise BenchError(
+            f"exit status {done.returncode}: {cmd}\n{_tail(done.stderr) or _tail(done.stdout)}"
+        )
+    return done
+
+
+def timed_run(argv: Sequence[str], *, timeout: float) -> float:
+    """Wall-clock seconds ``argv`` took (it must exit 0)."""
+    start = time.perf_counter()
+    run(argv, timeout=timeout)
+    return time.perf_counter() - start
+
+
+def first_line(argv: Sequence[str]) -> str:
+    """First line of a ``--version`` style output."""
+    done = run(argv, timeout=30)
+    return (done.stdout or done.stderr).strip().splitlines()[0]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(
+    proc: subprocess.Popen[bytes], host: str, port: int, *, timeout: float = 15
+) -> None:
+    """Wait until ``proc`` accepts TCP connections on ``host:port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{proc.args!r} exited with status {proc.returncode} at start-up")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen[bytes], *, timeout: float = 60) -> int | None:
+    """SIGTERM, then SIGKILL after ``timeout`` s; returns the exit status."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    return proc.returncode
+
+
+def sync(*, timeout: float = 180) -> None:
+    """Write all dirty page-cache pages back, so no run pays for the previous one."""
+    run(["sync"], timeout=timeout)
+
+
+def machine_info() -> dict[str, object]:
+    """What the numbers were measured on."""
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "mem_gib": round(mem_kib / 2**20, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
