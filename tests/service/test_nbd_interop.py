@@ -186,6 +186,7 @@ def test_fio_nbd_engine_random_writes_verify(havend: Havend) -> None:
         "--size=8M",
         "--verify=crc32c",
         "--do_verify=1",
+        "--verify_state_save=0",  # fio would leave a state file in the cwd
         "--output-format=json",
     )
     report = json.loads(result.stdout[result.stdout.index("{") :])
