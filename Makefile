@@ -15,7 +15,7 @@ RUFF_PATHS := $(wildcard service tests/service bench)
 BENCHES := bench/nbd_ingest.py $(filter-out bench/nbd_ingest.py,\
 	$(shell grep -l '^if __name__ == .__main__.:' bench/*.py 2>/dev/null))
 
-.PHONY: test setup ruff service-tests units sanity lint changelog bench build \
+.PHONY: test setup ruff service-tests units sanity lint changelog bench build build-check \
 	constraints clean distclean
 
 ## test: everything CI checks, in order, stopping at the first failure
@@ -26,6 +26,7 @@ test: setup
 	$(MAKE) --no-print-directory sanity
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory changelog
+	$(MAKE) --no-print-directory build-check
 
 ## setup: apt packages, .venv, pinned dev tools, havend (editable)
 setup: $(STAMP)
@@ -71,6 +72,14 @@ bench: setup
 ## build: the collection tarball, .build/haven-dr-<version>.tar.gz
 build: setup
 	$(VENV)/bin/ansible-galaxy collection build --force --output-path .build
+
+## build-check: the tarball builds and installs with ansible-galaxy
+build-check: build
+	rm -rf .build/installed
+	$(VENV)/bin/ansible-galaxy collection install --offline -p .build/installed \
+		.build/haven-dr-$$(sed -n 's/^version: *//p' galaxy.yml).tar.gz
+	test -f .build/installed/ansible_collections/haven/dr/MANIFEST.json
+	test -f .build/installed/ansible_collections/haven/dr/service/pyproject.toml
 
 ## constraints: re-resolve requirements-dev.txt and rewrite constraints.txt
 constraints:
