@@ -72,20 +72,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(
-    proc: subprocess.Popen[bytes], host: str, port: int, *, timeout: float = 15
-) -> None:
-    """Wait until ``proc`` accepts TCP connections on ``host:port``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"{proc.args!r} exited with status {proc.returncode} at start-up")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
-            return
-        time.sleep(0.05)
-    raise BenchError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
-
-
 def stop(proc: subprocess.Popen[bytes], *, timeout: float = 60) -> int | None:
     """SIGTERM, then SIGKILL after ``timeout`` s; returns the exit status."""
     if proc.poll() is None:
@@ -97,6 +83,12 @@ def stop(proc: subprocess.Popen[bytes], *, timeout: float = 60) -> int | None:
             proc.kill()
             proc.wait(timeout=10)
     return proc.returncode
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a running process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def sync(*, timeout: float = 180) -> None:

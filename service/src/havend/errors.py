@@ -29,3 +29,11 @@ class LocalProtocolError(ProtocolError):
 
 class VolumeError(HavendError):
     """A volume could not be opened or used."""
+
+
+class JournalError(HavendError):
+    """A journal could not be created, opened or appended to."""
+
+
+class JournalCorruptError(JournalError):
+    """Journal data failed its checks: reported, never applied."""
