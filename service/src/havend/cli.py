@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from havend import __version__
+from havend.certs import add_parser as add_certs_parser
 from havend.errors import ConfigError, HavendError
 from havend.nbd.server import NBDServer
 from havend.volume import FileVolume
@@ -84,6 +85,12 @@ async def _nbd_serve(args: argparse.Namespace) -> None:
                 os.unlink(args.socket)
 
 
+async def _run_node(args: argparse.Namespace) -> None:
+    from havend import config, node
+
+    await node.run(config.load(args.config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="havend", description="haven.dr block replication service"
@@ -119,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="transfers up to this many bytes run on the event loop, larger ones in threads",
     )
     serve.set_defaults(run=_nbd_serve)
+
+    run = sub.add_parser(
+        "run",
+        help="run a replication node (source or target) from a config file",
+        description="Run a source or target node as its YAML config says (see havend.config).",
+    )
+    run.add_argument("--config", required=True, help="node configuration (YAML)")
+    run.add_argument(
+        "--loop", choices=["auto", "uvloop", "asyncio"], default="auto", help="event loop"
+    )
+    run.set_defaults(run=_run_node)
+    add_certs_parser(sub)
     return parser
 
 
@@ -130,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+        with asyncio.Runner(loop_factory=_loop_factory(getattr(args, "loop", "auto"))) as runner:
             runner.run(args.run(args))
     except HavendError as exc:
         log.error("%s", exc)

@@ -37,3 +37,20 @@ class JournalError(HavendError):
 
 class JournalCorruptError(JournalError):
     """Journal data failed its checks: reported, never applied."""
+
+
+class CertificateError(HavendError):
+    """TLS material could not be created, read or used (bad name, existing CA, bad PEM)."""
+
+
+class NBDClientError(HavendError):
+    """An NBD server refused a request or the handshake.
+
+    ``error`` is the NBD error code of the reply (``havend.nbd.constants.Error``,
+    e.g. 28 for ENOSPC); 0 when the refusal came in the handshake, where the
+    message names the option reply instead.
+    """
+
+    def __init__(self, message: str, error: int = 0) -> None:
+        super().__init__(message)
+        self.error = error

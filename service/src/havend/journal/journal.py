@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from havend.errors import JournalCorruptError, JournalError
+from havend.fsutil import fsync_dir
 from havend.journal.record import (
     MAX_PAYLOAD,
     RECORD_HEADER,
@@ -41,14 +42,6 @@ def _segment_name(index: int) -> str:
     return f"seg-{index:016x}.log"
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass(slots=True)
 class _Segment:
     index: int
@@ -74,6 +67,7 @@ class Journal:
         self.recovered = recovered
         self._block = block
         self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
         self._sb_fd = os.open(os.path.join(directory, SUPERBLOCK), os.O_RDWR | os.O_CLOEXEC)
         self._segments: dict[int, _Segment] = {}
         for index, path in sorted(self._segment_files().items()):
@@ -102,7 +96,10 @@ class Journal:
         *,
         segment_size: int = 64 << 20,
         max_segments: int = 16,
+        first_seq: int = 1,
     ) -> Journal:
+        """A new, empty journal whose first record will get ``first_seq`` (a target
+        journal starts where its source's sequence is)."""
         directory = os.fspath(directory)
         if segment_size < 1 << 16 or segment_size % 4096:
             raise JournalError("segment size must be a multiple of 4096 and at least 64 KiB")
@@ -117,12 +114,12 @@ class Journal:
             segment_size=segment_size,
             max_segments=max_segments,
             tail_segment=0,
-            tail_seq=1,
+            tail_seq=first_seq,
             head_segment=0,
             head_offset=SEGMENT_HEADER_SIZE,
-            head_seq=0,
+            head_seq=first_seq - 1,
         )
-        _new_segment_file(directory, 0, 1, segment_size)
+        _new_segment_file(directory, 0, first_seq, segment_size)
         fd = os.open(
             os.path.join(directory, SUPERBLOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
         )
@@ -131,7 +128,7 @@ class Journal:
             write_superblock(fd, block)
         finally:
             os.close(fd)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return cls.open(directory)
 
     @classmethod
@@ -167,8 +164,15 @@ class Journal:
         offset: int,
         data: bytes | bytearray | memoryview = b"",
         length: int | None = None,
+        *,
+        seq: int | None = None,
+        timestamp_ns: int | None = None,
     ) -> int:
-        """Append one record (not yet durable: see :meth:`sync`); returns its seq."""
+        """Append one record (not yet durable: see :meth:`sync`); returns its seq.
+
+        ``seq`` and ``timestamp_ns`` are for a target copying its source's
+        records: ``seq`` must then be the next one.
+        """
         size = record_size(len(data))
         if size > self.segment_size - SEGMENT_HEADER_SIZE:
             raise JournalError(
@@ -177,14 +181,17 @@ class Journal:
         with self._lock:
             if self._active.write_pos + size > self.segment_size:
                 self._roll()
-            seq = self.last_seq + 1
+            if seq is None:
+                seq = self.last_seq + 1
+            elif seq != self.last_seq + 1:
+                raise JournalError(f"seq {seq} appended where {self.last_seq + 1} belongs")
             record = Record(
                 seq=seq,
                 kind=kind,
                 volume=volume,
                 offset=offset,
                 length=len(data) if length is None else length,
-                timestamp_ns=time.time_ns(),
+                timestamp_ns=time.time_ns() if timestamp_ns is None else timestamp_ns,
                 durable=self.durable_seq,
                 data=bytes(data),
             )
@@ -198,18 +205,24 @@ class Journal:
     def sync(self) -> int:
         """Make every record appended so far durable; returns the new durable seq.
 
-        Safe to call from a worker thread while appends go on: one fdatasync
-        covers every record appended before the call (group commit).
+        Safe to call from worker threads while appends go on (group commit): one
+        fdatasync covers every record appended before it started, and a caller
+        whose records an in-flight sync already covers waits for it, then returns.
         """
         with self._lock:
-            target = self.last_seq
-            dirty = [self._segments[i].fd for i in self._dirty]
-            self._dirty.clear()
-        for fd in dirty:
-            os.fdatasync(fd)
-        with self._lock:
-            self.durable_seq = max(self.durable_seq, target)
-            return self.durable_seq
+            wanted = self.last_seq
+        with self._sync_lock:  # one fdatasync at a time; later callers piggyback
+            with self._lock:
+                if self.durable_seq >= wanted:
+                    return self.durable_seq
+                target = self.last_seq
+                dirty = [self._segments[i].fd for i in self._dirty]
+                self._dirty.clear()
+            for fd in dirty:
+                os.fdatasync(fd)
+            with self._lock:
+                self.durable_seq = max(self.durable_seq, target)
+                return self.durable_seq
 
     def _roll(self) -> None:
         """Start the next segment (lock held). The full one is synced first, so
@@ -319,7 +332,7 @@ class Journal:
         for segment in gone:
             os.close(segment.fd)
             os.unlink(segment.path)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         return len(gone) * self.segment_size
 
     # Accounting -----------------------------------------------------------
@@ -398,5 +411,5 @@ def _new_segment_file(directory: str, index: int, first_seq: int, size: int) -> 
     finally:
         os.close(fd)
     os.rename(tmp, final)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return final

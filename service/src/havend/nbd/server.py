@@ -24,7 +24,7 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, cast
 
 from havend.errors import RemoteProtocolError
@@ -240,7 +240,10 @@ class NBDConnection(asyncio.Protocol):
         volume = self.volume
         assert volume is not None
         if event.fua:
-            self._offload(event.cookie, volume.write_fua, event.offset, event.data)
+            if hasattr(volume, "flush_async"):  # a replicated volume: FUA = write + FLUSH
+                self._await(event.cookie, _write_then_flush(volume, event.offset, event.data))
+            else:
+                self._offload(event.cookie, volume.write_fua, event.offset, event.data)
         elif len(event.data) > self.server.inline_io_limit:
             self._offload(event.cookie, volume.write, event.offset, event.data)
         else:
@@ -253,7 +256,11 @@ class NBDConnection(asyncio.Protocol):
 
     def _on_flush(self, event: protocol.Flush) -> None:
         assert self.volume is not None
-        self._offload(event.cookie, self.volume.flush)
+        flush_async = getattr(self.volume, "flush_async", None)
+        if flush_async is not None:  # may wait for a replication target (sync mode)
+            self._await(event.cookie, flush_async())
+        else:
+            self._offload(event.cookie, self.volume.flush)
 
     def _on_trim(self, event: protocol.Trim) -> None:
         assert self.volume is not None
@@ -299,7 +306,12 @@ class NBDConnection(asyncio.Protocol):
 
     def _offload(self, cookie: int, fn: Callable[..., Any], *args: Any) -> None:
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.server.executor, fn, *args)
+        self._track(cookie, loop.run_in_executor(self.server.executor, fn, *args))
+
+    def _await(self, cookie: int, coro: Coroutine[Any, Any, Any]) -> None:
+        self._track(cookie, asyncio.ensure_future(coro))
+
+    def _track(self, cookie: int, future: asyncio.Future[Any]) -> None:
         self.pending += 1
         if self.pending >= MAX_PENDING:
             self._pause("pending")
@@ -344,6 +356,12 @@ class NBDConnection(asyncio.Protocol):
         self.closing = True
         if self.transport is not None:
             self.transport.abort()
+
+
+async def _write_then_flush(volume: Any, offset: int, data: bytes | bytearray) -> None:
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, volume.write, offset, data)
+    await volume.flush_async()
 
 
 def _trim(volume: FileVolume, offset: int, length: int, fua: bool) -> None:

@@ -1,0 +1,224 @@
+"""``havend run --config FILE``: the node's configuration, read and checked.
+
+A YAML file; every mistake is a :class:`~havend.errors.ConfigError` naming the
+field (``source.groups[0].volumes[1].path: required``). Example::
+
+    node: {name: src1, role: source, state_dir: /var/lib/havend}
+    tls: {cert: /etc/havend/src1.pem, key: /etc/havend/src1.key, ca: /etc/havend/ca.pem}
+    source:
+      nbd: {host: 127.0.0.1, port: 10809}
+      target: {host: 10.0.0.2, port: 7788, server_name: tgt1}
+      groups:
+        - name: app1
+          mode: async            # or sync: FLUSH waits for the target (RPO 0)
+          rpo_seconds: 30
+          compression_level: 3   # zstd; 0 = off
+          bandwidth_limit: 0     # bytes/s on the wire; 0 = unlimited
+          journal: {segment_size: 67108864, max_segments: 16}
+          volumes:
+            - {name: db, path: /srv/db.img}
+            - {name: log, path: /srv/log.img}
+
+    # on the target node:
+    node: {name: tgt1, role: target, state_dir: /var/lib/havend}
+    target: {listen: {host: 0.0.0.0, port: 7788}, replica_dir: /var/lib/havend/replicas}
+
+Without ``tls`` a node refuses to start unless ``insecure_plaintext: true`` is
+set (tests and benchmarks on one machine).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from havend.errors import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    cert: str
+    key: str
+    ca: str
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+    server_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeConfig:
+    name: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class GroupConfig:
+    name: str
+    volumes: tuple[VolumeConfig, ...]
+    mode: str = "async"
+    rpo_seconds: float = 30.0
+    compression_level: int = 3
+    bandwidth_limit: int = 0
+    segment_size: int = 64 << 20
+    max_segments: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    name: str
+    role: str
+    state_dir: str
+    tls: TLSConfig | None
+    insecure_plaintext: bool = False
+    status_interval: float = 5.0
+    nbd: Endpoint | None = None
+    target: Endpoint | None = None
+    groups: tuple[GroupConfig, ...] = field(default_factory=tuple)
+    listen: Endpoint | None = None
+    replica_dir: str | None = None
+
+
+class _Reader:
+    """Typed access to one mapping of the file, with the field path for errors."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where or 'config'}: must be a mapping")
+        self.data = data
+        self.where = where
+
+    def _path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, kind: type, default: Any = ..., choices: tuple = ()) -> Any:
+        if key not in self.data or self.data[key] is None:
+            if default is ...:
+                raise ConfigError(f"{self._path(key)}: required")
+            return default
+        value = self.data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{self._path(key)}: must be {kind.__name__}, not {value!r}")
+        if choices and value not in choices:
+            raise ConfigError(f"{self._path(key)}: must be one of {', '.join(choices)}")
+        return value
+
+    def sub(self, key: str, required: bool = True) -> _Reader | None:
+        if key not in self.data or self.data[key] is None:
+            if required:
+                raise ConfigError(f"{self._path(key)}: required")
+            return None
+        return _Reader(self.data[key], self._path(key))
+
+    def items(self, key: str) -> list[_Reader]:
+        value = self.data.get(key)
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{self._path(key)}: must be a non-empty list")
+        return [_Reader(v, f"{self._path(key)}[{i}]") for i, v in enumerate(value)]
+
+
+def _name(reader: _Reader, key: str = "name") -> str:
+    value = reader.get(key, str)
+    if not _NAME.match(value):
+        raise ConfigError(f"{reader._path(key)}: {value!r} is not a valid name")
+    return value
+
+
+def _endpoint(reader: _Reader | None) -> Endpoint | None:
+    if reader is None:
+        return None
+    port = reader.get("port", int)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{reader._path('port')}: {port} is not a port")
+    return Endpoint(
+        reader.get("host", str, "127.0.0.1"), port, reader.get("server_name", str, None)
+    )
+
+
+def _group(reader: _Reader) -> GroupConfig:
+    volumes = tuple(VolumeConfig(_name(v), v.get("path", str)) for v in reader.items("volumes"))
+    names = [v.name for v in volumes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{reader._path('volumes')}: volume names must be unique")
+    journal = reader.sub("journal", required=False) or _Reader({}, reader._path("journal"))
+    level = reader.get("compression_level", int, 3)
+    if not 0 <= level <= 22:
+        raise ConfigError(f"{reader._path('compression_level')}: must be 0..22")
+    return GroupConfig(
+        name=_name(reader),
+        volumes=volumes,
+        mode=reader.get("mode", str, "async", choices=("async", "sync")),
+        rpo_seconds=reader.get("rpo_seconds", float, 30.0),
+        compression_level=level,
+        bandwidth_limit=reader.get("bandwidth_limit", int, 0),
+        segment_size=journal.get("segment_size", int, 64 << 20),
+        max_segments=journal.get("max_segments", int, 16),
+    )
+
+
+def parse(data: Any) -> NodeConfig:
+    root = _Reader(data, "")
+    node = root.sub("node")
+    assert node is not None
+    role = node.get("role", str, choices=("source", "target"))
+    tls_reader = root.sub("tls", required=False)
+    tls = (
+        TLSConfig(
+            tls_reader.get("cert", str), tls_reader.get("key", str), tls_reader.get("ca", str)
+        )
+        if tls_reader
+        else None
+    )
+    insecure = root.get("insecure_plaintext", bool, False)
+    if tls is None and not insecure:
+        raise ConfigError("tls: required (or set insecure_plaintext: true for a lab)")
+    common = {
+        "name": _name(node),
+        "role": role,
+        "state_dir": node.get("state_dir", str),
+        "tls": tls,
+        "insecure_plaintext": insecure,
+        "status_interval": root.get("status_interval", float, 5.0),
+    }
+    if role == "source":
+        source = root.sub("source")
+        assert source is not None
+        groups = tuple(_group(g) for g in source.items("groups"))
+        names = [g.name for g in groups]
+        if len(set(names)) != len(names):
+            raise ConfigError("source.groups: group names must be unique")
+        volume_names = [v.name for g in groups for v in g.volumes]
+        if len(set(volume_names)) != len(volume_names):
+            raise ConfigError("source.groups: volume names must be unique on a node")
+        return NodeConfig(
+            **common,
+            nbd=_endpoint(source.sub("nbd", required=False)) or Endpoint("127.0.0.1", 10809),
+            target=_endpoint(source.sub("target")),
+            groups=groups,
+        )
+    target = root.sub("target")
+    assert target is not None
+    return NodeConfig(
+        **common, listen=_endpoint(target.sub("listen")), replica_dir=target.get("replica_dir", str)
+    )
+
+
+def load(path: str) -> NodeConfig:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse(data)

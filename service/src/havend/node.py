@@ -1,0 +1,229 @@
+"""``havend run``: one process serving a node's role, many groups and volumes.
+
+A *source* node opens each group's journal (replaying it into the local copies
+after a crash), serves every member volume as an NBD export named after it,
+commits journal records in groups and ships them to the target. A *target*
+node listens for sources and keeps their replicas. Both write
+``<state_dir>/status.json`` every second and log a progress line per group
+every ``status_interval`` seconds (lag in seconds and bytes, throughput).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import ssl
+import time
+import uuid
+from typing import Any
+
+from havend import __version__
+from havend.config import GroupConfig, NodeConfig
+from havend.errors import ConfigError
+from havend.fsutil import write_atomic
+from havend.journal import Journal
+from havend.nbd.server import NBDServer
+from havend.ship.shipper import Shipper, ShipperSettings
+from havend.ship.source import SourceGroup, group_dir
+from havend.target.server import TargetNode
+from havend.volume import FileVolume
+
+log = logging.getLogger("havend")
+
+
+def _ssl_contexts(config: NodeConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    if config.tls is None:
+        return None, None
+    from havend import certs
+
+    tls = config.tls
+    return (
+        certs.server_context(tls.cert, tls.key, tls.ca),
+        certs.client_context(tls.cert, tls.key, tls.ca),
+    )
+
+
+def _source_group_id(state_dir: str, name: str) -> uuid.UUID:
+    """The group's UUID, made once and kept under the state directory."""
+    path = os.path.join(state_dir, "group-ids", name)
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        return uuid.UUID(f.read().strip())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    group_id = uuid.uuid4()
+    write_atomic(path, f"{group_id}\n".encode())
+    return group_id
+
+
+def open_source_group(state_dir: str, config: GroupConfig) -> SourceGroup:
+    group_id = _source_group_id(state_dir, config.name)
+    directory = os.path.join(group_dir(state_dir, group_id), "journal")
+    if os.path.exists(os.path.join(directory, "superblock")):
+        journal = Journal.open(directory)
+    else:
+        journal = Journal.create(
+            directory,
+            group_id,
+            segment_size=config.segment_size,
+            max_segments=config.max_segments,
+        )
+    volumes = [(v.name, FileVolume(v.path)) for v in config.volumes]
+    group = SourceGroup(
+        group_id,
+        config.name,
+        volumes,
+        journal,
+        mode=config.mode,
+        rpo_seconds=config.rpo_seconds,
+    )
+    replayed = group.replay()
+    if replayed:
+        log.info("group %s: replayed %d journal records into the volumes", config.name, replayed)
+    return group
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.started = time.time()
+        self.source_groups: list[SourceGroup] = []
+        self.target: TargetNode | None = None
+        self.nbd: NBDServer | None = None
+        self.addresses: dict[str, str] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._shippers: list[Shipper] = []
+        self._last_shipped: dict[str, tuple[float, int]] = {}
+
+    async def start(self) -> None:
+        config = self.config
+        os.makedirs(config.state_dir, exist_ok=True)
+        server_ctx, client_ctx = _ssl_contexts(config)
+        loop = asyncio.get_running_loop()
+        if config.role == "source":
+            assert config.nbd is not None and config.target is not None
+            exports = {}
+            for group_config in config.groups:
+                group = open_source_group(config.state_dir, group_config)
+                group.bind(loop)
+                self.source_groups.append(group)
+                for member in group.volumes:
+                    exports[member.name] = member
+                self._tasks.append(loop.create_task(group.committer()))
+                settings = ShipperSettings(
+                    host=config.target.host,
+                    port=config.target.port,
+                    server_name=config.target.server_name,
+                    compression_level=group_config.compression_level,
+                    bandwidth_limit=group_config.bandwidth_limit,
+                )
+                shipper = Shipper(group, settings, client_ctx, config.name)
+                self._shippers.append(shipper)
+                self._tasks.append(loop.create_task(shipper.run()))
+            self.nbd = NBDServer(exports)  # type: ignore[arg-type]
+            host, port = await self.nbd.listen_tcp(config.nbd.host, config.nbd.port)
+            self.addresses["nbd"] = f"nbd://{host}:{port}"
+        else:
+            assert config.listen is not None and config.replica_dir is not None
+            self.target = TargetNode(config.name, config.state_dir, config.replica_dir)
+            host, port = await self.target.start(config.listen.host, config.listen.port, server_ctx)
+            self.addresses["replication"] = f"{host}:{port}"
+        self._tasks.append(loop.create_task(self._report()))
+        log.info(
+            "havend %s node %s (%s) up: %s%s",
+            __version__,
+            config.name,
+            config.role,
+            ", ".join(f"{k} {v}" for k, v in self.addresses.items()),
+            "" if config.tls else " [insecure plaintext]",
+        )
+
+    def status(self) -> dict[str, Any]:
+        groups: list[dict[str, Any]] = []
+        if self.source_groups:
+            groups = [dataclasses.asdict(g.status()) for g in self.source_groups]
+        elif self.target is not None:
+            groups = [dataclasses.asdict(g.status()) for g in self.target.groups.values()]
+        return {
+            "node": self.config.name,
+            "role": self.config.role,
+            "version": __version__,
+            "pid": os.getpid(),
+            "addresses": self.addresses,
+            "uptime_s": round(time.time() - self.started, 1),
+            "groups": groups,
+        }
+
+    async def _report(self) -> None:
+        path = os.path.join(self.config.state_dir, "status.json")
+        last_line = 0.0
+        while True:
+            status = self.status()
+            write_atomic(path, json.dumps(status, indent=1).encode())
+            now = time.monotonic()
+            if now - last_line >= self.config.status_interval:
+                last_line = now
+                for group in status["groups"]:
+                    log.info("%s", self._progress_line(group, now))
+            await asyncio.sleep(1.0)
+
+    def _progress_line(self, group: dict[str, Any], now: float) -> str:
+        if "lag_seconds" not in group:  # target
+            return (
+                f"group {group['name']}: received seq {group['received_seq']}, applied "
+                f"{group['applied_seq']}, {'connected' if group['connected'] else 'waiting'}"
+            )
+        then, shipped = self._last_shipped.get(group["group"], (now, group["shipped_bytes"]))
+        rate = (group["shipped_bytes"] - shipped) / (now - then) if now > then else 0.0
+        self._last_shipped[group["group"]] = (now, group["shipped_bytes"])
+        eta = group["lag_bytes"] / rate if rate > 0 else None
+        return (
+            f"group {group['name']}: seq {group['last_seq']} acked {group['acked_seq']}, "
+            f"lag {group['lag_seconds']:.1f} s / {_human_bytes(group['lag_bytes'])}"
+            f"{f' (ETA {eta:.0f} s)' if eta is not None else ''}, "
+            f"{_human_bytes(rate)}/s, RPO {'met' if group['rpo_ok'] else 'BREACHED'}"
+            f"{'' if group['connected'] else ', link down: ' + (group['last_error'] or '-')}"
+        )
+
+    async def stop(self) -> None:
+        for shipper in self._shippers:
+            shipper.stop()
+        if self.nbd is not None:
+            await self.nbd.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        for group in self.source_groups:
+            await loop.run_in_executor(None, group.close)
+        if self.target is not None:
+            await self.target.close()
+
+
+async def run(config: NodeConfig) -> None:
+    node = Node(config)
+    try:
+        await node.start()
+    except OSError as exc:
+        await node.stop()
+        raise ConfigError(f"cannot start node {config.name}: {exc}") from exc
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping node %s", config.name)
+    finally:
+        await node.stop()

@@ -1,0 +1,230 @@
+"""Shipping a group's journal to its target: batches, compression, credits,
+a bandwidth cap, and reconnecting until stopped.
+
+A session starts with HELLO; the target's WELCOME says the last seq it holds
+durably, and shipping resumes right after it, so a batch lost with a broken
+connection is simply sent again (the target skips seqs it already has). Only
+records durable on the source are shipped: the target is never ahead of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from dataclasses import dataclass
+
+import zstandard
+
+from havend.errors import RemoteProtocolError
+from havend.ship import wire
+from havend.ship.source import SourceGroup
+
+log = logging.getLogger("havend.ship")
+
+
+@dataclass(frozen=True, slots=True)
+class ShipperSettings:
+    host: str
+    port: int
+    server_name: str | None = None  # TLS name of the target (default: host)
+    compression_level: int = 3  # 0: off
+    bandwidth_limit: int = 0  # bytes per second on the wire, 0: unlimited
+    window_bytes: int = 32 << 20  # sent but not yet acknowledged
+    batch_bytes: int = 4 << 20
+    min_backoff: float = 0.05
+    max_backoff: float = 5.0
+    connect_timeout: float = 10.0
+
+
+class ResyncNeeded(Exception):
+    """The target needs records the journal no longer has."""
+
+
+class TokenBucket:
+    """Bandwidth cap: ``take(n)`` sleeps so that at most ``rate`` bytes/s pass."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._allowance = float(rate)
+        self._stamp = time.monotonic()
+
+    async def take(self, amount: int) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        self._allowance = min(self.rate, self._allowance + (now - self._stamp) * self.rate)
+        self._stamp = now
+        self._allowance -= amount
+        if self._allowance < 0:
+            await asyncio.sleep(-self._allowance / self.rate)
+
+
+class Shipper:
+    """Ships one group to one target until :meth:`stop`."""
+
+    def __init__(
+        self,
+        group: SourceGroup,
+        settings: ShipperSettings,
+        ssl_context: ssl.SSLContext | None,
+        node_name: str,
+    ) -> None:
+        self.group = group
+        self.settings = settings
+        self.ssl_context = ssl_context
+        self.node_name = node_name
+        self._compressor = (
+            zstandard.ZstdCompressor(level=settings.compression_level)
+            if settings.compression_level > 0
+            else None
+        )
+        self._bucket = TokenBucket(settings.bandwidth_limit)
+        self._stopping = False
+
+    async def run(self) -> None:
+        """Connect, ship, and on any failure back off and reconnect."""
+        backoff = self.settings.min_backoff
+        group = self.group
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                await self._session()
+            except ResyncNeeded as exc:
+                group.last_error = str(exc)
+                log.error("group %s: %s", group.name, exc)
+                return
+            except (OSError, asyncio.IncompleteReadError, RemoteProtocolError, ssl.SSLError) as exc:
+                group.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "group %s: link to %s:%d down (%s); retrying in %.2f s",
+                    group.name,
+                    self.settings.host,
+                    self.settings.port,
+                    group.last_error,
+                    backoff,
+                )
+            finally:
+                group.connected = False
+            if time.monotonic() - started > 10:
+                backoff = self.settings.min_backoff  # it worked for a while: retry fast
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(self.settings.max_backoff, backoff * 2)
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    async def _session(self) -> None:
+        s = self.settings
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                s.host,
+                s.port,
+                ssl=self.ssl_context,
+                server_hostname=(s.server_name or s.host) if self.ssl_context else None,
+            ),
+            s.connect_timeout,
+        )
+        try:
+            await self._ship(reader, writer)
+        finally:
+            writer.close()
+
+    async def _ship(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        group = self.group
+        decoder = wire.FrameDecoder()
+        writer.write(
+            wire.encode_control(
+                wire.FrameType.HELLO,
+                {
+                    "version": wire.VERSION,
+                    "node": self.node_name,
+                    "group": str(group.id),
+                    "name": group.name,
+                    "mode": group.mode,
+                    "volumes": [{"name": v.name, "size": v.size} for v in group.volumes],
+                },
+            )
+        )
+        await writer.drain()
+        welcome = await _read_frame(reader, decoder, self.settings.connect_timeout)
+        if not isinstance(welcome, wire.Control) or welcome.type != wire.FrameType.WELCOME:
+            if isinstance(welcome, wire.Control) and welcome.type == wire.FrameType.REFUSED:
+                raise RemoteProtocolError(f"target refused: {welcome.body.get('error')}")
+            raise RemoteProtocolError("target did not answer HELLO with WELCOME")
+        cursor = int(welcome.body["durable_seq"])
+        group.on_ack(cursor)
+        if cursor + 1 < group.journal.tail_seq:
+            raise ResyncNeeded(
+                f"target has seq {cursor} but the journal starts at {group.journal.tail_seq}: "
+                "a resync is needed"
+            )
+        group.connected = True
+        group.last_error = ""
+        log.info(
+            "group %s: shipping to %s from seq %d", group.name, welcome.body.get("node"), cursor + 1
+        )
+        inflight: dict[int, int] = {}  # last seq of a batch -> its wire bytes
+        credit = asyncio.Event()
+        credit.set()
+
+        async def receive() -> None:
+            while True:
+                frame = await _read_frame(reader, decoder, None)
+                if not isinstance(frame, wire.Ack):
+                    raise RemoteProtocolError(f"unexpected frame from target: {frame!r}")
+                group.on_ack(frame.durable_seq)
+                for last in [seq for seq in inflight if seq <= frame.durable_seq]:
+                    del inflight[last]
+                credit.set()
+
+        async def send() -> None:
+            nonlocal cursor
+            loop = asyncio.get_running_loop()
+            while True:
+                if group.journal.durable_seq <= cursor:
+                    group.durable.clear()
+                    if group.journal.durable_seq <= cursor:
+                        await group.durable.wait()
+                    continue
+                while sum(inflight.values()) >= self.settings.window_bytes:
+                    credit.clear()
+                    await credit.wait()
+                records = await loop.run_in_executor(
+                    None, group.journal.read, cursor, self.settings.batch_bytes
+                )
+                if not records:
+                    continue
+                frame = await loop.run_in_executor(
+                    None, wire.encode_batch, group.id, records, self._compressor
+                )
+                await self._bucket.take(len(frame))
+                writer.write(frame)
+                await writer.drain()
+                cursor = records[-1].seq
+                inflight[cursor] = len(frame)
+                group.shipped_bytes += sum(len(r.data) for r in records)
+                group.wire_bytes += len(frame)
+
+        tasks = [asyncio.ensure_future(receive()), asyncio.ensure_future(send())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _read_frame(
+    reader: asyncio.StreamReader, decoder: wire.FrameDecoder, timeout: float | None
+) -> wire.Frame:
+    while (frame := decoder.next_frame()) is None:
+        data = await asyncio.wait_for(reader.read(1 << 20), timeout)
+        if not data:
+            raise asyncio.IncompleteReadError(b"", None)
+        decoder.feed(data)
+    return frame

@@ -1,0 +1,176 @@
+"""Frames between a source and a target node, without I/O.
+
+Every frame is ``u32 length | u8 type | payload`` (little-endian; length counts
+the payload only). Control frames carry a JSON object; the data path is binary:
+
+``HELLO`` (source → target, JSON)
+    ``{"version", "node", "group", "name", "volumes": [{"name", "size"}], "mode"}``
+``WELCOME`` (target → source, JSON)
+    ``{"node", "durable_seq"}``: ship from ``durable_seq + 1`` on.
+``REFUSED`` (target → source, JSON)
+    ``{"code", "error"}``; the target closes the connection after it.
+``BATCH`` (source → target)
+    ``16s group | u64 first seq | u64 last seq | u8 codec | u32 raw length``,
+    then the records, in the journal's own record format (each with its CRC),
+    raw or zstd-compressed as a whole.
+``ACK`` (target → source)
+    ``16s group | u64 durable seq``: every record up to it is on the target's
+    stable storage.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import json
+import struct
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import zstandard
+
+from havend.errors import RemoteProtocolError
+from havend.journal.record import BadRecord, Record, decode_record, encode_record
+
+VERSION = 1
+_FRAME = struct.Struct("<IB")
+_BATCH = struct.Struct("<16sQQBI")
+_ACK = struct.Struct("<16sQ")
+# Frames larger than this are not ours: drop the connection.
+MAX_FRAME = 80 << 20
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    REFUSED = 3
+    BATCH = 4
+    ACK = 5
+
+
+class Codec(enum.IntEnum):
+    RAW = 0
+    ZSTD = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    type: FrameType
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    group: uuid.UUID
+    first_seq: int
+    last_seq: int
+    records: list[Record]
+    wire_bytes: int  # size on the wire, for throughput and compression figures
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    group: uuid.UUID
+    durable_seq: int
+
+
+Frame = Control | Batch | Ack
+
+
+def encode_control(kind: FrameType, body: dict[str, Any]) -> bytes:
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    return _FRAME.pack(len(payload), kind) + payload
+
+
+def encode_ack(group: uuid.UUID, durable_seq: int) -> bytes:
+    return _FRAME.pack(_ACK.size, FrameType.ACK) + _ACK.pack(group.bytes, durable_seq)
+
+
+def encode_batch(
+    group: uuid.UUID,
+    records: list[Record],
+    compressor: zstandard.ZstdCompressor | None = None,
+) -> bytes:
+    """One BATCH frame; compressed only when that makes it smaller."""
+    raw = b"".join(encode_record(r) for r in records)
+    codec, body = Codec.RAW, raw
+    if compressor is not None:
+        packed = compressor.compress(raw)
+        if len(packed) < len(raw) * 0.9:  # incompressible data is sent as it is
+            codec, body = Codec.ZSTD, packed
+    header = _BATCH.pack(group.bytes, records[0].seq, records[-1].seq, codec, len(raw))
+    return _FRAME.pack(len(header) + len(body), FrameType.BATCH) + header + body
+
+
+class FrameDecoder:
+    """Feed bytes, take frames. Raises RemoteProtocolError on anything malformed."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._decompressor = zstandard.ZstdDecompressor()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_frame(self) -> Frame | None:
+        buf = self._buf
+        if len(buf) < _FRAME.size:
+            return None
+        length, kind = _FRAME.unpack_from(buf)
+        if length > MAX_FRAME:
+            raise RemoteProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME}")
+        end = _FRAME.size + length
+        if len(buf) < end:
+            return None
+        payload = bytes(buf[_FRAME.size : end])
+        del buf[:end]
+        try:
+            kind = FrameType(kind)
+        except ValueError:
+            raise RemoteProtocolError(f"unknown frame type {kind}") from None
+        if kind == FrameType.BATCH:
+            return self._batch(payload, end)
+        if kind == FrameType.ACK:
+            if len(payload) != _ACK.size:
+                raise RemoteProtocolError("malformed ACK frame")
+            group, seq = _ACK.unpack(payload)
+            return Ack(uuid.UUID(bytes=group), seq)
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            raise RemoteProtocolError(f"{kind.name} frame is not JSON") from None
+        if not isinstance(body, dict):
+            raise RemoteProtocolError(f"{kind.name} frame is not a JSON object")
+        return Control(kind, body)
+
+    def _batch(self, payload: bytes, wire_bytes: int) -> Batch:
+        if len(payload) < _BATCH.size:
+            raise RemoteProtocolError("truncated BATCH header")
+        group, first, last, codec, raw_len = _BATCH.unpack_from(payload)
+        body = payload[_BATCH.size :]
+        if raw_len > MAX_FRAME:
+            raise RemoteProtocolError(f"BATCH claims {raw_len} raw bytes")
+        if codec == Codec.ZSTD:
+            try:
+                body = self._decompressor.decompress(body, max_output_size=raw_len)
+            except zstandard.ZstdError as exc:
+                raise RemoteProtocolError(f"BATCH does not decompress: {exc}") from None
+        elif codec != Codec.RAW:
+            raise RemoteProtocolError(f"unknown BATCH codec {codec}")
+        if len(body) != raw_len:
+            raise RemoteProtocolError(f"BATCH body is {len(body)} bytes, header says {raw_len}")
+        records = []
+        pos = 0
+        while pos < len(body):
+            try:
+                record = decode_record(body, pos)
+            except BadRecord as exc:
+                raise RemoteProtocolError(f"BATCH record at byte {pos}: {exc}") from None
+            records.append(record)
+            pos += record.size
+        if not records or records[0].seq != first or records[-1].seq != last:
+            raise RemoteProtocolError("BATCH seq range does not match its records")
+        if any(b.seq != a.seq + 1 for a, b in itertools.pairwise(records)):
+            raise RemoteProtocolError("BATCH records are not consecutive")
+        return Batch(uuid.UUID(bytes=group), first, last, records, wire_bytes)

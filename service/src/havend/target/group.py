@@ -1,0 +1,171 @@
+"""A consistency group on the target node: receive, make durable, apply."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+
+from havend.errors import RemoteProtocolError, VolumeError
+from havend.fsutil import fsync_dir, write_atomic
+from havend.journal import Journal
+from havend.journal.record import Record
+from havend.ship.source import apply_record
+from havend.volume import FileVolume
+
+log = logging.getLogger("havend.target")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatus:
+    group: str
+    name: str
+    received_seq: int
+    durable_seq: int
+    applied_seq: int
+    connected: bool
+    applied_bytes: int
+
+
+class TargetGroup:
+    """Replica volumes of one group, the journal feeding them, and the applied seq."""
+
+    def __init__(self, directory: str, meta: dict, journal: Journal) -> None:
+        self.directory = directory
+        self.id = uuid.UUID(meta["group"])
+        self.name = meta["name"]
+        self.meta = meta
+        self.journal = journal
+        self.volumes = [FileVolume(v["path"]) for v in meta["volumes"]]
+        self.applied_seq = self._read_applied()
+        self.connected = False
+        self.applied_bytes = 0
+        self.new_records = asyncio.Event()
+        self.applied_changed = asyncio.Event()
+
+    @classmethod
+    def create(
+        cls, state_dir: str, replica_dir: str, group: uuid.UUID, name: str, volumes: list[dict]
+    ) -> TargetGroup:
+        """A new replica group with sparse, zeroed volumes of the source's sizes.
+
+        Built in a temporary directory and renamed into place, so a crash part
+        way leaves nothing that a restart would trip over.
+        """
+        groups = os.path.join(state_dir, "groups")
+        directory = os.path.join(groups, str(group))
+        building = os.path.join(groups, f".{group}.new")
+        shutil.rmtree(building, ignore_errors=True)
+        os.makedirs(building)
+        os.makedirs(os.path.join(replica_dir, name), exist_ok=True)
+        members = []
+        for vol in volumes:
+            path = os.path.join(replica_dir, name, f"{vol['name']}.img")
+            with open(path, "wb") as f:  # a leftover of a creation that crashed
+                f.truncate(int(vol["size"]))
+            members.append({"name": vol["name"], "size": int(vol["size"]), "path": path})
+        meta = {"group": str(group), "name": name, "volumes": members}
+        Journal.create(os.path.join(building, "journal"), group).close()
+        write_atomic(os.path.join(building, "applied"), b"0\n")
+        write_atomic(os.path.join(building, "group.json"), json.dumps(meta, indent=2).encode())
+        os.rename(building, directory)
+        fsync_dir(groups)
+        return cls.open(directory)
+
+    @classmethod
+    def open(cls, directory: str) -> TargetGroup:
+        with open(os.path.join(directory, "group.json")) as f:
+            meta = json.load(f)
+        journal = Journal.open(os.path.join(directory, "journal"))
+        return cls(directory, meta, journal)
+
+    def _read_applied(self) -> int:
+        with open(os.path.join(self.directory, "applied")) as f:
+            return int(f.read().strip() or 0)
+
+    def check_volumes(self, volumes: list[dict]) -> str | None:
+        """Why the source's volume list does not fit this replica, or None."""
+        mine = [(v["name"], v["size"]) for v in self.meta["volumes"]]
+        theirs = [(v.get("name"), v.get("size")) for v in volumes]
+        if mine != theirs:
+            return f"volumes differ: replica has {mine}, source sent {theirs}"
+        return None
+
+    # Receiving ------------------------------------------------------------
+
+    def receive(self, records: list[Record]) -> int:
+        """Append the records not held yet; returns how many were new (loop thread).
+        Raises RemoteProtocolError on a gap: the replica never skips a seq."""
+        new = 0
+        for record in records:
+            if record.seq <= self.journal.last_seq:
+                continue  # sent again after a reconnect: already here
+            if record.seq != self.journal.last_seq + 1:
+                raise RemoteProtocolError(
+                    f"group {self.name}: got seq {record.seq}, expected {self.journal.last_seq + 1}"
+                )
+            if record.volume >= len(self.volumes):
+                raise RemoteProtocolError(f"group {self.name}: record for unknown volume")
+            self.journal.append(
+                record.kind,
+                record.volume,
+                record.offset,
+                record.data,
+                record.length,
+                seq=record.seq,
+                timestamp_ns=record.timestamp_ns,
+            )
+            new += 1
+        return new
+
+    # Applying -------------------------------------------------------------
+
+    async def applier(self, batch_bytes: int = 8 << 20) -> None:
+        """Apply durable records in seq order, forever (one task per group)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.journal.durable_seq <= self.applied_seq:
+                self.new_records.clear()
+                if self.journal.durable_seq <= self.applied_seq:
+                    await self.new_records.wait()
+                continue
+            await loop.run_in_executor(None, self.apply_some, batch_bytes)
+            self.applied_changed.set()
+
+    def apply_some(self, batch_bytes: int = 8 << 20) -> int:
+        """Apply up to ``batch_bytes`` of records, sync, record the applied seq."""
+        records = self.journal.read(self.applied_seq, batch_bytes)
+        if not records:
+            return 0
+        for record in records:
+            if record.volume >= len(self.volumes):
+                raise VolumeError(f"group {self.name}: record {record.seq} for unknown volume")
+            apply_record(self.volumes[record.volume], record)
+            self.applied_bytes += len(record.data)
+        for volume in self.volumes:
+            volume.flush()
+        self.applied_seq = records[-1].seq
+        write_atomic(os.path.join(self.directory, "applied"), f"{self.applied_seq}\n".encode())
+        self.journal.release_through(self.applied_seq)
+        return len(records)
+
+    def status(self) -> ReplicaStatus:
+        return ReplicaStatus(
+            group=str(self.id),
+            name=self.name,
+            received_seq=self.journal.last_seq,
+            durable_seq=self.journal.durable_seq,
+            applied_seq=self.applied_seq,
+            connected=self.connected,
+            applied_bytes=self.applied_bytes,
+        )
+
+    def close(self) -> None:
+        self.journal.close()
+        for volume in self.volumes:
+            volume.flush()
+            volume.close()

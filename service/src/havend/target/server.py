@@ -1,0 +1,144 @@
+"""The target node's replication listener: one TLS connection per shipping group."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import uuid
+
+from havend.errors import RemoteProtocolError
+from havend.ship import wire
+from havend.target.group import TargetGroup
+
+log = logging.getLogger("havend.target")
+
+
+class TargetNode:
+    """Holds the replica groups of this node and serves sources that ship to it."""
+
+    def __init__(self, name: str, state_dir: str, replica_dir: str) -> None:
+        self.name = name
+        self.state_dir = state_dir
+        self.replica_dir = replica_dir
+        self.groups: dict[uuid.UUID, TargetGroup] = {}
+        self._appliers: list[asyncio.Task[None]] = []
+        self._server: asyncio.AbstractServer | None = None
+        groups_dir = os.path.join(state_dir, "groups")
+        if os.path.isdir(groups_dir):
+            for entry in sorted(os.listdir(groups_dir)):
+                if entry.startswith("."):  # a creation that did not finish
+                    continue
+                group = TargetGroup.open(os.path.join(groups_dir, entry))
+                self.groups[group.id] = group
+
+    async def start(
+        self, host: str, port: int, ssl_context: ssl.SSLContext | None
+    ) -> tuple[str, int]:
+        for group in self.groups.values():
+            self._start_applier(group)
+        self._server = await asyncio.start_server(self._serve, host, port, ssl=ssl_context)
+        return self._server.sockets[0].getsockname()[:2]
+
+    def _start_applier(self, group: TargetGroup) -> None:
+        task = asyncio.get_running_loop().create_task(group.applier())
+        task.add_done_callback(lambda t: _report_crash(group, t))
+        self._appliers.append(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        group: TargetGroup | None = None
+        decoder = wire.FrameDecoder()
+        try:
+            hello = await _next_frame(reader, decoder, timeout=30)
+            if not isinstance(hello, wire.Control) or hello.type != wire.FrameType.HELLO:
+                raise RemoteProtocolError("the first frame must be HELLO")
+            group, refusal = self._admit(hello.body)
+            if refusal:
+                log.warning("source %s refused: %s", peer, refusal)
+                writer.write(wire.encode_control(wire.FrameType.REFUSED, {"error": refusal}))
+                await writer.drain()
+                group = None
+                return
+            assert group is not None
+            group.connected = True
+            writer.write(
+                wire.encode_control(
+                    wire.FrameType.WELCOME,
+                    {"node": self.name, "durable_seq": group.journal.durable_seq},
+                )
+            )
+            await writer.drain()
+            log.info("group %s: receiving from %s", group.name, hello.body.get("node"))
+            loop = asyncio.get_running_loop()
+            while True:
+                frame = await _next_frame(reader, decoder, timeout=None)
+                if not isinstance(frame, wire.Batch) or frame.group != group.id:
+                    raise RemoteProtocolError(f"expected a BATCH for group {group.name}")
+                if group.receive(frame.records):
+                    await loop.run_in_executor(None, group.journal.sync)
+                    group.new_records.set()
+                writer.write(wire.encode_ack(group.id, group.journal.durable_seq))
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            if group is not None:
+                log.warning("group %s: source closed the link", group.name)
+        except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
+            if group is not None:
+                log.warning("group %s: source link lost: %s", group.name, exc)
+        except RemoteProtocolError as exc:
+            log.warning("source %s: dropping connection: %s", peer, exc)
+        finally:
+            if group is not None:
+                group.connected = False
+            writer.close()
+
+    def _admit(self, hello: dict) -> tuple[TargetGroup | None, str | None]:
+        try:
+            group_id = uuid.UUID(str(hello["group"]))
+            name = str(hello["name"])
+            volumes = list(hello["volumes"])
+        except (KeyError, ValueError, TypeError):
+            return None, "malformed HELLO"
+        if hello.get("version") != wire.VERSION:
+            return None, f"protocol version {hello.get('version')} is not {wire.VERSION}"
+        group = self.groups.get(group_id)
+        if group is None:
+            if not name or "/" in name or name.startswith("."):
+                return None, f"bad group name {name!r}"
+            if any(g.name == name for g in self.groups.values()):
+                return None, f"group name {name!r} is taken by another group on this node"
+            group = TargetGroup.create(self.state_dir, self.replica_dir, group_id, name, volumes)
+            self.groups[group_id] = group
+            self._start_applier(group)
+            log.info("group %s: new replica with %d volumes", name, len(volumes))
+            return group, None
+        if group.connected:
+            return None, f"group {group.name} is already being received from another connection"
+        return group, group.check_volumes(volumes)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._appliers:
+            task.cancel()
+        await asyncio.gather(*self._appliers, return_exceptions=True)
+        for group in self.groups.values():
+            group.close()
+
+
+def _report_crash(group: TargetGroup, task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("group %s: applier stopped: %s", group.name, task.exception())
+
+
+async def _next_frame(
+    reader: asyncio.StreamReader, decoder: wire.FrameDecoder, timeout: float | None
+) -> wire.Frame:
+    while (frame := decoder.next_frame()) is None:
+        data = await asyncio.wait_for(reader.read(1 << 20), timeout)
+        if not data:
+            raise asyncio.IncompleteReadError(b"", None)
+        decoder.feed(data)
+    return frame

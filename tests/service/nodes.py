@@ -1,0 +1,144 @@
+"""Real ``havend run`` source and target processes for replication tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    config_path: Path
+    state_dir: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> NodeProcess:
+        status = self.state_dir / "status.json"
+        status.unlink(missing_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "havend", "run", "--config", str(self.config_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited:\n{self.log_path.read_text()}")
+            if status.exists():
+                return self
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name} did not start:\n{self.log_path.read_text()}")
+
+    def status(self) -> dict[str, Any]:
+        for _ in range(50):  # replaced atomically, but may be absent for an instant
+            try:
+                return json.loads((self.state_dir / "status.json").read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                time.sleep(0.02)
+        raise AssertionError(f"{self.name}: no status.json")
+
+    def address(self, key: str) -> str:
+        return self.status()["addresses"][key]
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            raise AssertionError(
+                f"{self.name} ignored SIGTERM:\n{self.log_path.read_text()}"
+            ) from None
+
+    def kill(self) -> None:
+        """kill -9: no clean-up of any kind."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def target_node(tmp: Path, name: str = "tgt1", tls: dict | None = None) -> NodeProcess:
+    """A target on a fixed free port, so that it comes back where its source looks."""
+    state = tmp / name
+    listen = {"host": "127.0.0.1", "port": free_port()}
+    config = {
+        "node": {"name": name, "role": "target", "state_dir": str(state)},
+        "target": {"listen": listen, "replica_dir": str(state / "rep")},
+        "status_interval": 1,
+    }
+    config.update({"tls": tls} if tls else {"insecure_plaintext": True})
+    return NodeProcess(name, write_config(tmp / f"{name}.yaml", config), state, tmp / f"{name}.log")
+
+
+def source_node(
+    tmp: Path,
+    target_port: int,
+    groups: list[dict[str, Any]],
+    name: str = "src1",
+    tls: dict | None = None,
+    nbd_port: int = 0,
+) -> NodeProcess:
+    state = tmp / name
+    config = {
+        "node": {"name": name, "role": "source", "state_dir": str(state)},
+        "source": {
+            "nbd": {"host": "127.0.0.1", "port": nbd_port},
+            "target": {"host": "127.0.0.1", "port": target_port, "server_name": "tgt1"},
+            "groups": groups,
+        },
+        "status_interval": 1,
+    }
+    config.update({"tls": tls} if tls else {"insecure_plaintext": True})
+    return NodeProcess(name, write_config(tmp / f"{name}.yaml", config), state, tmp / f"{name}.log")
+
+
+def wait_caught_up(source: NodeProcess, target: NodeProcess, timeout: float = 60) -> None:
+    """Until every group's last seq is acknowledged and applied on the target."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        src = {g["group"]: g for g in source.status()["groups"]}
+        tgt = {g["group"]: g for g in target.status()["groups"]}
+        if all(
+            g["acked_seq"] == g["last_seq"]
+            and gid in tgt
+            and tgt[gid]["applied_seq"] == g["last_seq"]
+            for gid, g in src.items()
+        ):
+            return
+        time.sleep(0.1)
+    raise AssertionError(
+        f"not caught up:\nsource {source.status()}\ntarget {target.status()}\n"
+        f"--- source log\n{source.log()[-3000:]}\n--- target log\n{target.log()[-3000:]}"
+    )

@@ -1,0 +1,168 @@
+"""Source and target havend processes end to end: every acknowledged write arrives."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import RawClient, require_tool
+from nodes import NodeProcess, source_node, target_node, wait_caught_up
+
+MiB = 1 << 20
+
+
+def make_volume(path: Path, size: int = 32 * MiB) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def group(name: str, *volumes: Path, **extra: object) -> dict:
+    return {
+        "name": name,
+        "volumes": [{"name": v.stem, "path": str(v)} for v in volumes],
+        "journal": {"segment_size": 4 * MiB, "max_segments": 64},
+        **extra,
+    }
+
+
+def nbd_port(source: NodeProcess) -> int:
+    return int(source.address("nbd").rsplit(":", 1)[1])
+
+
+def replica(target: NodeProcess, group_name: str, volume: str) -> Path:
+    return target.state_dir / "rep" / group_name / f"{volume}.img"
+
+
+@pytest.fixture
+def pair(tmp_path: Path):
+    target = target_node(tmp_path).start()
+    port = int(target.address("replication").rsplit(":", 1)[1])
+    db = make_volume(tmp_path / "db.img")
+    logv = make_volume(tmp_path / "log.img", 16 * MiB)
+    source = source_node(tmp_path, port, [group("app1", db, logv)]).start()
+    yield source, target, db, logv
+    source.stop()
+    target.stop()
+
+
+def nbdcopy_random(tmp_path: Path, uri: str, size: int) -> bytes:
+    data = os.urandom(size)
+    src = tmp_path / f"in-{size}.img"
+    src.write_bytes(data)
+    subprocess.run(
+        [require_tool("nbdcopy"), "--flush", str(src), uri],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    return data
+
+
+def test_writes_reach_the_target_byte_for_byte(pair, tmp_path: Path) -> None:
+    source, target, db, logv = pair
+    port = nbd_port(source)
+    nbdcopy_random(tmp_path, f"nbd://127.0.0.1:{port}/db", 32 * MiB)
+    client = RawClient(port)
+    client.go("log")
+    for i in range(200):
+        assert client.write(i * 65536, os.urandom(4096) * 2) == 0
+    client.request(4, 0, 65536, cookie=5)  # TRIM
+    assert client.reply()[0] == 0
+    client.request(6, 3 * MiB, MiB, cookie=6)  # WRITE_ZEROES
+    assert client.reply()[0] == 0
+    client.request(3, cookie=7)  # FLUSH
+    assert client.reply()[0] == 0
+    client.close()
+    wait_caught_up(source, target)
+    assert replica(target, "app1", "db").read_bytes() == db.read_bytes()
+    assert replica(target, "app1", "log").read_bytes() == logv.read_bytes()
+    [status] = source.status()["groups"]
+    assert status["lag_records"] == 0 and status["rpo_ok"] and status["connected"]
+
+
+def test_target_killed_and_restarted_converges(pair, tmp_path: Path) -> None:
+    source, target, db, _ = pair
+    port = nbd_port(source)
+    nbdcopy_random(tmp_path, f"nbd://127.0.0.1:{port}/db", 8 * MiB)
+    wait_caught_up(source, target)
+    target.kill()  # kill -9 while the source keeps taking writes
+    client = RawClient(port)
+    client.go("db")
+    for i in range(100):
+        assert client.write(i * 131072, os.urandom(8192)) == 0
+    client.close()
+    target.start()
+    wait_caught_up(source, target)
+    assert replica(target, "app1", "db").read_bytes() == db.read_bytes()
+    assert "link" in source.log()  # the outage was noticed and logged
+
+
+def test_source_killed_after_flush_loses_nothing(pair, tmp_path: Path) -> None:
+    source, target, db, _ = pair
+    port = nbd_port(source)
+    client = RawClient(port)
+    client.go("db")
+    acked = {}
+    for i in range(300):
+        data = os.urandom(4096)
+        assert client.write(i * 4096 * 7, data) == 0
+        acked[i * 4096 * 7] = data
+    client.request(3, cookie=9)
+    assert client.reply()[0] == 0  # FLUSH acknowledged: all of it must survive
+    client.close()
+    source.kill()
+    source.start()
+    wait_caught_up(source, target)
+    copy = replica(target, "app1", "db").read_bytes()
+    local = db.read_bytes()
+    for offset, data in acked.items():
+        assert local[offset : offset + 4096] == data
+        assert copy[offset : offset + 4096] == data
+    assert copy == local
+
+
+def test_sync_mode_flush_means_the_target_has_it(tmp_path: Path) -> None:
+    """RPO 0: kill -9 the source right after FLUSH returns; the target has every write."""
+    target = target_node(tmp_path).start()
+    port = int(target.address("replication").rsplit(":", 1)[1])
+    vol = make_volume(tmp_path / "sdb.img", 8 * MiB)
+    source = source_node(tmp_path, port, [group("sync1", vol, mode="sync")]).start()
+    try:
+        client = RawClient(nbd_port(source))
+        client.go("sdb")
+        written = {i * 4096: os.urandom(4096) for i in range(50)}
+        for offset, data in written.items():
+            assert client.write(offset, data) == 0
+        client.request(3, cookie=99)
+        assert client.reply()[0] == 0
+        source.kill()  # no chance to ship anything more
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            groups = target.status()["groups"]
+            if groups and groups[0]["applied_seq"] >= len(written):
+                break
+            time.sleep(0.1)
+        copy = replica(target, "sync1", "sdb").read_bytes()
+        for offset, data in written.items():
+            assert copy[offset : offset + 4096] == data
+    finally:
+        source.stop()
+        target.stop()
+
+
+def test_bad_config_is_one_clear_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("node: {name: x, role: source, state_dir: /tmp/x}\ninsecure_plaintext: true\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "havend", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "source: required" in result.stderr and "Traceback" not in result.stderr
