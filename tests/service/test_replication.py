@@ -166,3 +166,45 @@ def test_bad_config_is_one_clear_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "source: required" in result.stderr and "Traceback" not in result.stderr
+
+
+def _tls(files) -> dict:
+    return {"cert": str(files.cert), "key": str(files.key), "ca": str(files.ca)}
+
+
+def test_nodes_replicate_over_mutual_tls_and_refuse_strangers(tmp_path: Path) -> None:
+    from havend import certs
+
+    certs.init_ca(tmp_path / "ca")
+    tgt = certs.issue(tmp_path / "ca", tmp_path / "pki", "tgt1", ["tgt1", "127.0.0.1"])
+    src = certs.issue(tmp_path / "ca", tmp_path / "pki", "src1", ["src1"])
+    certs.init_ca(tmp_path / "other-ca")
+    stranger = certs.issue(tmp_path / "other-ca", tmp_path / "other", "src1", ["src1"])
+
+    target = target_node(tmp_path, tls=_tls(tgt)).start()
+    port = int(target.address("replication").rsplit(":", 1)[1])
+    vol = make_volume(tmp_path / "tls.img", 4 * MiB)
+    source = source_node(tmp_path, port, [group("secure", vol)], tls=_tls(src)).start()
+    intruder_dir = tmp_path / "intruder"
+    intruder_dir.mkdir()
+    intruder_vol = make_volume(intruder_dir / "evil.img", MiB)
+    intruder = source_node(
+        intruder_dir, port, [group("evil", intruder_vol)], name="src2", tls=_tls(stranger)
+    ).start()
+    try:
+        nbdcopy_random(tmp_path, f"nbd://127.0.0.1:{nbd_port(source)}/tls", 4 * MiB)
+        wait_caught_up(source, target)
+        assert replica(target, "secure", "tls").read_bytes() == vol.read_bytes()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            [evil] = intruder.status()["groups"]
+            if evil["last_error"]:
+                break
+            time.sleep(0.2)
+        assert not evil["connected"] and evil["last_error"]
+        assert [g["name"] for g in target.status()["groups"]] == ["secure"]
+        assert "insecure" not in source.log()
+    finally:
+        intruder.stop()
+        source.stop()
+        target.stop()
