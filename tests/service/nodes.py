@@ -125,15 +125,22 @@ def source_node(
 
 
 def wait_caught_up(source: NodeProcess, target: NodeProcess, timeout: float = 60) -> None:
-    """Until every group's last seq is acknowledged and applied on the target."""
+    """Until every group's last seq is acknowledged and applied on the target,
+    as seen in status files written after this call began."""
+    since = time.time()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        src = {g["group"]: g for g in source.status()["groups"]}
-        tgt = {g["group"]: g for g in target.status()["groups"]}
+        src_status, tgt_status = source.status(), target.status()
+        if src_status["time"] <= since or tgt_status["time"] <= since:
+            time.sleep(0.05)
+            continue
+        src = {g["group"]: g for g in src_status["groups"]}
+        tgt = {g["group"]: g for g in tgt_status["groups"]}
         if all(
             g["acked_seq"] == g["last_seq"]
             and gid in tgt
             and tgt[gid]["applied_seq"] == g["last_seq"]
+            and tgt[gid]["state"] == "consistent"
             for gid, g in src.items()
         ):
             return

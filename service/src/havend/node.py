@@ -161,6 +161,7 @@ class Node:
             "version": __version__,
             "pid": os.getpid(),
             "addresses": self.addresses,
+            "time": time.time(),
             "uptime_s": round(time.time() - self.started, 1),
             "groups": groups,
         }

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import zstandard
 
+from havend.blockhash import block_hashes, differing_runs
 from havend.errors import RemoteProtocolError
 from havend.ship import wire
 from havend.ship.source import SourceGroup
@@ -41,6 +42,29 @@ class ShipperSettings:
 
 class ResyncNeeded(Exception):
     """The target needs records the journal no longer has."""
+
+
+# Resync: regions compared with coarse hashes, differing chunks with fine ones.
+RESYNC_REGION = 8 << 20
+RESYNC_COARSE = 64 << 10
+RESYNC_FINE = 4096
+SYNC_DATA_MAX = 4 << 20
+
+
+@dataclass(slots=True)
+class ResyncProgress:
+    reason: str
+    total_bytes: int
+    done_bytes: int = 0
+    sent_bytes: int = 0  # block data sent
+    wire_bytes: int = 0  # every resync frame, both directions
+    started: float = 0.0
+
+    def eta_seconds(self) -> float | None:
+        elapsed = time.monotonic() - self.started
+        if not self.done_bytes or elapsed <= 0:
+            return None
+        return (self.total_bytes - self.done_bytes) / (self.done_bytes / elapsed)
 
 
 class TokenBucket:
@@ -132,6 +156,106 @@ class Shipper:
         finally:
             writer.close()
 
+    async def _resync(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        decoder: wire.FrameDecoder,
+        resume_seq: int,
+        why: str,
+    ) -> None:
+        """Make the replica equal to the local copies, sending only differing blocks.
+
+        Blocks are read without the group lock: a write racing a read has a seq
+        after ``resume_seq``, so the records shipped after the pass fix it up.
+        """
+        group = self.group
+        loop = asyncio.get_running_loop()
+        progress = ResyncProgress(why, sum(v.size for v in group.volumes), started=time.monotonic())
+        group.resync = progress
+        log.info("group %s: resync (%s) of %d bytes begins", group.name, why, progress.total_bytes)
+
+        async def ask(kind: wire.FrameType, body: dict, answer: wire.FrameType) -> None:
+            writer.write(wire.encode_control(kind, body))
+            await writer.drain()
+            frame = await _read_frame(reader, decoder, 300)
+            if not isinstance(frame, wire.Control) or frame.type != answer:
+                raise RemoteProtocolError(f"expected {answer.name}, got {frame!r}")
+
+        async def hashes(request: wire.HashRequest) -> list[int]:
+            frame = wire.encode_hash_request(request)
+            writer.write(frame)
+            await writer.drain()
+            reply = await _read_frame(reader, decoder, 300)
+            if not isinstance(reply, wire.Hashes) or reply.request != request.request:
+                raise RemoteProtocolError(f"expected HASHES {request.request}, got {reply!r}")
+            progress.wire_bytes += len(frame) + 4 + 8 * len(reply.hashes)
+            return reply.hashes
+
+        await ask(wire.FrameType.SYNC_BEGIN, {"resume_seq": resume_seq}, wire.FrameType.SYNC_READY)
+        request = 0
+        for index, member in enumerate(group.volumes):
+            for offset in range(0, member.size, RESYNC_REGION):
+                length = min(RESYNC_REGION, member.size - offset)
+                data = await loop.run_in_executor(None, member.volume.read, offset, length)
+                ours = await loop.run_in_executor(None, block_hashes, data, RESYNC_COARSE)
+                request += 1
+                theirs = await hashes(
+                    wire.HashRequest(request, index, RESYNC_COARSE, [(offset, length)])
+                )
+                chunks = differing_runs(ours, theirs, RESYNC_COARSE)
+                if chunks:
+                    ranges = [(offset + s, min(n, length - s)) for s, n in chunks]
+                    request += 1
+                    theirs_fine = await hashes(
+                        wire.HashRequest(request, index, RESYNC_FINE, ranges)
+                    )
+                    pos = 0
+                    for start, size in ranges:
+                        part = memoryview(data)[start - offset : start - offset + size]
+                        ours_fine = block_hashes(part, RESYNC_FINE)
+                        count = len(ours_fine)
+                        runs = differing_runs(
+                            ours_fine, theirs_fine[pos : pos + count], RESYNC_FINE
+                        )
+                        pos += count
+                        for run_start, run_len in runs:
+                            await self._send_sync_data(
+                                writer,
+                                index,
+                                start + run_start,
+                                part[run_start : run_start + run_len],
+                            )
+                progress.done_bytes += length
+        await ask(
+            wire.FrameType.SYNC_END, {"high_seq": group.journal.last_seq}, wire.FrameType.SYNC_DONE
+        )
+        log.info(
+            "group %s: resync done: %d bytes compared, %d bytes of blocks sent (%d on the wire) "
+            "in %.1f s",
+            group.name,
+            progress.total_bytes,
+            progress.sent_bytes,
+            progress.wire_bytes,
+            time.monotonic() - progress.started,
+        )
+        group.resync = None
+        group.last_resync = progress
+
+    async def _send_sync_data(
+        self, writer: asyncio.StreamWriter, volume: int, offset: int, data: memoryview
+    ) -> None:
+        for start in range(0, len(data), SYNC_DATA_MAX):
+            piece = data[start : start + SYNC_DATA_MAX]
+            frame = wire.encode_sync_data(volume, offset + start, piece)
+            await self._bucket.take(len(frame))
+            writer.write(frame)
+            await writer.drain()
+            progress = self.group.resync
+            assert progress is not None
+            progress.sent_bytes += len(piece)
+            progress.wire_bytes += len(frame)
+
     async def _ship(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         group = self.group
         decoder = wire.FrameDecoder()
@@ -155,12 +279,15 @@ class Shipper:
                 raise RemoteProtocolError(f"target refused: {welcome.body.get('error')}")
             raise RemoteProtocolError("target did not answer HELLO with WELCOME")
         cursor = int(welcome.body["durable_seq"])
+        journal = group.journal
+        lost = cursor + 1 < journal.tail_seq  # released before the target had them
+        ahead = cursor > journal.last_seq  # the target holds writes we never made
+        if welcome.body.get("state") == "syncing" or lost or ahead:
+            resume = journal.tail_seq - 1 if lost or ahead else cursor
+            why = "new replica" if not (lost or ahead) else f"target at seq {cursor}"
+            await self._resync(reader, writer, decoder, resume, why)
+            cursor = resume
         group.on_ack(cursor)
-        if cursor + 1 < group.journal.tail_seq:
-            raise ResyncNeeded(
-                f"target has seq {cursor} but the journal starts at {group.journal.tail_seq}: "
-                "a resync is needed"
-            )
         group.connected = True
         group.last_error = ""
         log.info(

@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from havend.journal import Journal, Kind
 from havend.journal.record import Record
@@ -55,6 +56,7 @@ class GroupStatus:
     shipped_bytes: int
     wire_bytes: int
     last_error: str
+    resync: dict[str, Any] | None
 
 
 class SourceGroup:
@@ -91,6 +93,8 @@ class SourceGroup:
         self.durable = asyncio.Event()  # the durable seq moved: the shipper has work
         self.acked = asyncio.Event()  # the acked seq moved: sync-mode flushes wait on it
         self._release_task: asyncio.Task[None] | None = None
+        self.resync: Any = None  # a ResyncProgress while a resync runs
+        self.last_resync: Any = None
 
     # Start-up ----------------------------------------------------------------
 
@@ -203,7 +207,23 @@ class SourceGroup:
             shipped_bytes=self.shipped_bytes,
             wire_bytes=self.wire_bytes,
             last_error=self.last_error,
+            resync=self._resync_status(),
         )
+
+    def _resync_status(self) -> dict[str, Any] | None:
+        progress = self.resync or self.last_resync
+        if progress is None:
+            return None
+        eta = progress.eta_seconds() if self.resync else 0.0
+        return {
+            "running": self.resync is not None,
+            "reason": progress.reason,
+            "total_bytes": progress.total_bytes,
+            "done_bytes": progress.done_bytes,
+            "sent_bytes": progress.sent_bytes,
+            "wire_bytes": progress.wire_bytes,
+            "eta_seconds": None if eta is None else round(eta, 1),
+        }
 
     def close(self) -> None:
         self.journal.close()

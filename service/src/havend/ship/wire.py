@@ -16,6 +16,20 @@ the payload only). Control frames carry a JSON object; the data path is binary:
 ``ACK`` (target → source)
     ``16s group | u64 durable seq``: every record up to it is on the target's
     stable storage.
+
+Resync (initial sync of a new replica, or after the journal lost records the
+target needs), before any BATCH of the session:
+
+``SYNC_BEGIN`` (JSON) ``{"resume_seq"}``: records resume after this seq once
+    the pass is over; the target answers ``SYNC_READY`` (JSON) when its
+    replica is quiet.
+``HASH_REQ`` ``u32 request | u16 volume | u32 granularity | u32 count``, then
+    ``count`` times ``u64 offset | u32 length``: hash these ranges in blocks of
+    ``granularity`` bytes.
+``HASHES`` ``u32 request`` then one xxh3-64 (u64) per block, in order.
+``SYNC_DATA`` ``u16 volume | u64 offset`` then the bytes to write there.
+``SYNC_END`` (JSON) ``{"high_seq"}``: the replica is consistent once every
+    record up to ``high_seq`` is applied; the target answers ``SYNC_DONE``.
 """
 
 from __future__ import annotations
@@ -47,6 +61,27 @@ class FrameType(enum.IntEnum):
     REFUSED = 3
     BATCH = 4
     ACK = 5
+    SYNC_BEGIN = 6
+    SYNC_READY = 7
+    HASH_REQ = 8
+    HASHES = 9
+    SYNC_DATA = 10
+    SYNC_END = 11
+    SYNC_DONE = 12
+
+
+_JSON_FRAMES = {
+    FrameType.HELLO,
+    FrameType.WELCOME,
+    FrameType.REFUSED,
+    FrameType.SYNC_BEGIN,
+    FrameType.SYNC_READY,
+    FrameType.SYNC_END,
+    FrameType.SYNC_DONE,
+}
+_HASH_REQ = struct.Struct("<IHII")
+_RANGE = struct.Struct("<QI")
+_SYNC_DATA = struct.Struct("<HQ")
 
 
 class Codec(enum.IntEnum):
@@ -75,7 +110,44 @@ class Ack:
     durable_seq: int
 
 
-Frame = Control | Batch | Ack
+@dataclass(frozen=True, slots=True)
+class HashRequest:
+    request: int
+    volume: int
+    granularity: int
+    ranges: list[tuple[int, int]]  # (offset, length)
+
+
+@dataclass(frozen=True, slots=True)
+class Hashes:
+    request: int
+    hashes: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class SyncData:
+    volume: int
+    offset: int
+    data: bytes
+
+
+Frame = Control | Batch | Ack | HashRequest | Hashes | SyncData
+
+
+def encode_hash_request(req: HashRequest) -> bytes:
+    body = _HASH_REQ.pack(req.request, req.volume, req.granularity, len(req.ranges))
+    body += b"".join(_RANGE.pack(o, n) for o, n in req.ranges)
+    return _FRAME.pack(len(body), FrameType.HASH_REQ) + body
+
+
+def encode_hashes(request: int, hashes: list[int]) -> bytes:
+    body = struct.pack(f"<I{len(hashes)}Q", request, *hashes)
+    return _FRAME.pack(len(body), FrameType.HASHES) + body
+
+
+def encode_sync_data(volume: int, offset: int, data: bytes | memoryview) -> bytes:
+    header = _SYNC_DATA.pack(volume, offset)
+    return _FRAME.pack(len(header) + len(data), FrameType.SYNC_DATA) + header + bytes(data)
 
 
 def encode_control(kind: FrameType, body: dict[str, Any]) -> bytes:
@@ -136,6 +208,8 @@ class FrameDecoder:
                 raise RemoteProtocolError("malformed ACK frame")
             group, seq = _ACK.unpack(payload)
             return Ack(uuid.UUID(bytes=group), seq)
+        if kind not in _JSON_FRAMES:
+            return _resync_frame(kind, payload)
         try:
             body = json.loads(payload)
         except ValueError:
@@ -174,3 +248,26 @@ class FrameDecoder:
         if any(b.seq != a.seq + 1 for a, b in itertools.pairwise(records)):
             raise RemoteProtocolError("BATCH records are not consecutive")
         return Batch(uuid.UUID(bytes=group), first, last, records, wire_bytes)
+
+
+def _resync_frame(kind: FrameType, payload: bytes) -> Frame:
+    if kind == FrameType.HASH_REQ:
+        if len(payload) < _HASH_REQ.size:
+            raise RemoteProtocolError("truncated HASH_REQ")
+        request, volume, granularity, count = _HASH_REQ.unpack_from(payload)
+        if len(payload) != _HASH_REQ.size + count * _RANGE.size or granularity < 512:
+            raise RemoteProtocolError("malformed HASH_REQ")
+        ranges = [
+            _RANGE.unpack_from(payload, _HASH_REQ.size + i * _RANGE.size) for i in range(count)
+        ]
+        return HashRequest(request, volume, granularity, ranges)
+    if kind == FrameType.HASHES:
+        if len(payload) < 4 or (len(payload) - 4) % 8:
+            raise RemoteProtocolError("malformed HASHES")
+        count = (len(payload) - 4) // 8
+        request, *hashes = struct.unpack(f"<I{count}Q", payload)
+        return Hashes(request, hashes)
+    if len(payload) < _SYNC_DATA.size:
+        raise RemoteProtocolError("truncated SYNC_DATA")
+    volume, offset = _SYNC_DATA.unpack_from(payload)
+    return SyncData(volume, offset, payload[_SYNC_DATA.size :])

@@ -27,6 +27,7 @@ class ReplicaStatus:
     received_seq: int
     durable_seq: int
     applied_seq: int
+    state: str
     connected: bool
     applied_bytes: int
 
@@ -42,6 +43,8 @@ class TargetGroup:
         self.journal = journal
         self.volumes = [FileVolume(v["path"]) for v in meta["volumes"]]
         self.applied_seq = self._read_applied()
+        with open(os.path.join(directory, "sync.json")) as f:
+            self.sync = json.load(f)  # state: syncing | catching_up | consistent
         self.connected = False
         self.applied_bytes = 0
         self.new_records = asyncio.Event()
@@ -71,6 +74,7 @@ class TargetGroup:
         meta = {"group": str(group), "name": name, "volumes": members}
         Journal.create(os.path.join(building, "journal"), group).close()
         write_atomic(os.path.join(building, "applied"), b"0\n")
+        write_atomic(os.path.join(building, "sync.json"), b'{"state": "syncing", "until": 0}')
         write_atomic(os.path.join(building, "group.json"), json.dumps(meta, indent=2).encode())
         os.rename(building, directory)
         fsync_dir(groups)
@@ -94,6 +98,45 @@ class TargetGroup:
         if mine != theirs:
             return f"volumes differ: replica has {mine}, source sent {theirs}"
         return None
+
+    # Resync ---------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """``syncing`` (a resync must run), ``catching_up`` or ``consistent``."""
+        if self.sync["state"] == "catching_up" and self.applied_seq >= self.sync["until"]:
+            self._set_sync("consistent", self.applied_seq)
+        return str(self.sync["state"])
+
+    def _set_sync(self, state: str, until: int) -> None:
+        self.sync = {"state": state, "until": until}
+        write_atomic(os.path.join(self.directory, "sync.json"), json.dumps(self.sync).encode())
+
+    async def begin_resync(self, resume_seq: int) -> None:
+        """Quiesce the replica for a resync after which records resume at ``resume_seq + 1``."""
+        self._set_sync("syncing", 0)
+        while self.applied_seq < self.journal.durable_seq:  # let the applier finish
+            self.applied_changed.clear()
+            await self.applied_changed.wait()
+        if self.journal.last_seq != resume_seq:
+            # Records are about to start elsewhere in the sequence: a fresh journal.
+            directory = self.journal.directory
+            self.journal.close()
+            shutil.rmtree(directory)
+            self.journal = Journal.create(directory, self.id, first_seq=resume_seq + 1)
+        self.applied_seq = resume_seq
+        write_atomic(os.path.join(self.directory, "applied"), f"{resume_seq}\n".encode())
+
+    def write_block(self, volume: int, offset: int, data: bytes) -> None:
+        if volume >= len(self.volumes) or offset + len(data) > self.volumes[volume].size:
+            raise RemoteProtocolError(f"group {self.name}: SYNC_DATA outside the volumes")
+        self.volumes[volume].write(offset, data)
+        self.applied_bytes += len(data)
+
+    def end_resync(self, high_seq: int) -> None:
+        for volume in self.volumes:
+            volume.flush()
+        self._set_sync("catching_up", high_seq)
 
     # Receiving ------------------------------------------------------------
 
@@ -160,6 +203,7 @@ class TargetGroup:
             received_seq=self.journal.last_seq,
             durable_seq=self.journal.durable_seq,
             applied_seq=self.applied_seq,
+            state=self.state,
             connected=self.connected,
             applied_bytes=self.applied_bytes,
         )

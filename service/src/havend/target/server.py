@@ -8,6 +8,7 @@ import os
 import ssl
 import uuid
 
+from havend.blockhash import hash_ranges
 from havend.errors import RemoteProtocolError
 from havend.ship import wire
 from havend.target.group import TargetGroup
@@ -66,21 +67,21 @@ class TargetNode:
             writer.write(
                 wire.encode_control(
                     wire.FrameType.WELCOME,
-                    {"node": self.name, "durable_seq": group.journal.durable_seq},
+                    {
+                        "node": self.name,
+                        "durable_seq": group.journal.durable_seq,
+                        "state": group.state,
+                    },
                 )
             )
             await writer.drain()
             log.info("group %s: receiving from %s", group.name, hello.body.get("node"))
-            loop = asyncio.get_running_loop()
             while True:
                 frame = await _next_frame(reader, decoder, timeout=None)
-                if not isinstance(frame, wire.Batch) or frame.group != group.id:
-                    raise RemoteProtocolError(f"expected a BATCH for group {group.name}")
-                if group.receive(frame.records):
-                    await loop.run_in_executor(None, group.journal.sync)
-                    group.new_records.set()
-                writer.write(wire.encode_ack(group.id, group.journal.durable_seq))
-                await writer.drain()
+                reply = await self._handle(group, frame)
+                if reply:
+                    writer.write(reply)
+                    await writer.drain()
         except asyncio.IncompleteReadError:
             if group is not None:
                 log.warning("group %s: source closed the link", group.name)
@@ -93,6 +94,45 @@ class TargetNode:
             if group is not None:
                 group.connected = False
             writer.close()
+
+    async def _handle(self, group: TargetGroup, frame: wire.Frame) -> bytes | None:
+        """Carry out one frame of a session; the bytes to answer with."""
+        loop = asyncio.get_running_loop()
+        if isinstance(frame, wire.Batch):
+            if frame.group != group.id:
+                raise RemoteProtocolError(f"BATCH for another group on {group.name}'s link")
+            if group.state == "syncing":
+                raise RemoteProtocolError(f"group {group.name} needs a resync before records")
+            if group.receive(frame.records):
+                await loop.run_in_executor(None, group.journal.sync)
+                group.new_records.set()
+            return wire.encode_ack(group.id, group.journal.durable_seq)
+        if isinstance(frame, wire.HashRequest):
+            if frame.volume >= len(group.volumes):
+                raise RemoteProtocolError("HASH_REQ for an unknown volume")
+            try:
+                hashes = await loop.run_in_executor(
+                    None, hash_ranges, group.volumes[frame.volume], frame.ranges, frame.granularity
+                )
+            except ValueError as exc:
+                raise RemoteProtocolError(str(exc)) from None
+            return wire.encode_hashes(frame.request, hashes)
+        if isinstance(frame, wire.SyncData):
+            await loop.run_in_executor(
+                None, group.write_block, frame.volume, frame.offset, frame.data
+            )
+            return None
+        if isinstance(frame, wire.Control) and frame.type == wire.FrameType.SYNC_BEGIN:
+            await group.begin_resync(int(frame.body["resume_seq"]))
+            log.info("group %s: resync begins", group.name)
+            return wire.encode_control(wire.FrameType.SYNC_READY, {})
+        if isinstance(frame, wire.Control) and frame.type == wire.FrameType.SYNC_END:
+            await loop.run_in_executor(None, group.end_resync, int(frame.body["high_seq"]))
+            log.info(
+                "group %s: resync done; consistent at seq %s", group.name, frame.body["high_seq"]
+            )
+            return wire.encode_control(wire.FrameType.SYNC_DONE, {})
+        raise RemoteProtocolError(f"unexpected frame {frame!r}")
 
     def _admit(self, hello: dict) -> tuple[TargetGroup | None, str | None]:
         try:
