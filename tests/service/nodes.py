@@ -97,6 +97,7 @@ def target_node(tmp: Path, name: str = "tgt1", tls: dict | None = None) -> NodeP
         "node": {"name": name, "role": "target", "state_dir": str(state)},
         "target": {"listen": listen, "replica_dir": str(state / "rep")},
         "status_interval": 1,
+        "status_period": 0.2,
     }
     config.update({"tls": tls} if tls else {"insecure_plaintext": True})
     return NodeProcess(name, write_config(tmp / f"{name}.yaml", config), state, tmp / f"{name}.log")
@@ -119,6 +120,7 @@ def source_node(
             "groups": groups,
         },
         "status_interval": 1,
+        "status_period": 0.2,
     }
     config.update({"tls": tls} if tls else {"insecure_plaintext": True})
     return NodeProcess(name, write_config(tmp / f"{name}.yaml", config), state, tmp / f"{name}.log")

@@ -79,7 +79,8 @@ class NodeConfig:
     state_dir: str
     tls: TLSConfig | None
     insecure_plaintext: bool = False
-    status_interval: float = 5.0
+    status_interval: float = 5.0  # seconds between progress lines in the log
+    status_period: float = 1.0  # seconds between rewrites of status.json
     nbd: Endpoint | None = None
     target: Endpoint | None = None
     groups: tuple[GroupConfig, ...] = field(default_factory=tuple)
@@ -189,7 +190,10 @@ def parse(data: Any) -> NodeConfig:
         "tls": tls,
         "insecure_plaintext": insecure,
         "status_interval": root.get("status_interval", float, 5.0),
+        "status_period": root.get("status_period", float, 1.0),
     }
+    if not 0.01 <= common["status_period"] <= 60:
+        raise ConfigError("status_period: must be between 0.01 and 60 seconds")
     if role == "source":
         source = root.sub("source")
         assert source is not None

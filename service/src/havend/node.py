@@ -4,7 +4,7 @@ A *source* node opens each group's journal (replaying it into the local copies
 after a crash), serves every member volume as an NBD export named after it,
 commits journal records in groups and ships them to the target. A *target*
 node listens for sources and keeps their replicas. Both write
-``<state_dir>/status.json`` every second and log a progress line per group
+``<state_dir>/status.json`` every ``status_period`` seconds and log a progress line per group
 every ``status_interval`` seconds (lag in seconds and bytes, throughput).
 """
 
@@ -177,7 +177,7 @@ class Node:
                 last_line = now
                 for group in status["groups"]:
                     log.info("%s", self._progress_line(group, now))
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(self.config.status_period)
 
     def _progress_line(self, group: dict[str, Any], now: float) -> str:
         if "lag_seconds" not in group:  # target
