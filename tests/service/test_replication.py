@@ -208,3 +208,61 @@ def test_nodes_replicate_over_mutual_tls_and_refuse_strangers(tmp_path: Path) ->
         intruder.stop()
         source.stop()
         target.stop()
+
+
+def test_journal_overflow_tracks_regions_and_resyncs_only_them(tmp_path: Path) -> None:
+    """With the target down, writes overflow a tiny journal; the application is
+    never refused, and once the target is back only the dirty regions travel."""
+    target = target_node(tmp_path).start()
+    port = int(target.address("replication").rsplit(":", 1)[1])
+    vol = make_volume(tmp_path / "ovf.img", 64 * MiB)
+    small = group("ovf", vol)
+    small["journal"] = {"segment_size": 256 * 1024, "max_segments": 2}
+    source = source_node(tmp_path, port, [small]).start()
+    try:
+        wait_caught_up(source, target)  # initial sync of the empty volume
+        target.stop()
+        client = RawClient(nbd_port(source))
+        client.go("ovf")
+        for i in range(64):  # 4 MiB in 64 KiB writes, spread over the first 32 MiB
+            assert client.write(i * 512 * 1024, os.urandom(64 * 1024)) == 0
+        client.request(3, cookie=5)
+        assert client.reply()[0] == 0
+        client.close()
+        assert "journal full" in source.log()
+        target.start()
+        wait_caught_up(source, target)
+        assert replica(target, "ovf", "ovf").read_bytes() == vol.read_bytes()
+        [status] = source.status()["groups"]
+        resync = status["resync"]
+        assert resync["reason"] == "journal overflow" and not resync["running"]
+        assert resync["total_bytes"] < 8 * MiB  # the dirty regions, not the 64 MiB volume
+        assert 4 * MiB - 512 * 1024 <= resync["sent_bytes"] <= 5 * MiB
+        assert not list((source.state_dir / "groups").glob("*/overflowed"))
+    finally:
+        source.stop()
+        target.stop()
+
+
+def test_source_that_lost_its_journal_resyncs_by_hashes(pair, tmp_path: Path) -> None:
+    """The target is ahead of a source whose state was wiped: a hash resync sends
+    only the blocks that differ."""
+    source, target, db, _ = pair
+    port = nbd_port(source)
+    nbdcopy_random(tmp_path, f"nbd://127.0.0.1:{port}/db", 32 * MiB)
+    wait_caught_up(source, target)
+    source.stop()
+    with open(db, "r+b") as f:  # changed behind havend's back: 40 blocks of 4 KiB
+        for i in range(40):
+            f.seek(i * 797 * 1024 // 4096 * 4096)
+            f.write(os.urandom(4096))
+    group_dirs = list((source.state_dir / "groups").iterdir())
+    for d in group_dirs:
+        for p in sorted(d.rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+        d.rmdir()
+    source.start()
+    wait_caught_up(source, target)
+    assert replica(target, "app1", "db").read_bytes() == db.read_bytes()
+    resync = next(g for g in source.status()["groups"] if g["name"] == "app1")["resync"]
+    assert resync["sent_bytes"] == 40 * 4096

@@ -80,6 +80,7 @@ def open_source_group(state_dir: str, config: GroupConfig) -> SourceGroup:
         mode=config.mode,
         rpo_seconds=config.rpo_seconds,
     )
+    group.attach_state(group_dir(state_dir, group_id))
     replayed = group.replay()
     if replayed:
         log.info("group %s: replayed %d journal records into the volumes", config.name, replayed)

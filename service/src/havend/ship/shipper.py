@@ -21,7 +21,7 @@ import zstandard
 from havend.blockhash import block_hashes, differing_runs
 from havend.errors import RemoteProtocolError
 from havend.ship import wire
-from havend.ship.source import SourceGroup
+from havend.ship.source import DirtyRegions, SourceGroup
 
 log = logging.getLogger("havend.ship")
 
@@ -38,10 +38,6 @@ class ShipperSettings:
     min_backoff: float = 0.05
     max_backoff: float = 5.0
     connect_timeout: float = 10.0
-
-
-class ResyncNeeded(Exception):
-    """The target needs records the journal no longer has."""
 
 
 # Resync: regions compared with coarse hashes, differing chunks with fine ones.
@@ -116,10 +112,12 @@ class Shipper:
             started = time.monotonic()
             try:
                 await self._session()
-            except ResyncNeeded as exc:
-                group.last_error = str(exc)
-                log.error("group %s: %s", group.name, exc)
-                return
+            except _Overflowed:
+                log.info(
+                    "group %s: reconnecting to resync the regions written meanwhile", group.name
+                )
+                backoff = self.settings.min_backoff
+                continue
             except (OSError, asyncio.IncompleteReadError, RemoteProtocolError, ssl.SSLError) as exc:
                 group.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning(
@@ -163,15 +161,22 @@ class Shipper:
         decoder: wire.FrameDecoder,
         resume_seq: int,
         why: str,
+        regions: DirtyRegions | None = None,
     ) -> None:
-        """Make the replica equal to the local copies, sending only differing blocks.
+        """Make the replica equal to the local copies (or to their ``regions``),
+        sending only differing blocks.
 
         Blocks are read without the group lock: a write racing a read has a seq
         after ``resume_seq``, so the records shipped after the pass fix it up.
         """
         group = self.group
         loop = asyncio.get_running_loop()
-        progress = ResyncProgress(why, sum(v.size for v in group.volumes), started=time.monotonic())
+        plan = [
+            (index, [(0, member.size)] if regions is None else regions.ranges(index))
+            for index, member in enumerate(group.volumes)
+        ]
+        total = sum(n for _, ranges in plan for _, n in ranges)
+        progress = ResyncProgress(why, total, started=time.monotonic())
         group.resync = progress
         log.info("group %s: resync (%s) of %d bytes begins", group.name, why, progress.total_bytes)
 
@@ -194,9 +199,9 @@ class Shipper:
 
         await ask(wire.FrameType.SYNC_BEGIN, {"resume_seq": resume_seq}, wire.FrameType.SYNC_READY)
         request = 0
-        for index, member in enumerate(group.volumes):
-            for offset in range(0, member.size, RESYNC_REGION):
-                length = min(RESYNC_REGION, member.size - offset)
+        for index, ranges in plan:
+            member = group.volumes[index]
+            for offset, length in _split(ranges, RESYNC_REGION):
                 data = await loop.run_in_executor(None, member.volume.read, offset, length)
                 ours = await loop.run_in_executor(None, block_hashes, data, RESYNC_COARSE)
                 request += 1
@@ -282,10 +287,26 @@ class Shipper:
         journal = group.journal
         lost = cursor + 1 < journal.tail_seq  # released before the target had them
         ahead = cursor > journal.last_seq  # the target holds writes we never made
-        if welcome.body.get("state") == "syncing" or lost or ahead:
-            resume = journal.tail_seq - 1 if lost or ahead else cursor
-            why = "new replica" if not (lost or ahead) else f"target at seq {cursor}"
-            await self._resync(reader, writer, decoder, resume, why)
+        syncing = welcome.body.get("state") == "syncing"
+        dirty: DirtyRegions | None = None
+        if group.overflow is not None:  # changes since the journal filled: by region
+            dirty, overflow_resume = group.take_overflow()
+        if syncing or lost or ahead or dirty is not None:
+            if dirty is not None:
+                resume, why = overflow_resume, "journal overflow"
+            else:
+                resume = journal.tail_seq - 1 if lost or ahead else cursor
+                why = "new replica" if syncing else f"target at seq {cursor}"
+            # Only the dirty regions, unless the replica needs everything anyway.
+            regions = None if (syncing or lost or ahead) else dirty
+            try:
+                await self._resync(reader, writer, decoder, resume, why, regions)
+            except BaseException:
+                if dirty is not None:
+                    group.give_back_overflow(dirty)
+                raise
+            if dirty is not None:
+                group.overflow_resolved()
             cursor = resume
         group.on_ack(cursor)
         group.connected = True
@@ -311,6 +332,8 @@ class Shipper:
             nonlocal cursor
             loop = asyncio.get_running_loop()
             while True:
+                if group.overflow is not None:
+                    raise _Overflowed()
                 if group.journal.durable_seq <= cursor:
                     group.durable.clear()
                     if group.journal.durable_seq <= cursor:
@@ -344,6 +367,18 @@ class Shipper:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _split(ranges: list[tuple[int, int]], most: int) -> list[tuple[int, int]]:
+    return [
+        (offset + start, min(most, length - start))
+        for offset, length in ranges
+        for start in range(0, length, most)
+    ]
+
+
+class _Overflowed(Exception):
+    """The journal filled up mid-session: reconnect and resync the dirty regions."""
 
 
 async def _read_frame(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -26,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from havend.journal import Journal, Kind
+from havend.fsutil import write_atomic
+from havend.journal import Journal, JournalFull, Kind
 from havend.journal.record import Record
 from havend.volume import FileVolume
 
@@ -57,6 +59,45 @@ class GroupStatus:
     wire_bytes: int
     last_error: str
     resync: dict[str, Any] | None
+
+
+# Dirty-region tracking after a journal overflow works in chunks of this size.
+DIRTY_CHUNK = 64 << 10
+
+
+class DirtyRegions:
+    """Which chunks of each volume changed while the journal was full."""
+
+    def __init__(self, sizes: list[int], everything: bool = False) -> None:
+        self.sizes = sizes
+        fill = 0xFF if everything else 0
+        self.bits = [bytearray([fill]) * ((s // DIRTY_CHUNK + 8) // 8) for s in sizes]
+
+    def mark(self, volume: int, offset: int, length: int) -> None:
+        bits = self.bits[volume]
+        for chunk in range(offset // DIRTY_CHUNK, (offset + max(length, 1) - 1) // DIRTY_CHUNK + 1):
+            bits[chunk >> 3] |= 1 << (chunk & 7)
+
+    def merge(self, other: DirtyRegions) -> None:
+        for mine, theirs in zip(self.bits, other.bits, strict=True):
+            for i, byte in enumerate(theirs):
+                mine[i] |= byte
+
+    def ranges(self, volume: int) -> list[tuple[int, int]]:
+        """(offset, length) runs of dirty chunks, clipped to the volume."""
+        size, bits, runs = self.sizes[volume], self.bits[volume], []
+        for chunk in range((size + DIRTY_CHUNK - 1) // DIRTY_CHUNK):
+            if bits[chunk >> 3] & (1 << (chunk & 7)):
+                start = chunk * DIRTY_CHUNK
+                length = min(DIRTY_CHUNK, size - start)
+                if runs and runs[-1][0] + runs[-1][1] == start:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + length)
+                else:
+                    runs.append((start, length))
+        return runs
+
+    def dirty_bytes(self) -> int:
+        return sum(n for v in range(len(self.sizes)) for _, n in self.ranges(v))
 
 
 class SourceGroup:
@@ -95,13 +136,109 @@ class SourceGroup:
         self._release_task: asyncio.Task[None] | None = None
         self.resync: Any = None  # a ResyncProgress while a resync runs
         self.last_resync: Any = None
+        # Set while the journal is full: changes are tracked by region instead.
+        self.overflow: DirtyRegions | None = None
+        self.state_dir: str | None = None  # where the overflow flag lives
+
+    # Volume sync marker ---------------------------------------------------
+    # Records up to the marker are on stable storage in the volumes themselves,
+    # so a restart does not replay them (after an overflow, the volumes hold
+    # newer data than those records).
+
+    def _synced_marker(self) -> int:
+        if not self.state_dir:
+            return 0
+        try:
+            with open(os.path.join(self.state_dir, "volumes_synced")) as f:
+                return int(f.read().strip() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def _sync_volumes(self, through_seq: int) -> None:
+        for member in self.volumes:
+            member.volume.flush()
+        if self.state_dir:
+            write_atomic(
+                os.path.join(self.state_dir, "volumes_synced"), f"{through_seq}\n".encode()
+            )
+
+    # Journal overflow -------------------------------------------------------
+
+    def _overflow_flag(self) -> str | None:
+        return os.path.join(self.state_dir, "overflowed") if self.state_dir else None
+
+    def attach_state(self, state_dir: str) -> None:
+        """Where the group keeps its markers (call before :meth:`replay`). A group
+        that overflowed before a crash lost its dirty map: every region is dirty
+        then (a full hash resync, in which only differing blocks travel)."""
+        self.state_dir = state_dir
+        flag = self._overflow_flag()
+        if flag and os.path.exists(flag):
+            self.overflow = DirtyRegions([v.size for v in self.volumes], everything=True)
+            log.warning("group %s: overflowed before a restart: full hash resync due", self.name)
+
+    def enter_overflow(self) -> None:
+        """The journal is full (lock held): track dirty regions from now on."""
+        self.journal.sync()
+        self._sync_volumes(self.journal.last_seq)  # nothing before this needs a replay
+        self.overflow = DirtyRegions([v.size for v in self.volumes])
+        flag = self._overflow_flag()
+        if flag:
+            write_atomic(flag, b"1\n")
+        log.warning(
+            "group %s: journal full (%d bytes unacknowledged): tracking changed regions; "
+            "they are resynced once the link catches up",
+            self.name,
+            self._unacked_bytes,
+        )
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.durable.set)
+
+    def take_overflow(self) -> tuple[DirtyRegions, int]:
+        """Leave overflow for a resync: (regions to resync, seq the journal resumes
+        after). The journal is emptied: the regions cover every record in it."""
+        with self.lock:
+            assert self.overflow is not None
+            regions = self.overflow
+            self.journal.sync()
+            for record_volume, offset, length in self._journal_extents():
+                regions.mark(record_volume, offset, length)
+            resume = self.journal.last_seq
+            self.overflow = None
+            self._sync_volumes(resume)
+        self.journal.release_through(resume)
+        self.acked_seq = max(self.acked_seq, resume)
+        self._unacked.clear()
+        self._unacked_bytes = 0
+        return regions, resume
+
+    def give_back_overflow(self, regions: DirtyRegions) -> None:
+        """A resync failed: its regions are dirty again."""
+        with self.lock:
+            if self.overflow is None:
+                self.overflow = DirtyRegions([v.size for v in self.volumes])
+            self.overflow.merge(regions)
+
+    def overflow_resolved(self) -> None:
+        flag = self._overflow_flag()
+        if flag and self.overflow is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(flag)
+
+    def _journal_extents(self) -> list[tuple[int, int, int]]:
+        extents, after = [], self.journal.tail_seq - 1
+        after = max(after, self.acked_seq)
+        while records := self.journal.read(after, 16 << 20):
+            extents += [(r.volume, r.offset, r.length) for r in records]
+            after = records[-1].seq
+        return extents
 
     # Start-up ----------------------------------------------------------------
 
     def replay(self) -> int:
         """Apply the journal's records to the local copies (after a crash the copies
         may lack what the journal has); returns how many were applied."""
-        count, after = 0, self.journal.tail_seq - 1
+        count, after = 0, max(self.journal.tail_seq - 1, self._synced_marker())
         while records := self.journal.read(after, 16 << 20):
             for record in records:
                 apply_record(self.volumes[record.volume].volume, record)
@@ -132,7 +269,13 @@ class SourceGroup:
     # Durability --------------------------------------------------------------
 
     def commit(self) -> int:
-        """Make every record appended so far durable (blocking; a worker thread)."""
+        """Make every record appended so far durable (blocking; a worker thread).
+        While the journal is full, changes live only in the volumes: sync those."""
+        if self.overflow is not None or (
+            self.state_dir and os.path.exists(os.path.join(self.state_dir, "overflowed"))
+        ):
+            for member in self.volumes:
+                member.volume.flush()
         before = self.journal.durable_seq
         durable = self.journal.sync()
         if durable != before and self._loop is not None:
@@ -181,8 +324,7 @@ class SourceGroup:
         await loop.run_in_executor(None, self._sync_and_release, target)
 
     def _sync_and_release(self, seq: int) -> None:
-        for member in self.volumes:  # released records are no longer replayable
-            member.volume.flush()
+        self._sync_volumes(seq)  # released records can no longer be replayed
         self.journal.release_through(seq)
 
     # Status ---------------------------------------------------------------
@@ -258,15 +400,23 @@ class ReplicatedVolume:
         group = self.group
         with group.lock:
             do()
-            if kind == Kind.WRITE:
-                view = memoryview(data)
-                for start in range(0, len(view), RECORD_CHUNK):
-                    chunk = view[start : start + RECORD_CHUNK]
-                    seq = group.journal.append(kind, self.index, offset + start, chunk)
-                    group._appended(seq, len(chunk))
-            else:
-                seq = group.journal.append(kind, self.index, offset, length=length)
-                group._appended(seq, 0)
+            if group.overflow is not None:  # the application never waits for the journal
+                group.overflow.mark(self.index, offset, length)
+                return
+            try:
+                if kind == Kind.WRITE:
+                    view = memoryview(data)
+                    for start in range(0, len(view), RECORD_CHUNK):
+                        chunk = view[start : start + RECORD_CHUNK]
+                        seq = group.journal.append(kind, self.index, offset + start, chunk)
+                        group._appended(seq, len(chunk))
+                else:
+                    seq = group.journal.append(kind, self.index, offset, length=length)
+                    group._appended(seq, 0)
+            except JournalFull:
+                group.enter_overflow()
+                assert group.overflow is not None
+                group.overflow.mark(self.index, offset, length)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._change(Kind.WRITE, offset, len(data), data, lambda: self.volume.write(offset, data))

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import uuid
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from havend.ship.source import apply_record
 from havend.volume import FileVolume
 
 log = logging.getLogger("havend.target")
+_STAGED = struct.Struct("<HQI")  # a staged resync block: volume, offset, length
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +46,8 @@ class TargetGroup:
         self.volumes = [FileVolume(v["path"]) for v in meta["volumes"]]
         self.applied_seq = self._read_applied()
         with open(os.path.join(directory, "sync.json")) as f:
-            self.sync = json.load(f)  # state: syncing | catching_up | consistent
+            self.sync = json.load(f)
+        self._recover_resync()
         self.connected = False
         self.applied_bytes = 0
         self.new_records = asyncio.Event()
@@ -100,24 +103,49 @@ class TargetGroup:
         return None
 
     # Resync ---------------------------------------------------------------
+    #
+    # States in sync.json: ``syncing`` (a new or broken replica: resync data
+    # goes straight to the volumes), ``staging`` (a consistent replica being
+    # resynced: data goes to staging.log and the replica stays at its last
+    # consistent point), ``applying`` (staging.log is complete and being
+    # applied; redone after a crash), ``catching_up`` (consistent once the
+    # records up to ``until`` are applied), ``consistent``.
 
     @property
     def state(self) -> str:
-        """``syncing`` (a resync must run), ``catching_up`` or ``consistent``."""
         if self.sync["state"] == "catching_up" and self.applied_seq >= self.sync["until"]:
-            self._set_sync("consistent", self.applied_seq)
+            self._set_sync("consistent", until=self.applied_seq)
         return str(self.sync["state"])
 
-    def _set_sync(self, state: str, until: int) -> None:
-        self.sync = {"state": state, "until": until}
+    def _set_sync(self, state: str, **fields: int) -> None:
+        self.sync = {"state": state, "until": 0, **fields}
         write_atomic(os.path.join(self.directory, "sync.json"), json.dumps(self.sync).encode())
+
+    @property
+    def _staging_path(self) -> str:
+        return os.path.join(self.directory, "staging.log")
+
+    def _recover_resync(self) -> None:
+        """At open: finish applying a complete staging log, drop an incomplete one."""
+        if self.sync["state"] == "applying":
+            self._apply_staging(self.sync["resume"], self.sync["until"])
+        elif self.sync["state"] == "staging":
+            os.unlink(self._staging_path)
+            self._set_sync("consistent", until=self.applied_seq)
 
     async def begin_resync(self, resume_seq: int) -> None:
         """Quiesce the replica for a resync after which records resume at ``resume_seq + 1``."""
-        self._set_sync("syncing", 0)
         while self.applied_seq < self.journal.durable_seq:  # let the applier finish
             self.applied_changed.clear()
             await self.applied_changed.wait()
+        if self.state == "consistent":
+            self._staging = open(self._staging_path, "wb")  # noqa: SIM115 - closed at the end
+            self._set_sync("staging", resume=resume_seq)
+        else:
+            self._set_sync("syncing")
+            self._restart_sequence(resume_seq)
+
+    def _restart_sequence(self, resume_seq: int) -> None:
         if self.journal.last_seq != resume_seq:
             # Records are about to start elsewhere in the sequence: a fresh journal.
             directory = self.journal.directory
@@ -130,13 +158,35 @@ class TargetGroup:
     def write_block(self, volume: int, offset: int, data: bytes) -> None:
         if volume >= len(self.volumes) or offset + len(data) > self.volumes[volume].size:
             raise RemoteProtocolError(f"group {self.name}: SYNC_DATA outside the volumes")
-        self.volumes[volume].write(offset, data)
+        if self.sync["state"] == "staging":
+            self._staging.write(_STAGED.pack(volume, offset, len(data)) + data)
+        else:
+            self.volumes[volume].write(offset, data)
         self.applied_bytes += len(data)
 
     def end_resync(self, high_seq: int) -> None:
+        if self.sync["state"] == "staging":
+            self._staging.flush()
+            os.fdatasync(self._staging.fileno())
+            self._staging.close()
+            resume = self.sync["resume"]
+            self._set_sync("applying", resume=resume, until=high_seq)
+            self._apply_staging(resume, high_seq)
+            return
         for volume in self.volumes:
             volume.flush()
-        self._set_sync("catching_up", high_seq)
+        self._set_sync("catching_up", until=high_seq)
+
+    def _apply_staging(self, resume_seq: int, high_seq: int) -> None:
+        with open(self._staging_path, "rb") as f:
+            while header := f.read(_STAGED.size):
+                volume, offset, length = _STAGED.unpack(header)
+                self.volumes[volume].write(offset, f.read(length))
+        for volume in self.volumes:
+            volume.flush()
+        self._restart_sequence(resume_seq)
+        self._set_sync("catching_up", until=high_seq)
+        os.unlink(self._staging_path)
 
     # Receiving ------------------------------------------------------------
 
