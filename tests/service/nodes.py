@@ -110,6 +110,7 @@ def source_node(
     name: str = "src1",
     tls: dict | None = None,
     nbd_port: int = 0,
+    link_timeout: float = 30.0,
 ) -> NodeProcess:
     state = tmp / name
     config = {
@@ -118,6 +119,7 @@ def source_node(
             "nbd": {"host": "127.0.0.1", "port": nbd_port},
             "target": {"host": "127.0.0.1", "port": target_port, "server_name": "tgt1"},
             "groups": groups,
+            "link_timeout": link_timeout,
         },
         "status_interval": 1,
         "status_period": 0.2,

@@ -266,3 +266,34 @@ def test_source_that_lost_its_journal_resyncs_by_hashes(pair, tmp_path: Path) ->
     assert replica(target, "app1", "db").read_bytes() == db.read_bytes()
     resync = next(g for g in source.status()["groups"] if g["name"] == "app1")["resync"]
     assert resync["sent_bytes"] == 40 * 4096
+
+
+def test_black_holed_link_is_detected_and_replication_resumes(tmp_path: Path) -> None:
+    """A partition sends no RST: the source notices unacknowledged batches, drops
+    the link, reconnects once the network heals, and the target lets the new link
+    replace the half-dead one."""
+    from faultproxy import FaultProxy
+
+    target = target_node(tmp_path).start()
+    port = int(target.address("replication").rsplit(":", 1)[1])
+    with FaultProxy("127.0.0.1", port) as proxy:
+        vol = make_volume(tmp_path / "bh.img", 8 * MiB)
+        source = source_node(tmp_path, proxy.port, [group("bh", vol)], link_timeout=1.5).start()
+        try:
+            wait_caught_up(source, target)
+            proxy.partition()
+            client = RawClient(nbd_port(source))
+            client.go("bh")
+            for i in range(64):
+                assert client.write(i * 65536, os.urandom(65536)) == 0  # never blocks
+            client.close()
+            deadline = time.monotonic() + 20
+            while "no acknowledgement" not in source.log() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert "no acknowledgement" in source.log()
+            proxy.heal()
+            wait_caught_up(source, target)
+            assert replica(target, "bh", "bh").read_bytes() == vol.read_bytes()
+        finally:
+            source.stop()
+            target.stop()

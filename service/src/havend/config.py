@@ -8,6 +8,7 @@ field (``source.groups[0].volumes[1].path: required``). Example::
     source:
       nbd: {host: 127.0.0.1, port: 10809}
       target: {host: 10.0.0.2, port: 7788, server_name: tgt1}
+      link_timeout: 30           # seconds without an ACK for sent data: reconnect
       groups:
         - name: app1
           mode: async            # or sync: FLUSH waits for the target (RPO 0)
@@ -86,6 +87,7 @@ class NodeConfig:
     groups: tuple[GroupConfig, ...] = field(default_factory=tuple)
     listen: Endpoint | None = None
     replica_dir: str | None = None
+    link_timeout: float = 30.0  # unacknowledged batches this old mean a dead link
 
 
 class _Reader:
@@ -209,6 +211,7 @@ def parse(data: Any) -> NodeConfig:
             nbd=_endpoint(source.sub("nbd", required=False)) or Endpoint("127.0.0.1", 10809),
             target=_endpoint(source.sub("target")),
             groups=groups,
+            link_timeout=source.get("link_timeout", float, 30.0),
         )
     target = root.sub("target")
     assert target is not None

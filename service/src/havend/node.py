@@ -128,6 +128,7 @@ class Node:
                     server_name=config.target.server_name,
                     compression_level=group_config.compression_level,
                     bandwidth_limit=group_config.bandwidth_limit,
+                    ack_timeout=config.link_timeout,
                 )
                 shipper = Shipper(group, settings, client_ctx, config.name)
                 self._shippers.append(shipper)

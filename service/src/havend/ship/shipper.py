@@ -38,6 +38,9 @@ class ShipperSettings:
     min_backoff: float = 0.05
     max_backoff: float = 5.0
     connect_timeout: float = 10.0
+    # A link that leaves sent batches unacknowledged this long is dead (a
+    # partition sends no RST): drop it and reconnect.
+    ack_timeout: float = 30.0
 
 
 # Resync: regions compared with coarse hashes, differing chunks with fine ones.
@@ -317,19 +320,29 @@ class Shipper:
         inflight: dict[int, int] = {}  # last seq of a batch -> its wire bytes
         credit = asyncio.Event()
         credit.set()
+        last_heard = time.monotonic()
+
+        async def watchdog() -> None:
+            while True:
+                await asyncio.sleep(min(1.0, self.settings.ack_timeout / 4))
+                silent = time.monotonic() - last_heard
+                if inflight and silent > self.settings.ack_timeout:
+                    raise TimeoutError(f"no acknowledgement for {silent:.0f} s")
 
         async def receive() -> None:
+            nonlocal last_heard
             while True:
                 frame = await _read_frame(reader, decoder, None)
                 if not isinstance(frame, wire.Ack):
                     raise RemoteProtocolError(f"unexpected frame from target: {frame!r}")
+                last_heard = time.monotonic()
                 group.on_ack(frame.durable_seq)
                 for last in [seq for seq in inflight if seq <= frame.durable_seq]:
                     del inflight[last]
                 credit.set()
 
         async def send() -> None:
-            nonlocal cursor
+            nonlocal cursor, last_heard
             loop = asyncio.get_running_loop()
             while True:
                 if group.overflow is not None:
@@ -354,11 +367,13 @@ class Shipper:
                 writer.write(frame)
                 await writer.drain()
                 cursor = records[-1].seq
+                if not inflight:
+                    last_heard = time.monotonic()  # the clock runs from the first batch out
                 inflight[cursor] = len(frame)
                 group.shipped_bytes += sum(len(r.data) for r in records)
                 group.wire_bytes += len(frame)
 
-        tasks = [asyncio.ensure_future(receive()), asyncio.ensure_future(send())]
+        tasks = [asyncio.ensure_future(c) for c in (receive(), send(), watchdog())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:

@@ -26,6 +26,7 @@ class TargetNode:
         self.groups: dict[uuid.UUID, TargetGroup] = {}
         self._appliers: list[asyncio.Task[None]] = []
         self._server: asyncio.AbstractServer | None = None
+        self._links: dict[uuid.UUID, asyncio.StreamWriter] = {}
         groups_dir = os.path.join(state_dir, "groups")
         if os.path.isdir(groups_dir):
             for entry in sorted(os.listdir(groups_dir)):
@@ -63,6 +64,17 @@ class TargetNode:
                 group = None
                 return
             assert group is not None
+            # The newest link wins: an older one may be half-dead after a
+            # partition (no FIN, no RST) and would block the group forever.
+            old = self._links.get(group.id)
+            if old is not None and old is not writer:
+                log.warning("group %s: a new link replaces the old one", group.name)
+                old.transport.abort()
+                for _ in range(100):
+                    if self._links.get(group.id) is not old:
+                        break
+                    await asyncio.sleep(0.05)
+            self._links[group.id] = writer
             group.connected = True
             writer.write(
                 wire.encode_control(
@@ -91,7 +103,8 @@ class TargetNode:
         except RemoteProtocolError as exc:
             log.warning("source %s: dropping connection: %s", peer, exc)
         finally:
-            if group is not None:
+            if group is not None and self._links.get(group.id) is writer:
+                del self._links[group.id]
                 group.connected = False
             writer.close()
 
@@ -154,8 +167,6 @@ class TargetNode:
             self._start_applier(group)
             log.info("group %s: new replica with %d volumes", name, len(volumes))
             return group, None
-        if group.connected:
-            return None, f"group {group.name} is already being received from another connection"
         return group, group.check_volumes(volumes)
 
     async def close(self) -> None:
