@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from havend import __version__
 from havend.certs import add_parser as add_certs_parser
 from havend.errors import ConfigError, HavendError
 from havend.nbd.server import NBDServer
+from havend.process import human_bytes, until_stopped
 from havend.volume import FileVolume
 
 log = logging.getLogger("havend")
@@ -31,14 +31,6 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
             raise HavendError("--loop uvloop: uvloop is not installed") from None
         return None
     return uvloop.new_event_loop
-
-
-def _human(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 async def _nbd_serve(args: argparse.Namespace) -> None:
@@ -66,16 +58,13 @@ async def _nbd_serve(args: argparse.Namespace) -> None:
     log.info(
         "serving %s (%s, %s) on %s [loop %s]",
         volume.path,
-        _human(volume.size),
+        human_bytes(volume.size),
         mode,
         where,
         type(loop).__module__.split(".")[0],
     )
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_stopped()
         log.info("stopping: finishing in-flight requests and syncing %s", volume.path)
     finally:
         await server.close()

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import ssl
 import time
 import uuid
@@ -28,6 +27,7 @@ from havend.errors import ConfigError
 from havend.fsutil import write_atomic
 from havend.journal import Journal
 from havend.nbd.server import NBDServer
+from havend.process import human_bytes, until_stopped
 from havend.ship.shipper import Shipper, ShipperSettings
 from havend.ship.source import SourceGroup, group_dir
 from havend.target.server import TargetNode
@@ -85,14 +85,6 @@ def open_source_group(state_dir: str, config: GroupConfig) -> SourceGroup:
     if replayed:
         log.info("group %s: replayed %d journal records into the volumes", config.name, replayed)
     return group
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 class Node:
@@ -193,9 +185,9 @@ class Node:
         eta = group["lag_bytes"] / rate if rate > 0 else None
         return (
             f"group {group['name']}: seq {group['last_seq']} acked {group['acked_seq']}, "
-            f"lag {group['lag_seconds']:.1f} s / {_human_bytes(group['lag_bytes'])}"
+            f"lag {group['lag_seconds']:.1f} s / {human_bytes(group['lag_bytes'])}"
             f"{f' (ETA {eta:.0f} s)' if eta is not None else ''}, "
-            f"{_human_bytes(rate)}/s, RPO {'met' if group['rpo_ok'] else 'BREACHED'}"
+            f"{human_bytes(rate)}/s, RPO {'met' if group['rpo_ok'] else 'BREACHED'}"
             f"{'' if group['connected'] else ', link down: ' + (group['last_error'] or '-')}"
         )
 
@@ -221,12 +213,8 @@ async def run(config: NodeConfig) -> None:
     except OSError as exc:
         await node.stop()
         raise ConfigError(f"cannot start node {config.name}: {exc}") from exc
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_stopped()
         log.info("stopping node %s", config.name)
     finally:
         await node.stop()

@@ -22,6 +22,7 @@ from havend.blockhash import block_hashes, differing_runs
 from havend.errors import RemoteProtocolError
 from havend.ship import wire
 from havend.ship.source import DirtyRegions, SourceGroup
+from havend.ship.stream import read_frame
 
 log = logging.getLogger("havend.ship")
 
@@ -186,7 +187,7 @@ class Shipper:
         async def ask(kind: wire.FrameType, body: dict, answer: wire.FrameType) -> None:
             writer.write(wire.encode_control(kind, body))
             await writer.drain()
-            frame = await _read_frame(reader, decoder, 300)
+            frame = await read_frame(reader, decoder, 300)
             if not isinstance(frame, wire.Control) or frame.type != answer:
                 raise RemoteProtocolError(f"expected {answer.name}, got {frame!r}")
 
@@ -194,7 +195,7 @@ class Shipper:
             frame = wire.encode_hash_request(request)
             writer.write(frame)
             await writer.drain()
-            reply = await _read_frame(reader, decoder, 300)
+            reply = await read_frame(reader, decoder, 300)
             if not isinstance(reply, wire.Hashes) or reply.request != request.request:
                 raise RemoteProtocolError(f"expected HASHES {request.request}, got {reply!r}")
             progress.wire_bytes += len(frame) + 4 + 8 * len(reply.hashes)
@@ -281,7 +282,7 @@ class Shipper:
             )
         )
         await writer.drain()
-        welcome = await _read_frame(reader, decoder, self.settings.connect_timeout)
+        welcome = await read_frame(reader, decoder, self.settings.connect_timeout)
         if not isinstance(welcome, wire.Control) or welcome.type != wire.FrameType.WELCOME:
             if isinstance(welcome, wire.Control) and welcome.type == wire.FrameType.REFUSED:
                 raise RemoteProtocolError(f"target refused: {welcome.body.get('error')}")
@@ -332,7 +333,7 @@ class Shipper:
         async def receive() -> None:
             nonlocal last_heard
             while True:
-                frame = await _read_frame(reader, decoder, None)
+                frame = await read_frame(reader, decoder, None)
                 if not isinstance(frame, wire.Ack):
                     raise RemoteProtocolError(f"unexpected frame from target: {frame!r}")
                 last_heard = time.monotonic()
@@ -394,14 +395,3 @@ def _split(ranges: list[tuple[int, int]], most: int) -> list[tuple[int, int]]:
 
 class _Overflowed(Exception):
     """The journal filled up mid-session: reconnect and resync the dirty regions."""
-
-
-async def _read_frame(
-    reader: asyncio.StreamReader, decoder: wire.FrameDecoder, timeout: float | None
-) -> wire.Frame:
-    while (frame := decoder.next_frame()) is None:
-        data = await asyncio.wait_for(reader.read(1 << 20), timeout)
-        if not data:
-            raise asyncio.IncompleteReadError(b"", None)
-        decoder.feed(data)
-    return frame

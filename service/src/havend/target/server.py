@@ -11,6 +11,7 @@ import uuid
 from havend.blockhash import hash_ranges
 from havend.errors import RemoteProtocolError
 from havend.ship import wire
+from havend.ship.stream import read_frame
 from havend.target.group import TargetGroup
 
 log = logging.getLogger("havend.target")
@@ -53,7 +54,7 @@ class TargetNode:
         group: TargetGroup | None = None
         decoder = wire.FrameDecoder()
         try:
-            hello = await _next_frame(reader, decoder, timeout=30)
+            hello = await read_frame(reader, decoder, timeout=30)
             if not isinstance(hello, wire.Control) or hello.type != wire.FrameType.HELLO:
                 raise RemoteProtocolError("the first frame must be HELLO")
             group, refusal = self._admit(hello.body)
@@ -89,7 +90,7 @@ class TargetNode:
             await writer.drain()
             log.info("group %s: receiving from %s", group.name, hello.body.get("node"))
             while True:
-                frame = await _next_frame(reader, decoder, timeout=None)
+                frame = await read_frame(reader, decoder, timeout=None)
                 reply = await self._handle(group, frame)
                 if reply:
                     writer.write(reply)
@@ -182,14 +183,3 @@ class TargetNode:
 def _report_crash(group: TargetGroup, task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("group %s: applier stopped: %s", group.name, task.exception())
-
-
-async def _next_frame(
-    reader: asyncio.StreamReader, decoder: wire.FrameDecoder, timeout: float | None
-) -> wire.Frame:
-    while (frame := decoder.next_frame()) is None:
-        data = await asyncio.wait_for(reader.read(1 << 20), timeout)
-        if not data:
-            raise asyncio.IncompleteReadError(b"", None)
-        decoder.feed(data)
-    return frame
