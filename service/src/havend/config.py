@@ -154,6 +154,12 @@ def _group(reader: _Reader) -> GroupConfig:
     if len(set(names)) != len(names):
         raise ConfigError(f"{reader._path('volumes')}: volume names must be unique")
     journal = reader.sub("journal", required=False) or _Reader({}, reader._path("journal"))
+    segment_size = journal.get("segment_size", int, 64 << 20)
+    if segment_size < 256 << 10 or segment_size % 4096:
+        raise ConfigError(f"{journal._path('segment_size')}: a multiple of 4096, at least 256 KiB")
+    max_segments = journal.get("max_segments", int, 16)
+    if max_segments < 2:
+        raise ConfigError(f"{journal._path('max_segments')}: at least 2")
     level = reader.get("compression_level", int, 3)
     if not 0 <= level <= 22:
         raise ConfigError(f"{reader._path('compression_level')}: must be 0..22")
@@ -164,8 +170,8 @@ def _group(reader: _Reader) -> GroupConfig:
         rpo_seconds=reader.get("rpo_seconds", float, 30.0),
         compression_level=level,
         bandwidth_limit=reader.get("bandwidth_limit", int, 0),
-        segment_size=journal.get("segment_size", int, 64 << 20),
-        max_segments=journal.get("max_segments", int, 16),
+        segment_size=segment_size,
+        max_segments=max_segments,
     )
 
 

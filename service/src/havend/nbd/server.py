@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
+import functools
 import logging
 import os
 import socket
@@ -241,7 +242,9 @@ class NBDConnection(asyncio.Protocol):
         assert volume is not None
         if event.fua:
             if hasattr(volume, "flush_async"):  # a replicated volume: FUA = write + FLUSH
-                self._await(event.cookie, _write_then_flush(volume, event.offset, event.data))
+                self._await(
+                    event.cookie, _then_flush(volume, volume.write, event.offset, event.data)
+                )
             else:
                 self._offload(event.cookie, volume.write_fua, event.offset, event.data)
         elif len(event.data) > self.server.inline_io_limit:
@@ -263,11 +266,20 @@ class NBDConnection(asyncio.Protocol):
             self._offload(event.cookie, self.volume.flush)
 
     def _on_trim(self, event: protocol.Trim) -> None:
-        assert self.volume is not None
-        self._offload(event.cookie, _trim, self.volume, event.offset, event.length, event.fua)
+        volume = self.volume
+        assert volume is not None
+        if event.fua and hasattr(volume, "flush_async"):
+            self._await(event.cookie, _then_flush(volume, volume.trim, event.offset, event.length))
+        else:
+            self._offload(event.cookie, _trim, volume, event.offset, event.length, event.fua)
 
     def _on_write_zeroes(self, event: protocol.WriteZeroes) -> None:
-        assert self.volume is not None
+        volume = self.volume
+        assert volume is not None
+        if event.fua and hasattr(volume, "flush_async"):
+            zero = functools.partial(volume.write_zeroes, may_trim=event.may_trim)
+            self._await(event.cookie, _then_flush(volume, zero, event.offset, event.length))
+            return
         self._offload(
             event.cookie,
             _write_zeroes,
@@ -358,9 +370,10 @@ class NBDConnection(asyncio.Protocol):
             self.transport.abort()
 
 
-async def _write_then_flush(volume: Any, offset: int, data: bytes | bytearray) -> None:
+async def _then_flush(volume: Any, change: Callable[..., None], *args: Any) -> None:
+    """A change with FUA on a replicated volume: the change, then what FLUSH waits for."""
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, volume.write, offset, data)
+    await loop.run_in_executor(None, change, *args)
     await volume.flush_async()
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import zstandard
 
 from havend.blockhash import block_hashes, differing_runs
-from havend.errors import RemoteProtocolError
+from havend.errors import JournalError, RemoteProtocolError
 from havend.ship import wire
 from havend.ship.source import DirtyRegions, SourceGroup
 from havend.ship.stream import read_frame
@@ -116,6 +116,16 @@ class Shipper:
             started = time.monotonic()
             try:
                 await self._session()
+            except JournalError as exc:
+                group.last_error = f"journal: {exc}"
+                log.error(
+                    "group %s: %s; the journal cannot be shipped: resyncing every region by hash",
+                    group.name,
+                    exc,
+                )
+                with group.lock:
+                    group.enter_overflow(everything=True, reason="journal unreadable")
+                continue
             except _Overflowed:
                 log.info(
                     "group %s: reconnecting to resync the regions written meanwhile", group.name
@@ -187,7 +197,8 @@ class Shipper:
         async def ask(kind: wire.FrameType, body: dict, answer: wire.FrameType) -> None:
             writer.write(wire.encode_control(kind, body))
             await writer.drain()
-            frame = await read_frame(reader, decoder, 300)
+            # Generous: SYNC_DONE waits for the target to apply a whole staged resync.
+            frame = await read_frame(reader, decoder, 3600)
             if not isinstance(frame, wire.Control) or frame.type != answer:
                 raise RemoteProtocolError(f"expected {answer.name}, got {frame!r}")
 
@@ -297,7 +308,7 @@ class Shipper:
             dirty, overflow_resume = group.take_overflow()
         if syncing or lost or ahead or dirty is not None:
             if dirty is not None:
-                resume, why = overflow_resume, "journal overflow"
+                resume, why = overflow_resume, dirty.reason
             else:
                 resume = journal.tail_seq - 1 if lost or ahead else cursor
                 why = "new replica" if syncing else f"target at seq {cursor}"

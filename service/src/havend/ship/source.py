@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from havend.errors import JournalCorruptError
 from havend.fsutil import write_atomic
 from havend.journal import Journal, JournalFull, Kind
 from havend.journal.record import Record
@@ -68,8 +69,11 @@ DIRTY_CHUNK = 64 << 10
 class DirtyRegions:
     """Which chunks of each volume changed while the journal was full."""
 
-    def __init__(self, sizes: list[int], everything: bool = False) -> None:
+    def __init__(
+        self, sizes: list[int], everything: bool = False, reason: str = "journal overflow"
+    ) -> None:
         self.sizes = sizes
+        self.reason = reason  # why these regions need a resync (shown in the status)
         fill = 0xFF if everything else 0
         self.bits = [bytearray([fill]) * ((s // DIRTY_CHUNK + 8) // 8) for s in sizes]
 
@@ -118,6 +122,8 @@ class SourceGroup:
         self.mode = mode
         self.rpo_seconds = rpo_seconds
         self.journal = journal
+        # A record must fit a segment with room to spare (see RECORD_CHUNK).
+        self.record_chunk = min(RECORD_CHUNK, (journal.segment_size // 4) & ~4095)
         self.lock = threading.Lock()
         self.volumes = [ReplicatedVolume(self, i, n, v) for i, (n, v) in enumerate(volumes)]
         self.acked_seq = journal.tail_seq - 1
@@ -174,14 +180,32 @@ class SourceGroup:
         self.state_dir = state_dir
         flag = self._overflow_flag()
         if flag and os.path.exists(flag):
-            self.overflow = DirtyRegions([v.size for v in self.volumes], everything=True)
+            self.overflow = DirtyRegions(
+                [v.size for v in self.volumes], everything=True, reason="restart after overflow"
+            )
             log.warning("group %s: overflowed before a restart: full hash resync due", self.name)
+        running = os.path.join(state_dir, "running")
+        with contextlib.suppress(FileNotFoundError), open(running) as f:
+            if f.read().strip() != _boot_id() and self.overflow is None:
+                # The machine went down under us: a write may have reached a volume
+                # while its journal record was torn, so compare every block.
+                self.overflow = DirtyRegions(
+                    [v.size for v in self.volumes], everything=True, reason="machine restart"
+                )
+                if flag:
+                    write_atomic(flag, b"1\n")
+                log.warning(
+                    "group %s: the machine restarted while havend ran: full hash resync due",
+                    self.name,
+                )
+        write_atomic(running, _boot_id().encode() + b"\n")
 
-    def enter_overflow(self) -> None:
-        """The journal is full (lock held): track dirty regions from now on."""
+    def enter_overflow(self, *, everything: bool = False, reason: str = "journal overflow") -> None:
+        """The journal is full or unreadable (lock held): track dirty regions from
+        now on; ``everything`` marks all of them (a full hash resync)."""
         self.journal.sync()
         self._sync_volumes(self.journal.last_seq)  # nothing before this needs a replay
-        self.overflow = DirtyRegions([v.size for v in self.volumes])
+        self.overflow = DirtyRegions([v.size for v in self.volumes], everything, reason)
         flag = self._overflow_flag()
         if flag:
             write_atomic(flag, b"1\n")
@@ -201,8 +225,13 @@ class SourceGroup:
             assert self.overflow is not None
             regions = self.overflow
             self.journal.sync()
-            for record_volume, offset, length in self._journal_extents():
-                regions.mark(record_volume, offset, length)
+            try:
+                for record_volume, offset, length in self._journal_extents():
+                    regions.mark(record_volume, offset, length)
+            except JournalCorruptError:  # unreadable records: every region is suspect
+                regions = DirtyRegions(
+                    [v.size for v in self.volumes], everything=True, reason="journal unreadable"
+                )
             resume = self.journal.last_seq
             self.overflow = None
             self._sync_volumes(resume)
@@ -210,6 +239,7 @@ class SourceGroup:
         self.acked_seq = max(self.acked_seq, resume)
         self._unacked.clear()
         self._unacked_bytes = 0
+        self.acked.set()  # sync-mode flushes waiting on these records: they are covered
         return regions, resume
 
     def give_back_overflow(self, regions: DirtyRegions) -> None:
@@ -372,6 +402,9 @@ class SourceGroup:
         for member in self.volumes:
             member.volume.flush()
             member.volume.close()
+        if self.state_dir:  # a clean stop: nothing to distrust at the next start
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.state_dir, "running"))
 
 
 class ReplicatedVolume:
@@ -406,8 +439,9 @@ class ReplicatedVolume:
             try:
                 if kind == Kind.WRITE:
                     view = memoryview(data)
-                    for start in range(0, len(view), RECORD_CHUNK):
-                        chunk = view[start : start + RECORD_CHUNK]
+                    step = group.record_chunk
+                    for start in range(0, len(view), step):
+                        chunk = view[start : start + step]
                         seq = group.journal.append(kind, self.index, offset + start, chunk)
                         group._appended(seq, len(chunk))
                 else:
@@ -460,6 +494,15 @@ def apply_record(volume: FileVolume, record: Record) -> None:
         volume.write(record.offset, record.data)
     else:  # ZERO and TRIM both leave zeroes (a hole where the file system can)
         volume.write_zeroes(record.offset, record.length, may_trim=True)
+
+
+def _boot_id() -> str:
+    """Changes at every boot of the machine (Linux)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
 
 
 def group_dir(state_dir: str, group_id: uuid.UUID) -> str:

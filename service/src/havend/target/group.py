@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -130,8 +131,20 @@ class TargetGroup:
         if self.sync["state"] == "applying":
             self._apply_staging(self.sync["resume"], self.sync["until"])
         elif self.sync["state"] == "staging":
+            self.abort_resync()
+
+    def abort_resync(self) -> None:
+        """The link broke during a staged resync: the replica never left its
+        consistent point, so it stays there (the next resync stages again)."""
+        if self.sync["state"] != "staging":
+            return
+        staging = getattr(self, "_staging", None)
+        if staging is not None:
+            staging.close()
+            self._staging = None
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self._staging_path)
-            self._set_sync("consistent", until=self.applied_seq)
+        self._set_sync("consistent", until=self.applied_seq)
 
     async def begin_resync(self, resume_seq: int) -> None:
         """Quiesce the replica for a resync after which records resume at ``resume_seq + 1``."""

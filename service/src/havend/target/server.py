@@ -107,6 +107,7 @@ class TargetNode:
             if group is not None and self._links.get(group.id) is writer:
                 del self._links[group.id]
                 group.connected = False
+                group.abort_resync()
             writer.close()
 
     async def _handle(self, group: TargetGroup, frame: wire.Frame) -> bytes | None:
