@@ -115,3 +115,32 @@ def machine_info() -> dict[str, object]:
         "python": platform.python_version(),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The ``fraction`` quantile (0..1) of ``values``, linearly interpolated."""
+    if not values:
+        raise BenchError("percentile of no values")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * fraction
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def drop_cache(path: Path) -> None:
+    """Write ``path`` back and drop it from the page cache: the next read is cold."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def disk_write_bytes(pid: int) -> int:
+    """Bytes a running process caused to be written to storage (/proc/PID/io)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    raise BenchError(f"no write_bytes in /proc/{pid}/io")
