@@ -14,12 +14,15 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data``: readers see the old or the new file, whole."""
+def write_atomic(path: str, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data``: readers see the old or the new file, whole.
+    ``durable=False`` skips the syncs, for files that are only ever advisory."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fdatasync(f.fileno())
+        if durable:
+            f.flush()
+            os.fdatasync(f.fileno())
     os.rename(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
+    if durable:
+        fsync_dir(os.path.dirname(path) or ".")

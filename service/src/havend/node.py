@@ -165,7 +165,8 @@ class Node:
         last_line = 0.0
         while True:
             status = self.status()
-            write_atomic(path, json.dumps(status, indent=1).encode())
+            # A view of the node, rewritten often: atomic, but not worth an fsync.
+            write_atomic(path, json.dumps(status, indent=1).encode(), durable=False)
             now = time.monotonic()
             if now - last_line >= self.config.status_interval:
                 last_line = now

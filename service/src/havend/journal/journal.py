@@ -313,6 +313,12 @@ class Journal:
         start = next((s for s in reversed(segments) if s.first_seq <= seq), segments[0])
         return start, SEGMENT_HEADER_SIZE, start.first_seq
 
+    def releasable(self, seq: int) -> bool:
+        """Whether :meth:`release_through` of ``seq`` would free a segment."""
+        with self._lock:
+            firsts = sorted(s.first_seq for s in self._segments.values())
+        return len(firsts) > 1 and firsts[1] <= seq + 1
+
     def release_through(self, seq: int) -> int:
         """Drop whole segments whose records are all ≤ ``seq`` (acknowledged by the
         target); returns the bytes freed. The active segment is never dropped."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from crc32c import crc32c
 
@@ -42,6 +42,8 @@ class Record:
     # a torn tail from lost acknowledged data.
     durable: int = 0
     data: bytes = b""
+    # The record as stored, when it was read from a journal: shipped as it is.
+    raw: bytes = field(default=b"", compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -54,6 +56,8 @@ def record_size(payload: int) -> int:
 
 
 def encode_record(record: Record) -> bytes:
+    if record.raw:
+        return record.raw
     data = record.data
     header = RECORD_HEADER.pack(
         RECORD_MAGIC,
@@ -98,7 +102,8 @@ def decode_record(buf: bytes | bytearray | memoryview, pos: int = 0) -> Record:
     except ValueError:
         raise BadRecord(f"unknown record kind {kind}") from None
     data = bytes(view[start : start + payload])
-    return Record(seq, kind, volume, offset, length, ts, durable, data)
+    raw = bytes(view[pos : pos + record_size(payload)])
+    return Record(seq, kind, volume, offset, length, ts, durable, data, raw)
 
 
 def encode_segment_header(index: int, first_seq: int) -> bytes:

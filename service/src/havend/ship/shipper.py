@@ -20,6 +20,7 @@ import zstandard
 
 from havend.blockhash import block_hashes, differing_runs
 from havend.errors import JournalError, RemoteProtocolError
+from havend.journal.record import Record
 from havend.ship import wire
 from havend.ship.source import DirtyRegions, SourceGroup
 from havend.ship.stream import read_frame
@@ -353,28 +354,37 @@ class Shipper:
                     del inflight[last]
                 credit.set()
 
+        def next_batch(after: int) -> tuple[list[Record], bytes]:
+            """Read and frame the batch after ``after`` (a worker thread)."""
+            records = group.journal.read(after, self.settings.batch_bytes)
+            if not records:
+                return records, b""
+            return records, wire.encode_batch(group.id, records, self._compressor)
+
         async def send() -> None:
             nonlocal cursor, last_heard
             loop = asyncio.get_running_loop()
+            # The next batch is read and framed while the current one goes out.
+            ahead: asyncio.Future[tuple[list[Record], bytes]] | None = None
             while True:
                 if group.overflow is not None:
                     raise _Overflowed()
-                if group.journal.durable_seq <= cursor:
-                    group.durable.clear()
+                if ahead is None:
                     if group.journal.durable_seq <= cursor:
-                        await group.durable.wait()
+                        group.durable.clear()
+                        if group.journal.durable_seq <= cursor:
+                            await group.durable.wait()
+                        continue
+                    ahead = loop.run_in_executor(None, next_batch, cursor)
+                records, frame = await ahead
+                ahead = None
+                if not records:
                     continue
+                if group.journal.durable_seq > records[-1].seq:
+                    ahead = loop.run_in_executor(None, next_batch, records[-1].seq)
                 while sum(inflight.values()) >= self.settings.window_bytes:
                     credit.clear()
                     await credit.wait()
-                records = await loop.run_in_executor(
-                    None, group.journal.read, cursor, self.settings.batch_bytes
-                )
-                if not records:
-                    continue
-                frame = await loop.run_in_executor(
-                    None, wire.encode_batch, group.id, records, self._compressor
-                )
                 await self._bucket.take(len(frame))
                 writer.write(frame)
                 await writer.drain()

@@ -345,6 +345,8 @@ class SourceGroup:
         while self._unacked and self._unacked[0][0] <= seq:
             self._unacked_bytes -= self._unacked.popleft()[2]
         self.acked.set()
+        if not self.journal.releasable(seq):
+            return  # nothing to free yet: no need to sync the volumes
         if self._release_task is None or self._release_task.done():
             self._release_task = asyncio.get_running_loop().create_task(self._release())
 
@@ -447,7 +449,7 @@ class ReplicatedVolume:
                 else:
                     seq = group.journal.append(kind, self.index, offset, length=length)
                     group._appended(seq, 0)
-            except JournalFull:
+            except (JournalFull, OSError):  # full, or its disk is: the write stands
                 group.enter_overflow()
                 assert group.overflow is not None
                 group.overflow.mark(self.index, offset, length)

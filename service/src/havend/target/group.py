@@ -51,7 +51,8 @@ class TargetGroup:
         self._recover_resync()
         self.connected = False
         self.applied_bytes = 0
-        self.new_records = asyncio.Event()
+        self.new_records = asyncio.Event()  # durable records for the applier
+        self.received = asyncio.Event()  # records received, not yet synced
         self.applied_changed = asyncio.Event()
 
     @classmethod

@@ -89,12 +89,18 @@ class TargetNode:
             )
             await writer.drain()
             log.info("group %s: receiving from %s", group.name, hello.body.get("node"))
-            while True:
-                frame = await read_frame(reader, decoder, timeout=None)
-                reply = await self._handle(group, frame)
-                if reply:
-                    writer.write(reply)
-                    await writer.drain()
+            committer = asyncio.ensure_future(self._commit_and_ack(group, writer))
+            try:
+                while True:
+                    frame = await read_frame(reader, decoder, timeout=None)
+                    reply = await self._handle(group, frame)
+                    if reply:
+                        writer.write(reply)
+                        await writer.drain()
+                    if committer.done():  # it failed: the link is unusable
+                        committer.result()
+            finally:
+                committer.cancel()
         except asyncio.IncompleteReadError:
             if group is not None:
                 log.warning("group %s: source closed the link", group.name)
@@ -118,10 +124,9 @@ class TargetNode:
                 raise RemoteProtocolError(f"BATCH for another group on {group.name}'s link")
             if group.state == "syncing":
                 raise RemoteProtocolError(f"group {group.name} needs a resync before records")
-            if group.receive(frame.records):
-                await loop.run_in_executor(None, group.journal.sync)
-                group.new_records.set()
-            return wire.encode_ack(group.id, group.journal.durable_seq)
+            group.receive(frame.records)
+            group.received.set()  # _commit_and_ack makes them durable and acknowledges
+            return None
         if isinstance(frame, wire.HashRequest):
             if frame.volume >= len(group.volumes):
                 raise RemoteProtocolError("HASH_REQ for an unknown volume")
@@ -148,6 +153,21 @@ class TargetNode:
             )
             return wire.encode_control(wire.FrameType.SYNC_DONE, {})
         raise RemoteProtocolError(f"unexpected frame {frame!r}")
+
+    async def _commit_and_ack(self, group: TargetGroup, writer: asyncio.StreamWriter) -> None:
+        """Group commit on the target: one fdatasync for every batch received
+        meanwhile, then one ACK; frames keep being read while the disk works."""
+        loop = asyncio.get_running_loop()
+        acked = -1
+        while True:
+            await group.received.wait()
+            group.received.clear()
+            await loop.run_in_executor(None, group.journal.sync)
+            group.new_records.set()
+            if group.journal.durable_seq != acked:
+                acked = group.journal.durable_seq
+                writer.write(wire.encode_ack(group.id, acked))
+                await writer.drain()
 
     def _admit(self, hello: dict) -> tuple[TargetGroup | None, str | None]:
         try:
