@@ -250,21 +250,23 @@ def test_random_crashes_never_lose_a_durable_record(tmp_path: Path, seed: int) -
         if rng.random() < 0.7:
             journal.sync()
     durable = journal.durable_seq
-    active = journal._active
-    # Where the active segment's unsynced records start (rolled segments are synced).
-    synced_end, seq = SEGMENT_HEADER_SIZE, active.first_seq
-    while seq <= durable:
-        synced_end += record_size(sizes[seq])
-        seq += 1
-    if synced_end < active.write_pos:
-        cut = rng.randint(synced_end, active.write_pos)
-        damage = rng.choice(["zero", "garble", "keep"])
-        with open(active.path, "r+b") as f:
+    # Everything after the last durable position may be intact, torn or gone,
+    # in that segment and in every later one (rolls do not sync).
+    first, synced_end, _ = journal._durable_pos
+    for segment in sorted(journal._segments.values(), key=lambda s: s.index):
+        if segment.index < first:
+            continue
+        start = synced_end if segment.index == first else SEGMENT_HEADER_SIZE
+        if start >= segment.write_pos:
+            continue
+        cut = rng.randint(start, segment.write_pos)
+        damage = rng.choice(["zero", "garble", "keep", "keep"])
+        with open(segment.path, "r+b") as f:
             f.seek(cut)
             if damage == "zero":
-                f.write(bytes(active.write_pos - cut))
+                f.write(bytes(segment.write_pos - cut))
             elif damage == "garble":
-                f.write(os.urandom(active.write_pos - cut))
+                f.write(os.urandom(segment.write_pos - cut))
     again = Journal.open(tmp_path)
     assert again.last_seq >= durable
     records = all_records(again)

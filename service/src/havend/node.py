@@ -113,7 +113,6 @@ class Node:
                 self.source_groups.append(group)
                 for member in group.volumes:
                     exports[member.name] = member
-                self._tasks.append(loop.create_task(group.committer()))
                 settings = ShipperSettings(
                     host=config.target.host,
                     port=config.target.port,

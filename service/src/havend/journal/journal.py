@@ -83,6 +83,8 @@ class Journal:
         for seg in self._segments.values():  # what recovery read may sit in the page cache only
             os.fdatasync(seg.fd)
         self.durable_seq = self.last_seq
+        # (segment, offset, seq) up to which everything is on stable storage.
+        self._durable_pos = (recovered.head_segment, recovered.head_offset, self.last_seq)
         self.tail_seq = block.tail_seq
         self._cursor = (0, -1, 0)  # (next seq, segment index, offset) of the last read
 
@@ -216,34 +218,33 @@ class Journal:
                 if self.durable_seq >= wanted:
                     return self.durable_seq
                 target = self.last_seq
-                dirty = [self._segments[i].fd for i in self._dirty]
+                position = (self._active.index, self._active.write_pos, target)
+                dirty = [self._segments[i].fd for i in self._dirty if i in self._segments]
                 self._dirty.clear()
             for fd in dirty:
                 os.fdatasync(fd)
             with self._lock:
-                self.durable_seq = max(self.durable_seq, target)
+                if target > self.durable_seq:
+                    self.durable_seq = target
+                    self._durable_pos = position
                 return self.durable_seq
 
     def _roll(self) -> None:
-        """Start the next segment (lock held). The full one is synced first, so
-        the head hint never points past records that might be torn."""
+        """Start the next segment (lock held). Nothing is synced here: the head
+        hint written now is the last durable position, so recovery scans every
+        record that a crash could have torn."""
         if len(self._segments) >= self.max_segments:
             raise JournalFull(
                 f"journal {self.directory} is full: {len(self._segments)} segments of "
                 f"{self.segment_size} bytes, oldest unreleased seq {self.tail_seq}"
             )
-        old = self._active
-        os.fdatasync(old.fd)
-        self._dirty.discard(old.index)
-        self.durable_seq = max(self.durable_seq, self.last_seq)
-        index = old.index + 1
+        index = self._active.index + 1
         path = _new_segment_file(self.directory, index, self.last_seq + 1, self.segment_size)
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self._active = _Segment(index, path, fd, self.last_seq + 1, SEGMENT_HEADER_SIZE)
         self._segments[index] = self._active
-        self._write_block(
-            head_segment=index, head_offset=SEGMENT_HEADER_SIZE, head_seq=self.last_seq
-        )
+        head_segment, head_offset, head_seq = self._durable_pos
+        self._write_block(head_segment=head_segment, head_offset=head_offset, head_seq=head_seq)
 
     def _write_block(self, **changes: int) -> None:
         self._block = self._block.replace(generation=self._block.generation + 1, **changes)
@@ -251,15 +252,18 @@ class Journal:
 
     # Reading and releasing ----------------------------------------------------
 
-    def read(self, after_seq: int, max_bytes: int = 4 << 20) -> list[Record]:
-        """Durable records with seq > ``after_seq``, about ``max_bytes`` of them.
+    def read(
+        self, after_seq: int, max_bytes: int = 4 << 20, *, durable_only: bool = True
+    ) -> list[Record]:
+        """Durable records with seq > ``after_seq``, about ``max_bytes`` of them
+        (``durable_only=False``: every record appended, synced or not).
 
         Every record is checked again (CRC, consecutive seq): a damaged one
         raises :class:`JournalCorruptError` and is never returned. Reading on
         from the last record returned is cheap (a cursor remembers where it is).
         """
         with self._lock:
-            limit = self.durable_seq
+            limit = self.durable_seq if durable_only else self.last_seq
             segments = sorted(self._segments.values(), key=lambda s: s.index)
             active = self._active
         if after_seq + 1 < self.tail_seq:
@@ -333,7 +337,14 @@ class Journal:
                 return 0
             new_tail = ordered[len(drop)]
             self.tail_seq = self._segments[new_tail].first_seq
-            self._write_block(tail_segment=new_tail, tail_seq=self.tail_seq)
+            hint: dict[str, int] = {}
+            if self._durable_pos[0] < new_tail:  # never point recovery into a freed segment
+                self._durable_pos = (new_tail, SEGMENT_HEADER_SIZE, self.tail_seq - 1)
+            if self._block.head_segment < new_tail:
+                hint = dict(
+                    zip(("head_segment", "head_offset", "head_seq"), self._durable_pos, strict=True)
+                )
+            self._write_block(tail_segment=new_tail, tail_seq=self.tail_seq, **hint)
             gone = [self._segments.pop(i) for i in drop]
         for segment in gone:
             os.close(segment.fd)

@@ -3,8 +3,8 @@ a bandwidth cap, and reconnecting until stopped.
 
 A session starts with HELLO; the target's WELCOME says the last seq it holds
 durably, and shipping resumes right after it, so a batch lost with a broken
-connection is simply sent again (the target skips seqs it already has). Only
-records durable on the source are shipped: the target is never ahead of it.
+connection is simply sent again (the target skips seqs it already has). Records are shipped
+as soon as they are appended (see ``ship.source`` for why that is safe).
 """
 
 from __future__ import annotations
@@ -356,7 +356,7 @@ class Shipper:
 
         def next_batch(after: int) -> tuple[list[Record], bytes]:
             """Read and frame the batch after ``after`` (a worker thread)."""
-            records = group.journal.read(after, self.settings.batch_bytes)
+            records = group.journal.read(after, self.settings.batch_bytes, durable_only=False)
             if not records:
                 return records, b""
             return records, wire.encode_batch(group.id, records, self._compressor)
@@ -370,17 +370,17 @@ class Shipper:
                 if group.overflow is not None:
                     raise _Overflowed()
                 if ahead is None:
-                    if group.journal.durable_seq <= cursor:
-                        group.durable.clear()
-                        if group.journal.durable_seq <= cursor:
-                            await group.durable.wait()
+                    if group.journal.last_seq <= cursor:
+                        group.appended.clear()
+                        if group.journal.last_seq <= cursor:
+                            await group.appended.wait()
                         continue
                     ahead = loop.run_in_executor(None, next_batch, cursor)
                 records, frame = await ahead
                 ahead = None
                 if not records:
                     continue
-                if group.journal.durable_seq > records[-1].seq:
+                if group.journal.last_seq > records[-1].seq:
                     ahead = loop.run_in_executor(None, next_batch, records[-1].seq)
                 while sum(inflight.values()) >= self.settings.window_bytes:
                     credit.clear()

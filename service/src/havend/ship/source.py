@@ -9,8 +9,11 @@ disagreeing on which came last).
 
 Durability follows a disk's promise: FLUSH (and FUA) return once the journal
 records are on stable storage; in ``sync`` mode also once the target has them
-(RPO 0). Records leave the journal only after the target acknowledged them and
-the local copies were synced, so a crashed source replays what is left at start.
+(RPO 0). Records are shipped as soon as they are appended, synced or not: a
+havend crash loses nothing from the page cache, and a machine crash makes the
+next start compare every block with the target anyway (see ``attach_state``).
+Records leave the journal only after the target acknowledged them and the
+local copies were synced, so a crashed source replays what is left at start.
 """
 
 from __future__ import annotations
@@ -136,8 +139,7 @@ class SourceGroup:
         self._unacked_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
-        self.appended = asyncio.Event()  # new records: the committer has work
-        self.durable = asyncio.Event()  # the durable seq moved: the shipper has work
+        self.appended = asyncio.Event()  # new records (or an overflow): the shipper has work
         self.acked = asyncio.Event()  # the acked seq moved: sync-mode flushes wait on it
         self._release_task: asyncio.Task[None] | None = None
         self.resync: Any = None  # a ResyncProgress while a resync runs
@@ -216,7 +218,7 @@ class SourceGroup:
             self._unacked_bytes,
         )
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self.durable.set)
+            self._loop.call_soon_threadsafe(self.appended.set)
 
     def take_overflow(self) -> tuple[DirtyRegions, int]:
         """Leave overflow for a resync: (regions to resync, seq the journal resumes
@@ -306,11 +308,7 @@ class SourceGroup:
         ):
             for member in self.volumes:
                 member.volume.flush()
-        before = self.journal.durable_seq
-        durable = self.journal.sync()
-        if durable != before and self._loop is not None:
-            self._loop.call_soon_threadsafe(self.durable.set)
-        return durable
+        return self.journal.sync()
 
     async def flush(self) -> None:
         """What an NBD FLUSH waits for: journal durable, and in sync mode the target."""
@@ -327,16 +325,6 @@ class SourceGroup:
                 break
             await self.acked.wait()
 
-    async def committer(self, interval: float = 0.002) -> None:
-        """Group commit in the background, so async shipping never waits for a FLUSH."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await self.appended.wait()
-            self.appended.clear()
-            await asyncio.sleep(interval)  # let a burst of writes share one fdatasync
-            if self.journal.last_seq > self.journal.durable_seq:
-                await loop.run_in_executor(None, self.commit)
-
     def on_ack(self, seq: int) -> None:
         """The target has everything up to ``seq`` durably (loop thread)."""
         if seq <= self.acked_seq:
@@ -345,8 +333,13 @@ class SourceGroup:
         while self._unacked and self._unacked[0][0] <= seq:
             self._unacked_bytes -= self._unacked.popleft()[2]
         self.acked.set()
-        if not self.journal.releasable(seq):
-            return  # nothing to free yet: no need to sync the volumes
+        # Releasing costs an fdatasync of every volume: do it when the journal is
+        # half full, or once the link has caught up (the disk is idle then).
+        journal = self.journal
+        if journal.used_bytes < journal.capacity_bytes // 2 and seq < journal.last_seq:
+            return
+        if not journal.releasable(seq):
+            return
         if self._release_task is None or self._release_task.done():
             self._release_task = asyncio.get_running_loop().create_task(self._release())
 

@@ -20,7 +20,10 @@ from havend.ship.source import apply_record
 from havend.volume import FileVolume
 
 log = logging.getLogger("havend.target")
-_STAGED = struct.Struct("<HQI")  # a staged resync block: volume, offset, length
+_STAGED = struct.Struct("<HQI")
+# The target's journal holds what arrived and is not yet synced into the
+# replicas: up to 64 segments of 64 MiB, made and freed as it goes.
+TARGET_SEGMENTS = 64  # a staged resync block: volume, offset, length
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,7 @@ class TargetGroup:
         self.journal = journal
         self.volumes = [FileVolume(v["path"]) for v in meta["volumes"]]
         self.applied_seq = self._read_applied()
+        self.synced_seq = self.applied_seq  # what the "applied" file says
         with open(os.path.join(directory, "sync.json")) as f:
             self.sync = json.load(f)
         self._recover_resync()
@@ -77,7 +81,9 @@ class TargetGroup:
                 f.truncate(int(vol["size"]))
             members.append({"name": vol["name"], "size": int(vol["size"]), "path": path})
         meta = {"group": str(group), "name": name, "volumes": members}
-        Journal.create(os.path.join(building, "journal"), group).close()
+        Journal.create(
+            os.path.join(building, "journal"), group, max_segments=TARGET_SEGMENTS
+        ).close()
         write_atomic(os.path.join(building, "applied"), b"0\n")
         write_atomic(os.path.join(building, "sync.json"), b'{"state": "syncing", "until": 0}')
         write_atomic(os.path.join(building, "group.json"), json.dumps(meta, indent=2).encode())
@@ -165,8 +171,10 @@ class TargetGroup:
             directory = self.journal.directory
             self.journal.close()
             shutil.rmtree(directory)
-            self.journal = Journal.create(directory, self.id, first_seq=resume_seq + 1)
-        self.applied_seq = resume_seq
+            self.journal = Journal.create(
+                directory, self.id, first_seq=resume_seq + 1, max_segments=TARGET_SEGMENTS
+            )
+        self.applied_seq = self.synced_seq = resume_seq
         write_atomic(os.path.join(self.directory, "applied"), f"{resume_seq}\n".encode())
 
     def write_block(self, volume: int, offset: int, data: bytes) -> None:
@@ -236,6 +244,9 @@ class TargetGroup:
         loop = asyncio.get_running_loop()
         while True:
             if self.journal.durable_seq <= self.applied_seq:
+                if self.synced_seq < self.applied_seq:  # idle: make the replicas durable
+                    await loop.run_in_executor(None, self.checkpoint)
+                    continue
                 self.new_records.clear()
                 if self.journal.durable_seq <= self.applied_seq:
                     await self.new_records.wait()
@@ -244,7 +255,9 @@ class TargetGroup:
             self.applied_changed.set()
 
     def apply_some(self, batch_bytes: int = 8 << 20) -> int:
-        """Apply up to ``batch_bytes`` of records, sync, record the applied seq."""
+        """Apply up to ``batch_bytes`` of records in order (page cache); the
+        replicas are synced by :meth:`checkpoint`, when the journal needs room
+        or the applier is idle."""
         records = self.journal.read(self.applied_seq, batch_bytes)
         if not records:
             return 0
@@ -253,12 +266,20 @@ class TargetGroup:
                 raise VolumeError(f"group {self.name}: record {record.seq} for unknown volume")
             apply_record(self.volumes[record.volume], record)
             self.applied_bytes += len(record.data)
+        self.applied_seq = records[-1].seq
+        if self.journal.used_bytes > self.journal.capacity_bytes // 2:
+            self.checkpoint()
+        return len(records)
+
+    def checkpoint(self) -> None:
+        """Sync the replicas, record the applied seq, free the journal behind it.
+        After a crash, the records after the recorded seq are applied again."""
+        applied = self.applied_seq
         for volume in self.volumes:
             volume.flush()
-        self.applied_seq = records[-1].seq
-        write_atomic(os.path.join(self.directory, "applied"), f"{self.applied_seq}\n".encode())
-        self.journal.release_through(self.applied_seq)
-        return len(records)
+        write_atomic(os.path.join(self.directory, "applied"), f"{applied}\n".encode())
+        self.synced_seq = applied
+        self.journal.release_through(applied)
 
     def status(self) -> ReplicaStatus:
         return ReplicaStatus(
@@ -273,6 +294,8 @@ class TargetGroup:
         )
 
     def close(self) -> None:
+        if self.synced_seq < self.applied_seq:
+            self.checkpoint()
         self.journal.close()
         for volume in self.volumes:
             volume.flush()
