@@ -165,7 +165,10 @@ class Node:
         while True:
             status = self.status()
             # A view of the node, rewritten often: atomic, but not worth an fsync.
-            write_atomic(path, json.dumps(status, indent=1).encode(), durable=False)
+            try:
+                write_atomic(path, json.dumps(status, indent=1).encode(), durable=False)
+            except OSError as exc:  # a full disk must not stop the reports for good
+                log.error("cannot write %s: %s", path, exc)
             now = time.monotonic()
             if now - last_line >= self.config.status_interval:
                 last_line = now

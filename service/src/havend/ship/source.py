@@ -427,25 +427,26 @@ class ReplicatedVolume:
     ) -> None:
         group = self.group
         with group.lock:
-            do()
+            # The record goes first: if havend dies between the two steps, the
+            # restart replays the record into the volume (never a volume change
+            # that no record carries, which the replica would never get).
+            if group.overflow is None:
+                try:
+                    if kind == Kind.WRITE:
+                        view = memoryview(data)
+                        step = group.record_chunk
+                        for start in range(0, len(view), step):
+                            chunk = view[start : start + step]
+                            seq = group.journal.append(kind, self.index, offset + start, chunk)
+                            group._appended(seq, len(chunk))
+                    else:
+                        seq = group.journal.append(kind, self.index, offset, length=length)
+                        group._appended(seq, 0)
+                except (JournalFull, OSError):  # full, or its disk is: the write stands
+                    group.enter_overflow()
             if group.overflow is not None:  # the application never waits for the journal
                 group.overflow.mark(self.index, offset, length)
-                return
-            try:
-                if kind == Kind.WRITE:
-                    view = memoryview(data)
-                    step = group.record_chunk
-                    for start in range(0, len(view), step):
-                        chunk = view[start : start + step]
-                        seq = group.journal.append(kind, self.index, offset + start, chunk)
-                        group._appended(seq, len(chunk))
-                else:
-                    seq = group.journal.append(kind, self.index, offset, length=length)
-                    group._appended(seq, 0)
-            except (JournalFull, OSError):  # full, or its disk is: the write stands
-                group.enter_overflow()
-                assert group.overflow is not None
-                group.overflow.mark(self.index, offset, length)
+            do()
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._change(Kind.WRITE, offset, len(data), data, lambda: self.volume.write(offset, data))

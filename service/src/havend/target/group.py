@@ -53,6 +53,10 @@ class TargetGroup:
         with open(os.path.join(directory, "sync.json")) as f:
             self.sync = json.load(f)
         self._recover_resync()
+        if self.sync["state"] == "consistent" and self.journal.durable_seq > self.applied_seq:
+            # A crash left records after the applied marker: the replica may hold
+            # some of them, so it is a prefix again only once they are redone.
+            self._set_sync("catching_up", until=self.journal.durable_seq)
         self.connected = False
         self.applied_bytes = 0
         self.new_records = asyncio.Event()  # durable records for the applier
@@ -242,16 +246,29 @@ class TargetGroup:
     async def applier(self, batch_bytes: int = 8 << 20) -> None:
         """Apply durable records in seq order, forever (one task per group)."""
         loop = asyncio.get_running_loop()
+        backoff = 0.5
         while True:
             if self.journal.durable_seq <= self.applied_seq:
                 if self.synced_seq < self.applied_seq:  # idle: make the replicas durable
-                    await loop.run_in_executor(None, self.checkpoint)
+                    try:
+                        await loop.run_in_executor(None, self.checkpoint)
+                    except OSError as exc:
+                        log.error("group %s: syncing the replicas failed: %s", self.name, exc)
+                        await asyncio.sleep(backoff)
+                        backoff = min(10.0, backoff * 2)
                     continue
                 self.new_records.clear()
                 if self.journal.durable_seq <= self.applied_seq:
                     await self.new_records.wait()
                 continue
-            await loop.run_in_executor(None, self.apply_some, batch_bytes)
+            try:
+                await loop.run_in_executor(None, self.apply_some, batch_bytes)
+            except OSError as exc:  # e.g. ENOSPC: keep the records, retry when there is room
+                log.error("group %s: applying failed: %s; retrying", self.name, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(10.0, backoff * 2)
+                continue
+            backoff = 0.5
             self.applied_changed.set()
 
     def apply_some(self, batch_bytes: int = 8 << 20) -> int:
