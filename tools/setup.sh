@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # git and rsync are used by tools/ansible-test.sh.
 apt_packages=(
     qemu-system-x86 qemu-utils libnbd-bin nbdkit nbd-client fio busybox-static
-    python3-venv python3-libnbd rsync git make
+    python3-venv python3-libnbd rsync git make strace
 )
 missing=()
 for pkg in "${apt_packages[@]}"; do

@@ -133,6 +133,10 @@ class Shipper:
                 )
                 backoff = self.settings.min_backoff
                 continue
+            except Exception as exc:  # a shipper must outlive any one failure
+                # e.g. uvloop raises RuntimeError writing to a transport it saw reset.
+                group.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("group %s: link failed (%s); retrying", group.name, group.last_error)
             except (OSError, asyncio.IncompleteReadError, RemoteProtocolError, ssl.SSLError) as exc:
                 group.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning(

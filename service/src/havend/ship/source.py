@@ -212,9 +212,10 @@ class SourceGroup:
         if flag:
             write_atomic(flag, b"1\n")
         log.warning(
-            "group %s: journal full (%d bytes unacknowledged): tracking changed regions; "
+            "group %s: %s (%d bytes unacknowledged): tracking changed regions; "
             "they are resynced once the link catches up",
             self.name,
+            "journal full" if reason == "journal overflow" else reason,
             self._unacked_bytes,
         )
         if self._loop is not None:
@@ -356,6 +357,10 @@ class SourceGroup:
 
     def status(self) -> GroupStatus:
         lag_seconds = time.monotonic() - self._unacked[0][1] if self._unacked else 0.0
+        lag_bytes = max(0, self._unacked_bytes)
+        if self.resync is not None:  # the replica is not current until the resync ends
+            lag_seconds = max(lag_seconds, time.monotonic() - self.resync.started)
+            lag_bytes += self.resync.total_bytes - self.resync.done_bytes
         return GroupStatus(
             group=str(self.id),
             name=self.name,
@@ -364,7 +369,7 @@ class SourceGroup:
             durable_seq=self.journal.durable_seq,
             acked_seq=self.acked_seq,
             lag_records=self.journal.last_seq - self.acked_seq,
-            lag_bytes=max(0, self._unacked_bytes),
+            lag_bytes=lag_bytes,
             lag_seconds=round(lag_seconds, 3),
             rpo_seconds=self.rpo_seconds,
             rpo_ok=lag_seconds <= self.rpo_seconds,

@@ -259,7 +259,9 @@ class TargetGroup:
                     continue
                 self.new_records.clear()
                 if self.journal.durable_seq <= self.applied_seq:
-                    await self.new_records.wait()
+                    # Bounded: a link torn down mid-commit may never set the event.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.new_records.wait(), 1.0)
                 continue
             try:
                 await loop.run_in_executor(None, self.apply_some, batch_bytes)

@@ -109,6 +109,8 @@ class TargetNode:
                 log.warning("group %s: source link lost: %s", group.name, exc)
         except RemoteProtocolError as exc:
             log.warning("source %s: dropping connection: %s", peer, exc)
+        except Exception as exc:  # one link's failure must not go unreported
+            log.warning("source %s: link failed: %s: %s", peer, type(exc).__name__, exc)
         finally:
             if group is not None and self._links.get(group.id) is writer:
                 del self._links[group.id]
