@@ -7,14 +7,18 @@ failure raises :class:`BenchError` with enough output to see what went wrong.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,3 +148,49 @@ def disk_write_bytes(pid: int) -> int:
         if line.startswith("write_bytes:"):
             return int(line.split()[1])
     raise BenchError(f"no write_bytes in /proc/{pid}/io")
+
+
+def write_json(result: dict[str, object], path: Path) -> None:
+    """Replace ``path`` with ``result`` as JSON, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so that servers are stopped and scratch files removed
+
+
+def run_benchmark(
+    name: str,
+    bench: Callable[[Path], dict[str, object]],
+    print_table: Callable[[dict[str, object]], None],
+    output: Path,
+) -> int:
+    """A benchmark's ``main``: run ``bench`` in a scratch directory under WORK
+    (always removed, also on Ctrl-C or SIGTERM), then write ``output`` and print
+    the table. Exit status 0, 1 (a BenchError) or 130 (interrupted)."""
+    # Explicit, as a background job may inherit SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+    started = time.monotonic()
+    WORK.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{name.replace('_', '-')}-", dir=WORK))
+    try:
+        result = bench(work)
+    except BenchError as exc:
+        print(f"{name}: FAILED: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if not any(WORK.iterdir()):
+            WORK.rmdir()
+    result["elapsed_s"] = round(time.monotonic() - started, 1)
+    write_json(result, output)
+    print_table(result)
+    print(f"wrote {output} ({result['elapsed_s']} s in all)")
+    return 0

@@ -38,12 +38,10 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -53,13 +51,13 @@ from pathlib import Path
 from _common import (
     RESULTS,
     ROOT,
-    WORK,
     BenchError,
     cpu_seconds,
     first_line,
     free_port,
     machine_info,
     run,
+    run_benchmark,
     stop,
     sync,
     timed_run,
@@ -430,13 +428,6 @@ def print_table(result: dict[str, object]) -> None:
     print(f"({result['statistic']}; cache: {result['cache']})")
 
 
-def write_json(result: dict[str, object], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
-
-
 # Main ------------------------------------------------------------------------
 
 
@@ -475,35 +466,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # so that servers are stopped and scratch files removed
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Explicit, as a background job may inherit SIGINT ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
-    started = time.monotonic()
-    WORK.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="nbd-ingest-", dir=WORK))
-    try:
-        result = bench_all(args, work)
-    except BenchError as exc:
-        print(f"nbd_ingest: FAILED: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("nbd_ingest: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if not any(WORK.iterdir()):
-            WORK.rmdir()
-    result["elapsed_s"] = round(time.monotonic() - started, 1)
-    write_json(result, args.output)
-    print_table(result)
-    print(f"wrote {args.output} ({result['elapsed_s']} s in all)")
-    return 0
+    return run_benchmark("nbd_ingest", lambda work: bench_all(args, work), print_table, args.output)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,6 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -78,7 +77,6 @@ from typing import Any
 from _common import (
     RESULTS,
     ROOT,
-    WORK,
     BenchError,
     cpu_seconds,
     disk_write_bytes,
@@ -88,6 +86,7 @@ from _common import (
     machine_info,
     percentile,
     run,
+    run_benchmark,
     stop,
     sync,
 )
@@ -96,7 +95,6 @@ from nbd_ingest import (
     assert_same,
     running,
     start_qemu_nbd,
-    write_json,
     write_random,
     write_zeroes,
 )
@@ -1001,34 +999,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # so that nodes are stopped and scratch files removed
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
-    started = time.monotonic()
-    WORK.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="replication-", dir=WORK))
-    try:
-        result = bench_all(args, work)
-    except BenchError as exc:
-        print(f"replication: FAILED: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("replication: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if not any(WORK.iterdir()):
-            WORK.rmdir()
-    result["elapsed_s"] = round(time.monotonic() - started, 1)
-    write_json(result, args.output)
-    print_table(result)
-    print(f"wrote {args.output} ({result['elapsed_s']} s in all)")
-    return 0
+    return run_benchmark(
+        "replication", lambda work: bench_all(args, work), print_table, args.output
+    )
 
 
 if __name__ == "__main__":
