@@ -507,17 +507,29 @@ class Cluster:
         )
 
 
-def group_config(name: str, volumes: dict[int, Path], **extra: Any) -> dict[str, Any]:
+# Small next to the journal, so the shipper reads records both from memory and
+# from the segment files (and checks those) in every randomized iteration.
+JOURNAL_CACHE = 256 << 10
+
+
+def group_config(
+    name: str, volumes: dict[int, Path], cache_bytes: int = JOURNAL_CACHE, **extra: Any
+) -> dict[str, Any]:
     return {
         "name": name,
         "volumes": [{"name": VOLUMES[i], "path": str(p)} for i, p in sorted(volumes.items())],
-        "journal": {"segment_size": MiB, "max_segments": 64},
+        "journal": {"segment_size": MiB, "max_segments": 64, "cache_bytes": cache_bytes},
         **extra,
     }
 
 
 def start_cluster(
-    tmp: Path, group: str = "app", *, target: NodeProcess | None = None, **source_options: Any
+    tmp: Path,
+    group: str = "app",
+    *,
+    target: NodeProcess | None = None,
+    cache_bytes: int = JOURNAL_CACHE,
+    **source_options: Any,
 ) -> Cluster:
     """Target (``target`` or a new one), proxy, source; returns once the first
     resync is over (the replica is consistent)."""
@@ -528,7 +540,8 @@ def start_cluster(
     try:
         target.start()
         proxy = FaultProxy("127.0.0.1", port_of(target.address("replication"))).start()
-        source = source_node(tmp, proxy.port, [group_config(group, volumes)], **source_options)
+        groups = [group_config(group, volumes, cache_bytes)]
+        source = source_node(tmp, proxy.port, groups, **source_options)
         source.start()
         cluster = Cluster(tmp, target, proxy, source, volumes, group)
         wait_caught_up(source, target, timeout=WAIT)
@@ -545,6 +558,17 @@ def start_cluster(
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c = start_cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def uncached_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster whose source reads every record from its journal files (no
+    memory cache): for tests that damage records on disk under a running source."""
+    c = start_cluster(tmp_path, cache_bytes=0)
     try:
         yield c
     finally:
@@ -813,15 +837,18 @@ def test_damaged_journal_record_of_a_stopped_source_is_refused(
     assert report.ok, report
 
 
-def test_damaged_record_in_a_running_source_is_logged_and_resynced(cluster: Cluster) -> None:
+def test_damaged_record_in_a_running_source_is_logged_and_resynced(
+    uncached_cluster: Cluster,
+) -> None:
     """A byte flipped in the middle of a durable journal record that a running
     source has not shipped yet (the target is down, the link held in a
     partition, so the shipper is not reading ahead). When the link comes back
     the shipper reads the record: one ERROR line names the journal segment and
     the damaged seq, no damaged record reaches the replica (it stays a
     write-order prefix throughout), and the group converges byte for byte (the
-    source's volumes are resynced by hash)."""
-    c = cluster
+    source's volumes are resynced by hash). The journal's memory cache is off
+    here: with it, the shipper would send the record from memory, as written."""
+    c = uncached_cluster
     writer = c.writer(801, flush_every=16)
     time.sleep(0.3)
     writer.stop()
@@ -1098,12 +1125,14 @@ def _wait_traced(pid: int, timeout: float = 10) -> None:
 
 
 def _kill_at_first_pwrite(pid: int, paths: list[Path]) -> subprocess.Popen[bytes]:
-    """strace ``pid``: SIGKILL it on entry to its first pwrite64 to one of ``paths``
-    (the write itself never happens)."""
+    """strace ``pid``: SIGKILL it on entry to its first pwrite64 or pwritev (the
+    journal writes a record's pieces with one pwritev) to one of ``paths`` (the
+    write itself never happens)."""
     command = [_strace(), "-f", "-qq", "-o", "/dev/null", "-p", str(pid)]
     for path in paths:
         command += ["-P", str(path)]
-    command += ["-e", "trace=pwrite64", "-e", "inject=pwrite64:signal=KILL:when=1"]
+    writes = "pwrite64,pwritev,pwritev2"
+    command += ["-e", f"trace={writes}", "-e", f"inject={writes}:signal=KILL:when=1"]
     tracer = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -1435,7 +1464,7 @@ def test_full_target_disk_converges_once_there_is_room(
 
 
 def test_link_ending_during_the_target_group_commit_does_not_stall_the_replica(
-    cluster: Cluster,
+    uncached_cluster: Cluster,
 ) -> None:
     """Deterministic form of a failure the damaged-record test hits about every
     other run. 1. With the target down, the source journals 300 writes. 2. The
@@ -1446,7 +1475,7 @@ def test_link_ending_during_the_target_group_commit_does_not_stall_the_replica(
     (precondition, checked). 4. Behind a partition the source restarts and
     journals more writes, the first of them damaged; healed, the source reads
     it, logs it and resyncs by hash. The replica must converge."""
-    c = cluster
+    c = uncached_cluster
     _stamp_writes(c, 901, 100)
     c.caught_up()
     c.proxy.partition()

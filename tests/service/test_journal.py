@@ -276,3 +276,44 @@ def test_random_crashes_never_lose_a_durable_record(tmp_path: Path, seed: int) -
     seq = again.append(Kind.WRITE, 0, 0, b"after")
     again.sync()
     assert again.read(seq - 1)[0].data == b"after"
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 3000, 20_000, 1 << 30])
+def test_reads_are_the_same_from_memory_and_from_the_segments(
+    tmp_path: Path, cache_bytes: int
+) -> None:
+    """The newest records are kept in memory (the shipper and the applier read
+    right behind the writer). Whatever the cache holds, each read returns the
+    same records as a fresh journal reading only the files, across segment
+    rolls, readers that fall behind the cache and catch up again, and releases."""
+    rng = random.Random(cache_bytes)
+    with new_journal(tmp_path / "j", max_segments=64) as journal:
+        journal.cache_bytes = cache_bytes
+        after, seen = 0, []
+        for _ in range(60):
+            fill(journal, rng.randrange(1, 12), size=rng.choice([0, 8, 1000, 5000]))
+            while rng.random() < 0.7 and (batch := journal.read(after, rng.choice([1, 9000]))):
+                seen += batch
+                after = batch[-1].seq
+            if rng.random() < 0.1:
+                journal.release_through(after)
+        seen += all_records(journal, after)
+        assert journal._tail_bytes <= max(cache_bytes, 5000)
+        assert [r.seq for r in seen] == list(range(1, journal.last_seq + 1))
+        tail = journal.tail_seq
+    with Journal.open(tmp_path / "j") as again:  # nothing in memory: all from the files
+        assert again.read(tail - 1, 1 << 30) == [r for r in seen if r.seq >= tail]
+    assert [bytes(r.data) for r in seen] == [payload(r.seq, len(r.data)) for r in seen]
+
+
+def test_an_owned_payload_is_kept_without_a_copy_and_others_are_copied(tmp_path: Path) -> None:
+    with new_journal(tmp_path) as journal:
+        mine = bytearray(b"m" * 4096)
+        theirs = bytearray(b"t" * 4096)
+        journal.append(Kind.WRITE, 0, 0, memoryview(mine), owned=True)
+        journal.append(Kind.WRITE, 0, 4096, theirs)
+        theirs[:] = b"x" * 4096  # the caller reuses its buffer: the record must not change
+        journal.sync()
+        first, second = journal.read(0)
+        assert isinstance(first.data, memoryview) and first.data.obj is mine
+        assert second.data == b"t" * 4096

@@ -71,6 +71,7 @@ class GroupConfig:
     bandwidth_limit: int = 0
     segment_size: int = 64 << 20
     max_segments: int = 16
+    cache_bytes: int = 64 << 20  # newest journal records also kept in memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +161,9 @@ def _group(reader: _Reader) -> GroupConfig:
     max_segments = journal.get("max_segments", int, 16)
     if max_segments < 2:
         raise ConfigError(f"{journal._path('max_segments')}: at least 2")
+    cache_bytes = journal.get("cache_bytes", int, 64 << 20)
+    if cache_bytes < 0:
+        raise ConfigError(f"{journal._path('cache_bytes')}: 0 (off) or more bytes")
     level = reader.get("compression_level", int, 3)
     if not 0 <= level <= 22:
         raise ConfigError(f"{reader._path('compression_level')}: must be 0..22")
@@ -172,6 +176,7 @@ def _group(reader: _Reader) -> GroupConfig:
         bandwidth_limit=reader.get("bandwidth_limit", int, 0),
         segment_size=segment_size,
         max_segments=max_segments,
+        cache_bytes=cache_bytes,
     )
 
 

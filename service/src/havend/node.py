@@ -71,6 +71,7 @@ def open_source_group(state_dir: str, config: GroupConfig) -> SourceGroup:
             segment_size=config.segment_size,
             max_segments=config.max_segments,
         )
+    journal.cache_bytes = config.cache_bytes
     volumes = [(v.name, FileVolume(v.path)) for v in config.volumes]
     group = SourceGroup(
         group_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import re
@@ -22,8 +23,8 @@ from havend.journal.record import (
     Kind,
     Record,
     decode_record,
-    encode_record,
     encode_segment_header,
+    record_parts,
     record_size,
 )
 from havend.journal.recovery import Recovered, recover, segment_first_seq
@@ -32,6 +33,10 @@ from havend.journal.superblock import Superblock, read_superblock, write_superbl
 SUPERBLOCK = "superblock"
 _PAYLOAD_LENGTH = struct.Struct("<I")  # at offset 12 of a record header
 _SEGMENT_NAME = re.compile(r"^seg-([0-9a-f]{16})\.log$")
+# Records appended last are kept in memory too (about this many bytes), so the
+# shipper and the target's applier, which read right behind the writer, take
+# them from there instead of reading and checking them again from the file.
+TAIL_CACHE_BYTES = 64 << 20
 
 
 class JournalFull(JournalError):
@@ -59,7 +64,14 @@ class Journal:
     storage; only records up to it may be acknowledged or shipped.
     """
 
-    def __init__(self, directory: str, block: Superblock, recovered: Recovered) -> None:
+    def __init__(
+        self,
+        directory: str,
+        block: Superblock,
+        recovered: Recovered,
+        *,
+        cache_bytes: int = TAIL_CACHE_BYTES,
+    ) -> None:
         self.directory = directory
         self.group = block.group
         self.segment_size = block.segment_size
@@ -87,6 +99,10 @@ class Journal:
         self._durable_pos = (recovered.head_segment, recovered.head_offset, self.last_seq)
         self.tail_seq = block.tail_seq
         self._cursor = (0, -1, 0)  # (next seq, segment index, offset) of the last read
+        # The newest records: (record, segment index, offset after it), in seq order.
+        self._tail: collections.deque[tuple[Record, int, int]] = collections.deque()
+        self._tail_bytes = 0
+        self.cache_bytes = cache_bytes
 
     # Creating and opening ---------------------------------------------------
 
@@ -169,12 +185,17 @@ class Journal:
         *,
         seq: int | None = None,
         timestamp_ns: int | None = None,
+        owned: bool = False,
     ) -> int:
         """Append one record (not yet durable: see :meth:`sync`); returns its seq.
 
         ``seq`` and ``timestamp_ns`` are for a target copying its source's
-        records: ``seq`` must then be the next one.
+        records: ``seq`` must then be the next one. ``owned``: the caller hands
+        ``data`` over and never changes it again, so the journal keeps it in
+        memory (see ``TAIL_CACHE_BYTES``) without a copy.
         """
+        if not owned and not isinstance(data, bytes):
+            data = bytes(data)
         size = record_size(len(data))
         if size > self.segment_size - SEGMENT_HEADER_SIZE:
             raise JournalError(
@@ -195,14 +216,28 @@ class Journal:
                 length=len(data) if length is None else length,
                 timestamp_ns=time.time_ns() if timestamp_ns is None else timestamp_ns,
                 durable=self.durable_seq,
-                data=bytes(data),
+                data=data,
             )
             segment = self._active
-            os.pwrite(segment.fd, encode_record(record), segment.write_pos)
+            _pwrite_all(segment.fd, record_parts(record), segment.write_pos)
             segment.write_pos += size
             self._dirty.add(segment.index)
             self.last_seq = seq
+            self._remember(record, segment.index, segment.write_pos)
         return seq
+
+    def _remember(self, record: Record, segment: int, end: int) -> None:
+        """Keep the newest records in memory (lock held)."""
+        tail = self._tail
+        tail.append((record, segment, end))
+        self._tail_bytes += len(record.data)
+        while self._tail_bytes > self.cache_bytes and len(tail) > 1:
+            self._tail_bytes -= len(tail.popleft()[0].data)
+
+    def _forget_through(self, seq: int) -> None:
+        tail = self._tail
+        while tail and tail[0][0].seq <= seq:
+            self._tail_bytes -= len(tail.popleft()[0].data)
 
     def sync(self) -> int:
         """Make every record appended so far durable; returns the new durable seq.
@@ -264,15 +299,18 @@ class Journal:
         """
         with self._lock:
             limit = self.durable_seq if durable_only else self.last_seq
+            if after_seq + 1 < self.tail_seq:
+                raise JournalError(
+                    f"seq {after_seq + 1} was released; the journal starts at {self.tail_seq}"
+                )
+            if after_seq >= limit:
+                return []
+            cached = self._read_tail(after_seq, limit, max_bytes)
+            if cached is not None:
+                return cached
             segments = sorted(self._segments.values(), key=lambda s: s.index)
             active = self._active
-        if after_seq + 1 < self.tail_seq:
-            raise JournalError(
-                f"seq {after_seq + 1} was released; the journal starts at {self.tail_seq}"
-            )
         out: list[Record] = []
-        if after_seq >= limit:
-            return out
         segment, pos, expected = self._locate(after_seq + 1, segments)
         total = 0
         while expected <= limit and total < max_bytes:
@@ -307,6 +345,27 @@ class Journal:
                 )
             segment, pos = following[0], SEGMENT_HEADER_SIZE
         self._cursor = (expected, segment.index, pos)
+        return out
+
+    def _read_tail(self, after_seq: int, limit: int, max_bytes: int) -> list[Record] | None:
+        """Records after ``after_seq`` from memory, or None if they are not all
+        there any more (lock held). Moves the file cursor along with them."""
+        tail = self._tail
+        if not tail or tail[0][0].seq > after_seq + 1:
+            return None
+        out: list[Record] = []
+        total = 0
+        position = None
+        for record, segment, end in itertools.islice(tail, after_seq + 1 - tail[0][0].seq, None):
+            if record.seq > limit:
+                break
+            out.append(record)
+            position = (record.seq + 1, segment, end)
+            total += record.size
+            if total >= max_bytes:
+                break
+        if position is not None:
+            self._cursor = position
         return out
 
     def _locate(self, seq: int, segments: list[_Segment]) -> tuple[_Segment, int, int]:
@@ -346,6 +405,7 @@ class Journal:
                 )
             self._write_block(tail_segment=new_tail, tail_seq=self.tail_seq, **hint)
             gone = [self._segments.pop(i) for i in drop]
+            self._forget_through(self.tail_seq - 1)
         for segment in gone:
             os.close(segment.fd)
             os.unlink(segment.path)
@@ -404,7 +464,7 @@ def _records(segment: _Segment, pos: int, end: int) -> Iterator[tuple[Record | N
                     continue
                 break
             try:
-                record = decode_record(buf, off)
+                record = decode_record(buf, off, copy=False)  # buf is never changed
             except BadRecord:
                 yield None, pos + off
                 return
@@ -414,6 +474,17 @@ def _records(segment: _Segment, pos: int, end: int) -> Iterator[tuple[Record | N
             break
         pos += off
     yield None, pos
+
+
+def _pwrite_all(fd: int, parts: tuple[bytes | bytearray | memoryview, ...], pos: int) -> None:
+    done = os.pwritev(fd, parts, pos)
+    total = sum(len(p) for p in parts)
+    if done < total:  # only on a signal or a full disk: finish it the simple way
+        rest = b"".join(parts)[done:]
+        while rest:
+            n = os.pwrite(fd, rest, pos + done)
+            done += n
+            rest = rest[n:]
 
 
 def _new_segment_file(directory: str, index: int, first_seq: int, size: int) -> str:

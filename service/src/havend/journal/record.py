@@ -41,9 +41,12 @@ class Record:
     # it had been fdatasynced (and maybe acknowledged). Recovery uses it to tell
     # a torn tail from lost acknowledged data.
     durable: int = 0
-    data: bytes = b""
-    # The record as stored, when it was read from a journal: shipped as it is.
-    raw: bytes = field(default=b"", compare=False, repr=False)
+    # The payload; a view into a larger immutable buffer when the record was
+    # decoded without copying (a received batch, a journal's memory).
+    data: bytes | bytearray | memoryview = b""
+    # The header as stored or received (with its CRC), when known: a record
+    # read from a journal is shipped as it is, without computing its CRC again.
+    header: bytes = field(default=b"", compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -55,9 +58,11 @@ def record_size(payload: int) -> int:
     return RECORD_HEADER.size + (payload + ALIGN - 1) // ALIGN * ALIGN
 
 
-def encode_record(record: Record) -> bytes:
-    if record.raw:
-        return record.raw
+_PADDING = [bytes(n) for n in range(ALIGN)]
+
+
+def encode_header(record: Record) -> bytes:
+    """The record's header, CRC included (covers the header and the payload)."""
     data = record.data
     header = RECORD_HEADER.pack(
         RECORD_MAGIC,
@@ -72,16 +77,30 @@ def encode_record(record: Record) -> bytes:
         record.durable,
     )
     crc = crc32c(data, crc32c(header[8:]))
-    pad = -len(data) % ALIGN
-    return b"".join((header[:4], crc.to_bytes(4, "little"), header[8:], data, bytes(pad)))
+    return b"".join((header[:4], crc.to_bytes(4, "little"), header[8:]))
+
+
+def record_parts(record: Record) -> tuple[bytes, bytes | bytearray | memoryview, bytes]:
+    """(header, payload, padding): the record as stored, in pieces to write or
+    join without copying the payload first."""
+    return record.header or encode_header(record), record.data, _PADDING[-len(record.data) % ALIGN]
+
+
+def encode_record(record: Record) -> bytes:
+    return b"".join(record_parts(record))
 
 
 class BadRecord(Exception):
     """Why the bytes at a position are not a valid record (internal to the journal)."""
 
 
-def decode_record(buf: bytes | bytearray | memoryview, pos: int = 0) -> Record:
-    """The record at ``buf[pos:]``; raises :class:`BadRecord` if it is not one, whole."""
+def decode_record(
+    buf: bytes | bytearray | memoryview, pos: int = 0, *, copy: bool = True
+) -> Record:
+    """The record at ``buf[pos:]``; raises :class:`BadRecord` if it is not one, whole.
+
+    ``copy=False`` leaves the payload a view into ``buf`` (which must then never
+    change: an immutable ``bytes``)."""
     if len(buf) - pos < RECORD_HEADER.size:
         raise BadRecord("truncated header")
     magic, crc, kind, volume, payload, seq, offset, length, ts, durable = RECORD_HEADER.unpack_from(
@@ -101,9 +120,11 @@ def decode_record(buf: bytes | bytearray | memoryview, pos: int = 0) -> Record:
         kind = Kind(kind)
     except ValueError:
         raise BadRecord(f"unknown record kind {kind}") from None
-    data = bytes(view[start : start + payload])
-    raw = bytes(view[pos : pos + record_size(payload)])
-    return Record(seq, kind, volume, offset, length, ts, durable, data, raw)
+    data = view[start : start + payload]
+    header = bytes(view[pos:start])
+    return Record(
+        seq, kind, volume, offset, length, ts, durable, bytes(data) if copy else data, header
+    )
 
 
 def encode_segment_header(index: int, first_seq: int) -> bytes:

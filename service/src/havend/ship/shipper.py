@@ -23,7 +23,7 @@ from havend.errors import JournalError, RemoteProtocolError
 from havend.journal.record import Record
 from havend.ship import wire
 from havend.ship.source import DirtyRegions, SourceGroup
-from havend.ship.stream import read_frame
+from havend.ship.stream import STREAM_LIMIT, read_frame
 
 log = logging.getLogger("havend.ship")
 
@@ -165,6 +165,7 @@ class Shipper:
                 s.port,
                 ssl=self.ssl_context,
                 server_hostname=(s.server_name or s.host) if self.ssl_context else None,
+                limit=STREAM_LIMIT,
             ),
             s.connect_timeout,
         )

@@ -442,7 +442,9 @@ class ReplicatedVolume:
                         step = group.record_chunk
                         for start in range(0, len(view), step):
                             chunk = view[start : start + step]
-                            seq = group.journal.append(kind, self.index, offset + start, chunk)
+                            seq = group.journal.append(
+                                kind, self.index, offset + start, chunk, owned=True
+                            )
                             group._appended(seq, len(chunk))
                     else:
                         seq = group.journal.append(kind, self.index, offset, length=length)
@@ -454,6 +456,9 @@ class ReplicatedVolume:
             do()
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write and journal ``data``, which is handed over: the journal keeps it
+        in memory for the shipper, so it must never change afterwards (an NBD
+        request's payload)."""
         self._change(Kind.WRITE, offset, len(data), data, lambda: self.volume.write(offset, data))
 
     def write_fua(self, offset: int, data: bytes | bytearray | memoryview) -> None:

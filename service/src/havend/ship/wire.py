@@ -45,10 +45,11 @@ from typing import Any
 import zstandard
 
 from havend.errors import RemoteProtocolError
-from havend.journal.record import BadRecord, Record, decode_record, encode_record
+from havend.journal.record import BadRecord, Record, decode_record, record_parts
 
 VERSION = 1
 _FRAME = struct.Struct("<IB")
+FRAME_HEADER_SIZE = _FRAME.size
 _BATCH = struct.Struct("<16sQQBI")
 _ACK = struct.Struct("<16sQ")
 # Frames larger than this are not ours: drop the connection.
@@ -165,26 +166,42 @@ def encode_batch(
     compressor: zstandard.ZstdCompressor | None = None,
 ) -> bytes:
     """One BATCH frame; compressed only when that makes it smaller."""
-    raw = b"".join(encode_record(r) for r in records)
-    codec, body = Codec.RAW, raw
-    if compressor is not None and _worth_compressing(raw, compressor):
+    parts = [part for r in records for part in record_parts(r)]
+    raw_len = sum(len(p) for p in parts)
+    header = _BATCH.pack(group.bytes, records[0].seq, records[-1].seq, Codec.RAW, raw_len)
+    if compressor is not None and _worth_compressing(records, raw_len, compressor):
+        raw = b"".join(parts)
         packed = compressor.compress(raw)
-        if len(packed) < len(raw) * 0.9:
-            codec, body = Codec.ZSTD, packed
-    header = _BATCH.pack(group.bytes, records[0].seq, records[-1].seq, codec, len(raw))
-    return _FRAME.pack(len(header) + len(body), FrameType.BATCH) + header + body
+        if len(packed) < raw_len * 0.9:
+            header = _BATCH.pack(group.bytes, records[0].seq, records[-1].seq, Codec.ZSTD, raw_len)
+            return b"".join(
+                [_FRAME.pack(len(header) + len(packed), FrameType.BATCH), header, packed]
+            )
+        parts = [raw]
+    # One copy of the records: straight into the frame.
+    return b"".join([_FRAME.pack(len(header) + raw_len, FrameType.BATCH), header, *parts])
 
 
 _SAMPLE = 64 * 1024
 
 
-def _worth_compressing(raw: bytes, compressor: zstandard.ZstdCompressor) -> bool:
+def _worth_compressing(
+    records: list[Record], raw_len: int, compressor: zstandard.ZstdCompressor
+) -> bool:
     """Incompressible data (encrypted, already compressed) is sent as it is: a
     sample from the middle of the batch decides, for a fraction of the cost."""
-    if len(raw) <= 4 * _SAMPLE:
+    if raw_len <= 4 * _SAMPLE:
         return True
-    middle = len(raw) // 2
-    sample = raw[middle : middle + _SAMPLE]
+    pieces: list[bytes | bytearray | memoryview] = []
+    taken = 0
+    for record in itertools.islice(records, len(records) // 2, None):
+        pieces.append(record.data[: _SAMPLE - taken])
+        taken += len(pieces[-1])
+        if taken >= _SAMPLE:
+            break
+    if taken < 4096:  # hardly any data in the middle (zeroes, trims): let zstd try
+        return True
+    sample = b"".join(pieces)
     return len(compressor.compress(sample)) < len(sample) * 0.9
 
 
@@ -202,20 +219,32 @@ class FrameDecoder:
         buf = self._buf
         if len(buf) < _FRAME.size:
             return None
-        length, kind = _FRAME.unpack_from(buf)
-        if length > MAX_FRAME:
-            raise RemoteProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME}")
+        length, kind = self.parse_header(buf)
         end = _FRAME.size + length
         if len(buf) < end:
             return None
-        payload = bytes(buf[_FRAME.size : end])
+        with memoryview(buf) as view:
+            payload = bytes(view[_FRAME.size : end])
         del buf[:end]
+        return self.decode(kind, payload, end)
+
+    @staticmethod
+    def parse_header(header: bytes | bytearray) -> tuple[int, int]:
+        """(payload length, frame type) from the first ``FRAME_HEADER_SIZE`` bytes."""
+        length, kind = _FRAME.unpack_from(header)
+        if length > MAX_FRAME:
+            raise RemoteProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME}")
+        return length, kind
+
+    def decode(self, kind: int, payload: bytes, wire_bytes: int) -> Frame:
+        """The frame of type ``kind`` whose payload is ``payload`` (kept, not
+        copied: a BATCH's records are views into it)."""
         try:
             kind = FrameType(kind)
         except ValueError:
             raise RemoteProtocolError(f"unknown frame type {kind}") from None
         if kind == FrameType.BATCH:
-            return self._batch(payload, end)
+            return self._batch(payload, wire_bytes)
         if kind == FrameType.ACK:
             if len(payload) != _ACK.size:
                 raise RemoteProtocolError("malformed ACK frame")
@@ -235,7 +264,7 @@ class FrameDecoder:
         if len(payload) < _BATCH.size:
             raise RemoteProtocolError("truncated BATCH header")
         group, first, last, codec, raw_len = _BATCH.unpack_from(payload)
-        body = payload[_BATCH.size :]
+        body: bytes | memoryview = memoryview(payload)[_BATCH.size :]
         if raw_len > MAX_FRAME:
             raise RemoteProtocolError(f"BATCH claims {raw_len} raw bytes")
         if codec == Codec.ZSTD:
@@ -251,7 +280,7 @@ class FrameDecoder:
         pos = 0
         while pos < len(body):
             try:
-                record = decode_record(body, pos)
+                record = decode_record(body, pos, copy=False)  # views into payload
             except BadRecord as exc:
                 raise RemoteProtocolError(f"BATCH record at byte {pos}: {exc}") from None
             records.append(record)

@@ -237,6 +237,7 @@ class TargetGroup:
                 record.length,
                 seq=record.seq,
                 timestamp_ns=record.timestamp_ns,
+                owned=True,  # a view into the received batch, which nothing changes
             )
             new += 1
         return new

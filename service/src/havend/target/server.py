@@ -11,7 +11,7 @@ import uuid
 from havend.blockhash import hash_ranges
 from havend.errors import RemoteProtocolError
 from havend.ship import wire
-from havend.ship.stream import read_frame
+from havend.ship.stream import STREAM_LIMIT, read_frame
 from havend.target.group import TargetGroup
 
 log = logging.getLogger("havend.target")
@@ -41,7 +41,9 @@ class TargetNode:
     ) -> tuple[str, int]:
         for group in self.groups.values():
             self._start_applier(group)
-        self._server = await asyncio.start_server(self._serve, host, port, ssl=ssl_context)
+        self._server = await asyncio.start_server(
+            self._serve, host, port, ssl=ssl_context, limit=STREAM_LIMIT
+        )
         return self._server.sockets[0].getsockname()[:2]
 
     def _start_applier(self, group: TargetGroup) -> None:
