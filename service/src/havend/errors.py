@@ -39,6 +39,15 @@ class JournalCorruptError(JournalError):
     """Journal data failed its checks: reported, never applied."""
 
 
+class CheckpointError(HavendError):
+    """A checkpoint, view or rollback cannot be made as asked (unknown id, a
+    group in the wrong state, a hook that failed)."""
+
+
+class UndoCorruptError(HavendError):
+    """The CDP undo log failed its checks: the history before the damage is dropped."""
+
+
 class CertificateError(HavendError):
     """TLS material could not be created, read or used (bad name, existing CA, bad PEM)."""
 

@@ -27,6 +27,7 @@ class Kind(enum.IntEnum):
     WRITE = 1  # payload is the data written at offset
     ZERO = 2  # length bytes at offset now read as zeroes
     TRIM = 3  # length bytes at offset were discarded (read as zeroes here)
+    CHECKPOINT = 4  # a marker in the sequence (payload: JSON, see havend.cdp); no data
 
 
 @dataclass(frozen=True, slots=True)
