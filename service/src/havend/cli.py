@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -80,6 +81,99 @@ async def _run_node(args: argparse.Namespace) -> None:
     await node.run(config.load(args.config))
 
 
+def _admin_socket(args: argparse.Namespace) -> str:
+    if args.socket:
+        return str(args.socket)
+    from havend import config
+    from havend.admin import SOCKET_NAME
+
+    return os.path.join(config.load(args.config).state_dir, SOCKET_NAME)
+
+
+async def _admin(args: argparse.Namespace) -> None:
+    """One admin request; the answer is printed as JSON."""
+    from havend import admin
+
+    request = args.request(args)
+    loop = asyncio.get_running_loop()
+    result = await loop.run_in_executor(
+        None, lambda: admin.call(_admin_socket(args), request.pop("op"), **request)
+    )
+    print(json.dumps(result, indent=2))
+
+
+def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:
+    def command(parser: argparse.ArgumentParser, request: Callable[..., dict]) -> None:
+        where = parser.add_mutually_exclusive_group(required=True)
+        where.add_argument("--config", help="the node's config (finds its admin socket)")
+        where.add_argument("--socket", help="the node's admin socket")
+        parser.set_defaults(run=_admin, request=request)
+
+    status = sub.add_parser("status", help="a running node's status (JSON)")
+    command(status, lambda a: {"op": "status"})
+
+    checkpoint = sub.add_parser("checkpoint", help="take or list checkpoints of a group")
+    actions = checkpoint.add_subparsers(dest="action", required=True)
+    create = actions.add_parser(
+        "create",
+        help="take a checkpoint now (source node)",
+        description="Put a checkpoint in the group's sequence; with freeze/thaw hooks "
+        "configured it is application-consistent unless --crash is given.",
+    )
+    create.add_argument("--group", required=True)
+    create.add_argument("--label", default="")
+    create.add_argument("--crash", action="store_true", help="skip the freeze/thaw hooks")
+    command(
+        create,
+        lambda a: {
+            "op": "checkpoint",
+            "group": a.group,
+            "label": a.label,
+            "app": False if a.crash else None,
+        },
+    )
+    listing = actions.add_parser("list", help="retained checkpoints (target node)")
+    listing.add_argument("--group", required=True)
+    command(listing, lambda a: {"op": "checkpoints", "group": a.group})
+
+    view = sub.add_parser("view", help="point-in-time views over NBD (target node)")
+    actions = view.add_subparsers(dest="action", required=True)
+    opening = actions.add_parser("open", help="export a volume as of a checkpoint")
+    opening.add_argument("--group", required=True)
+    opening.add_argument("--volume", required=True)
+    opening.add_argument(
+        "--checkpoint", default="latest", help="id, unique prefix, latest or oldest"
+    )
+    opening.add_argument(
+        "--writable", action="store_true", help="writes go to a scratch file, dropped at close"
+    )
+    command(
+        opening,
+        lambda a: {
+            "op": "view_open",
+            "group": a.group,
+            "volume": a.volume,
+            "checkpoint": a.checkpoint,
+            "writable": a.writable,
+        },
+    )
+    closing = actions.add_parser("close", help="stop exporting a view, drop its writes")
+    closing.add_argument("export")
+    command(closing, lambda a: {"op": "view_close", "export": a.export})
+    listing = actions.add_parser("list", help="open views")
+    command(listing, lambda a: {"op": "views"})
+
+    rollback = sub.add_parser(
+        "rollback",
+        help="make a checkpoint the replica's latest point (target node)",
+        description="Rewrite the replica as it was at the checkpoint; newer checkpoints "
+        "are dropped and the source's records are refused from then on (new generation).",
+    )
+    rollback.add_argument("--group", required=True)
+    rollback.add_argument("--checkpoint", required=True)
+    command(rollback, lambda a: {"op": "rollback", "group": a.group, "checkpoint": a.checkpoint})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="havend", description="haven.dr block replication service"
@@ -127,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(run=_run_node)
     add_certs_parser(sub)
+    _add_admin_parsers(sub)
     return parser
 
 

@@ -16,13 +16,24 @@ field (``source.groups[0].volumes[1].path: required``). Example::
           compression_level: 3   # zstd; 0 = off
           bandwidth_limit: 0     # bytes/s on the wire; 0 = unlimited
           journal: {segment_size: 67108864, max_segments: 16}
+          checkpoints:
+            interval_seconds: 300  # a periodic checkpoint; 0 = only on demand
+            retain: 2048           # checkpoints the target keeps (at least 1)
+            max_age_seconds: 0     # and for how long; 0 = no limit
+            hooks:                 # application-consistent: freeze, checkpoint, thaw
+              pre: [ssh, db1, fsfreeze, -f, /srv]
+              post: [ssh, db1, fsfreeze, -u, /srv]
+              timeout_seconds: 30  # per hook; the thaw always runs
           volumes:
             - {name: db, path: /srv/db.img}
             - {name: log, path: /srv/log.img}
 
     # on the target node:
     node: {name: tgt1, role: target, state_dir: /var/lib/havend}
-    target: {listen: {host: 0.0.0.0, port: 7788}, replica_dir: /var/lib/havend/replicas}
+    target:
+      listen: {host: 0.0.0.0, port: 7788}
+      replica_dir: /var/lib/havend/replicas
+      nbd: {host: 127.0.0.1, port: 10810}   # point-in-time views (default: a free port)
 
 Without ``tls`` a node refuses to start unless ``insecure_plaintext: true`` is
 set (tests and benchmarks on one machine).
@@ -62,6 +73,21 @@ class VolumeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HooksConfig:
+    pre: tuple[str, ...] = ()  # argv, run on the source node before the checkpoint
+    post: tuple[str, ...] = ()  # argv, always run after it (the thaw)
+    timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointPolicy:
+    interval_seconds: float = 0.0
+    retain: int = 2048
+    max_age_seconds: float = 0.0
+    hooks: HooksConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GroupConfig:
     name: str
     volumes: tuple[VolumeConfig, ...]
@@ -72,6 +98,7 @@ class GroupConfig:
     segment_size: int = 64 << 20
     max_segments: int = 16
     cache_bytes: int = 64 << 20  # newest journal records also kept in memory
+    checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +115,7 @@ class NodeConfig:
     groups: tuple[GroupConfig, ...] = field(default_factory=tuple)
     listen: Endpoint | None = None
     replica_dir: str | None = None
+    views: Endpoint | None = None  # the target's NBD server for point-in-time views
     link_timeout: float = 30.0  # unacknowledged batches this old mean a dead link
 
 
@@ -164,6 +192,7 @@ def _group(reader: _Reader) -> GroupConfig:
     cache_bytes = journal.get("cache_bytes", int, 64 << 20)
     if cache_bytes < 0:
         raise ConfigError(f"{journal._path('cache_bytes')}: 0 (off) or more bytes")
+    policy = _checkpoints(reader.sub("checkpoints", required=False))
     level = reader.get("compression_level", int, 3)
     if not 0 <= level <= 22:
         raise ConfigError(f"{reader._path('compression_level')}: must be 0..22")
@@ -177,7 +206,41 @@ def _group(reader: _Reader) -> GroupConfig:
         segment_size=segment_size,
         max_segments=max_segments,
         cache_bytes=cache_bytes,
+        checkpoints=policy,
     )
+
+
+def _argv(reader: _Reader, key: str) -> tuple[str, ...]:
+    value = reader.data.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
+        raise ConfigError(f"{reader._path(key)}: a command as a list of strings (argv)")
+    return tuple(value)
+
+
+def _checkpoints(reader: _Reader | None) -> CheckpointPolicy:
+    if reader is None:
+        return CheckpointPolicy()
+    interval = reader.get("interval_seconds", float, 0.0)
+    if interval and interval < 1:
+        raise ConfigError(f"{reader._path('interval_seconds')}: 0 (off) or at least 1")
+    retain = reader.get("retain", int, 2048)
+    if retain < 1:
+        raise ConfigError(f"{reader._path('retain')}: at least 1")
+    max_age = reader.get("max_age_seconds", float, 0.0)
+    if max_age < 0:
+        raise ConfigError(f"{reader._path('max_age_seconds')}: 0 (no limit) or more")
+    hooks = None
+    hooks_reader = reader.sub("hooks", required=False)
+    if hooks_reader is not None:
+        timeout = hooks_reader.get("timeout_seconds", float, 30.0)
+        if not 0 < timeout <= 3600:
+            raise ConfigError(f"{hooks_reader._path('timeout_seconds')}: between 0 and 3600")
+        hooks = HooksConfig(_argv(hooks_reader, "pre"), _argv(hooks_reader, "post"), timeout)
+        if bool(hooks.pre) != bool(hooks.post):
+            raise ConfigError(f"{hooks_reader._path('post')}: pre and post go together")
+    return CheckpointPolicy(interval, retain, max_age, hooks)
 
 
 def parse(data: Any) -> NodeConfig:
@@ -227,7 +290,10 @@ def parse(data: Any) -> NodeConfig:
     target = root.sub("target")
     assert target is not None
     return NodeConfig(
-        **common, listen=_endpoint(target.sub("listen")), replica_dir=target.get("replica_dir", str)
+        **common,
+        listen=_endpoint(target.sub("listen")),
+        replica_dir=target.get("replica_dir", str),
+        views=_endpoint(target.sub("nbd", required=False)) or Endpoint("127.0.0.1", 0),
     )
 
 

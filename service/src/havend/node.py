@@ -22,8 +22,10 @@ import uuid
 from typing import Any
 
 from havend import __version__
+from havend.admin import SOCKET_NAME, AdminServer
+from havend.cdp.hooks import app_consistent
 from havend.config import GroupConfig, NodeConfig
-from havend.errors import ConfigError
+from havend.errors import CheckpointError, ConfigError
 from havend.fsutil import write_atomic
 from havend.journal import Journal
 from havend.nbd.server import NBDServer
@@ -81,6 +83,8 @@ def open_source_group(state_dir: str, config: GroupConfig) -> SourceGroup:
         mode=config.mode,
         rpo_seconds=config.rpo_seconds,
     )
+    policy = config.checkpoints
+    group.retention = {"count": policy.retain, "max_age_seconds": policy.max_age_seconds}
     group.attach_state(group_dir(state_dir, group_id))
     replayed = group.replay()
     if replayed:
@@ -95,7 +99,10 @@ class Node:
         self.source_groups: list[SourceGroup] = []
         self.target: TargetNode | None = None
         self.nbd: NBDServer | None = None
+        self.views: NBDServer | None = None  # target: point-in-time views
+        self.admin: AdminServer | None = None
         self.addresses: dict[str, str] = {}
+        self._view_count = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self._shippers: list[Shipper] = []
         self._last_shipped: dict[str, tuple[float, int]] = {}
@@ -125,6 +132,8 @@ class Node:
                 shipper = Shipper(group, settings, client_ctx, config.name)
                 self._shippers.append(shipper)
                 self._tasks.append(loop.create_task(shipper.run()))
+                if group_config.checkpoints.interval_seconds:
+                    self._tasks.append(loop.create_task(self._periodic(group, group_config)))
             self.nbd = NBDServer(exports)  # type: ignore[arg-type]
             host, port = await self.nbd.listen_tcp(config.nbd.host, config.nbd.port)
             self.addresses["nbd"] = f"nbd://{host}:{port}"
@@ -133,6 +142,14 @@ class Node:
             self.target = TargetNode(config.name, config.state_dir, config.replica_dir)
             host, port = await self.target.start(config.listen.host, config.listen.port, server_ctx)
             self.addresses["replication"] = f"{host}:{port}"
+            assert config.views is not None
+            self.views = NBDServer({})
+            host, port = await self.views.listen_tcp(config.views.host, config.views.port)
+            self.addresses["views"] = f"nbd://{host}:{port}"
+        self.admin = AdminServer(
+            os.path.join(config.state_dir, SOCKET_NAME), self._admin_handlers()
+        )
+        await self.admin.start()
         self._tasks.append(loop.create_task(self._report()))
         log.info(
             "havend %s node %s (%s) up: %s%s",
@@ -195,11 +212,162 @@ class Node:
             f"{'' if group['connected'] else ', link down: ' + (group['last_error'] or '-')}"
         )
 
+    # Checkpoints, views, rollback (admin socket; the REST API calls the same) --
+
+    def _admin_handlers(self) -> dict[str, Any]:
+        async def status(_: dict[str, Any]) -> Any:
+            return self.status()
+
+        handlers: dict[str, Any] = {"status": status}
+        if self.config.role == "source":
+            handlers["checkpoint"] = lambda r: self.checkpoint(
+                str(r["group"]), str(r.get("label", "")), r.get("app")
+            )
+        else:
+            handlers["checkpoints"] = lambda r: self._async(self.checkpoints, str(r["group"]))
+            handlers["view_open"] = lambda r: self._async(
+                self.open_view,
+                str(r["group"]),
+                str(r["volume"]),
+                str(r["checkpoint"]),
+                bool(r.get("writable", False)),
+            )
+            handlers["view_close"] = lambda r: self._async(self.close_view, str(r["export"]))
+            handlers["views"] = lambda r: self._async(self.list_views)
+            handlers["rollback"] = lambda r: self.rollback(str(r["group"]), str(r["checkpoint"]))
+        return handlers
+
+    @staticmethod
+    async def _async(fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    def _source_group(self, name: str) -> SourceGroup:
+        for group in self.source_groups:
+            if group.name == name:
+                return group
+        raise CheckpointError(f"no group {name!r} on this node")
+
+    def _group_config(self, name: str) -> GroupConfig:
+        return next(g for g in self.config.groups if g.name == name)
+
+    async def checkpoint(self, name: str, label: str = "", app: bool | None = None) -> Any:
+        """Take a checkpoint of a source group: application-consistent through its
+        hooks when it has some (unless ``app`` is False), else crash-consistent."""
+        group = self._source_group(name)
+        hooks = self._group_config(name).checkpoints.hooks
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        if app and hooks is None:
+            raise CheckpointError(f"group {name} has no freeze/thaw hooks configured")
+        if hooks is not None and app is not False:
+            result = await app_consistent(
+                hooks.pre,
+                hooks.post,
+                hooks.timeout_seconds,
+                lambda: group.create_checkpoint(label, "app"),
+            )
+            assert result.checkpoint is not None
+            answer = result.checkpoint.to_dict() | {
+                "frozen_seconds": round(result.freeze_seconds, 3),
+                "thaw_error": result.thaw_error,
+            }
+        else:
+            checkpoint = await loop.run_in_executor(None, group.create_checkpoint, label, "crash")
+            answer = checkpoint.to_dict()
+        answer["group"] = name
+        answer["took_seconds"] = round(time.monotonic() - started, 4)
+        log.info(
+            "group %s: checkpoint %s at seq %d (%s%s)",
+            name,
+            answer["id"],
+            answer["seq"],
+            answer["consistency"],
+            f", {label}" if label else "",
+        )
+        return answer
+
+    async def _periodic(self, group: SourceGroup, config: GroupConfig) -> None:
+        interval = config.checkpoints.interval_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.checkpoint(group.name, "periodic")
+            except CheckpointError as exc:
+                log.warning("group %s: periodic checkpoint skipped: %s", group.name, exc)
+
+    def _target_group(self, name: str) -> Any:
+        assert self.target is not None
+        return self.target.group_named(name)
+
+    def checkpoints(self, name: str) -> list[dict[str, Any]]:
+        group = self._target_group(name)
+        with group.undo.lock:
+            return [c.to_dict() for c in group.undo.checkpoints]
+
+    def open_view(self, name: str, volume: str, ref: str, writable: bool) -> dict[str, Any]:
+        group = self._target_group(name)
+        checkpoint = group.resolve_checkpoint(ref)
+        self._view_count += 1
+        export = f"{name}/{volume}@{checkpoint.id[:12]}.{self._view_count}"
+        scratch = None
+        if writable:
+            scratch_dir = os.path.join(self.config.state_dir, "scratch")
+            os.makedirs(scratch_dir, exist_ok=True)
+            scratch = os.path.join(scratch_dir, export.replace("/", "_") + ".cow")
+        view = group.open_view(export, volume, checkpoint.id, scratch)
+        assert self.views is not None
+        self.views.add_export(export, view, f"{volume} of {name} at {checkpoint.id}")
+        log.info("view %s opened (%s)", export, "writable" if writable else "read-only")
+        return {
+            "export": export,
+            "uri": f"{self.addresses['views']}/{export}",
+            "size": view.size,
+            "writable": writable,
+            "checkpoint": checkpoint.to_dict(),
+        }
+
+    def close_view(self, export: str) -> dict[str, Any]:
+        assert self.target is not None and self.views is not None
+        for group in self.target.groups.values():
+            if export in group.views:
+                self.views.remove_export(export)
+                written = group.views[export].written_bytes
+                group.close_view(export)
+                log.info("view %s closed", export)
+                return {"export": export, "discarded_bytes": written}
+        raise CheckpointError(f"no view {export!r} is open")
+
+    def list_views(self) -> list[dict[str, Any]]:
+        assert self.target is not None
+        return [
+            {
+                "export": export,
+                "group": group.name,
+                "volume": group.meta["volumes"][view.volume]["name"],
+                "checkpoint": view.checkpoint.id,
+                "writable": not view.read_only,
+            }
+            for group in self.target.groups.values()
+            for export, view in group.views.items()
+        ]
+
+    async def rollback(self, name: str, ref: str) -> dict[str, Any]:
+        group = self._target_group(name)
+        checkpoint = group.resolve_checkpoint(ref)
+        assert self.target is not None
+        result = await group.rollback(checkpoint.id)
+        self.target.drop_link(group)
+        return result
+
     async def stop(self) -> None:
+        if self.admin is not None:
+            await self.admin.close()
         for shipper in self._shippers:
             shipper.stop()
         if self.nbd is not None:
             await self.nbd.close()
+        if self.views is not None:
+            await self.views.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

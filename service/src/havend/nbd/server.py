@@ -92,6 +92,23 @@ class NBDServer:
         self._listeners: list[asyncio.AbstractServer] = []
         self._connections: set[NBDConnection] = set()
 
+    def add_export(self, name: str, volume: FileVolume, description: str = "") -> None:
+        """Serve one more volume (new connections see it at once)."""
+        if name in self.volumes:
+            raise ValueError(f"export {name!r} exists already")
+        self.volumes[name] = volume
+        self.exports[name] = protocol.Export(
+            name=name, size=volume.size, read_only=volume.read_only, description=description
+        )
+
+    def remove_export(self, name: str) -> None:
+        """Stop serving a volume; connections using it are cut."""
+        self.exports.pop(name, None)
+        volume = self.volumes.pop(name, None)
+        for conn in list(self._connections):
+            if volume is not None and conn.volume is volume:
+                conn.abort(f"export {name} was removed")
+
     def _new_connection(self) -> NBDConnection:
         return NBDConnection(self)
 

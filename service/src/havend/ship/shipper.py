@@ -295,6 +295,7 @@ class Shipper:
                     "name": group.name,
                     "mode": group.mode,
                     "volumes": [{"name": v.name, "size": v.size} for v in group.volumes],
+                    "retention": group.retention,
                 },
             )
         )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -30,7 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from havend.errors import JournalCorruptError
+from havend.cdp.checkpoint import Checkpoint
+from havend.errors import CheckpointError, JournalCorruptError
 from havend.fsutil import write_atomic
 from havend.journal import Journal, JournalFull, Kind
 from havend.journal.record import Record
@@ -63,6 +65,7 @@ class GroupStatus:
     wire_bytes: int
     last_error: str
     resync: dict[str, Any] | None
+    last_checkpoint: dict[str, Any] | None
 
 
 # Dirty-region tracking after a journal overflow works in chunks of this size.
@@ -147,6 +150,9 @@ class SourceGroup:
         # Set while the journal is full: changes are tracked by region instead.
         self.overflow: DirtyRegions | None = None
         self.state_dir: str | None = None  # where the overflow flag lives
+        self.last_checkpoint: Checkpoint | None = None
+        # How many checkpoints the target keeps, and for how long (0: no limit).
+        self.retention: dict[str, float] = {"count": 2048, "max_age_seconds": 0}
 
     # Volume sync marker ---------------------------------------------------
     # Records up to the marker are on stable storage in the volumes themselves,
@@ -262,7 +268,9 @@ class SourceGroup:
         extents, after = [], self.journal.tail_seq - 1
         after = max(after, self.acked_seq)
         while records := self.journal.read(after, 16 << 20):
-            extents += [(r.volume, r.offset, r.length) for r in records]
+            extents += [
+                (r.volume, r.offset, r.length) for r in records if r.kind != Kind.CHECKPOINT
+            ]
             after = records[-1].seq
         return extents
 
@@ -298,6 +306,25 @@ class SourceGroup:
             self.appended.set()
         elif self._loop is not None:
             self._loop.call_soon_threadsafe(self.appended.set)
+
+    # Checkpoints ---------------------------------------------------------------
+
+    def create_checkpoint(self, label: str = "", consistency: str = "crash") -> Checkpoint:
+        """Put a checkpoint marker in the group's sequence and make it durable
+        (blocking: a worker thread). It stands for the volumes as after every
+        write acknowledged before this call; the target keeps it once applied."""
+        checkpoint = Checkpoint.new(label, consistency)
+        with self.lock:
+            if self.overflow is not None:
+                raise CheckpointError(
+                    f"group {self.name} is tracking changed regions after a journal "
+                    "overflow: checkpoints resume once the resync is done"
+                )
+            seq = self.journal.append(Kind.CHECKPOINT, 0, 0, checkpoint.payload(), owned=True)
+            self._appended(seq, 0)
+        self.journal.sync()
+        self.last_checkpoint = dataclasses.replace(checkpoint, seq=seq)
+        return self.last_checkpoint
 
     # Durability --------------------------------------------------------------
 
@@ -380,6 +407,7 @@ class SourceGroup:
             wire_bytes=self.wire_bytes,
             last_error=self.last_error,
             resync=self._resync_status(),
+            last_checkpoint=self.last_checkpoint.to_dict() if self.last_checkpoint else None,
         )
 
     def _resync_status(self) -> dict[str, Any] | None:
@@ -498,7 +526,7 @@ def apply_record(volume: FileVolume, record: Record) -> None:
     """Carry out one journal record on a volume (source replay, target apply)."""
     if record.kind == Kind.WRITE:
         volume.write(record.offset, record.data)
-    else:  # ZERO and TRIM both leave zeroes (a hole where the file system can)
+    elif record.kind != Kind.CHECKPOINT:  # ZERO and TRIM leave zeroes (a hole if possible)
         volume.write_zeroes(record.offset, record.length, may_trim=True)
 
 

@@ -12,9 +12,11 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-from havend.errors import RemoteProtocolError, VolumeError
+from havend.cdp import Checkpoint, UndoLog
+from havend.cdp.view import PointInTimeView
+from havend.errors import CheckpointError, RemoteProtocolError, VolumeError
 from havend.fsutil import fsync_dir, write_atomic
-from havend.journal import Journal
+from havend.journal import Journal, Kind
 from havend.journal.record import Record
 from havend.ship.source import apply_record
 from havend.volume import FileVolume
@@ -24,6 +26,10 @@ _STAGED = struct.Struct("<HQI")
 # The target's journal holds what arrived and is not yet synced into the
 # replicas: up to 64 segments of 64 MiB, made and freed as it goes.
 TARGET_SEGMENTS = 64  # a staged resync block: volume, offset, length
+
+
+# Checkpoints kept per group unless the source's group config says otherwise.
+DEFAULT_RETAIN = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +42,9 @@ class ReplicaStatus:
     state: str
     connected: bool
     applied_bytes: int
+    generation: str
+    hold: str  # why records are refused (after a rollback), or ""
+    cdp: dict
 
 
 class TargetGroup:
@@ -57,8 +66,17 @@ class TargetGroup:
             # A crash left records after the applied marker: the replica may hold
             # some of them, so it is a prefix again only once they are redone.
             self._set_sync("catching_up", until=self.journal.durable_seq)
+        self.undo = UndoLog(os.path.join(directory, "cdp"), [v.size for v in self.volumes])
+        finished = self.undo.finish_rollback(self.volumes)
+        if finished is not None:
+            log.warning(
+                "group %s: finished the rollback to seq %d a crash cut short", self.name, finished
+            )
+        self.views: dict[str, PointInTimeView] = {}
         self.connected = False
         self.applied_bytes = 0
+        self.preserved_bytes = 0
+        self.apply_lock = asyncio.Lock()  # held while the applier works; rollback waits
         self.new_records = asyncio.Event()  # durable records for the applier
         self.received = asyncio.Event()  # records received, not yet synced
         self.applied_changed = asyncio.Event()
@@ -84,7 +102,13 @@ class TargetGroup:
             with open(path, "wb") as f:  # a leftover of a creation that crashed
                 f.truncate(int(vol["size"]))
             members.append({"name": vol["name"], "size": int(vol["size"]), "path": path})
-        meta = {"group": str(group), "name": name, "volumes": members}
+        meta = {
+            "group": str(group),
+            "name": name,
+            "volumes": members,
+            "generation": str(uuid.uuid4()),
+            "retention": {"count": DEFAULT_RETAIN, "max_age_seconds": 0},
+        }
         Journal.create(
             os.path.join(building, "journal"), group, max_segments=TARGET_SEGMENTS
         ).close()
@@ -187,6 +211,9 @@ class TargetGroup:
         if self.sync["state"] == "staging":
             self._staging.write(_STAGED.pack(volume, offset, len(data)) + data)
         else:
+            self.preserved_bytes += self.undo.preserve(
+                self.volumes, None, [(volume, offset, len(data))]
+            )
             self.volumes[volume].write(offset, data)
         self.applied_bytes += len(data)
 
@@ -207,6 +234,10 @@ class TargetGroup:
         with open(self._staging_path, "rb") as f:
             while header := f.read(_STAGED.size):
                 volume, offset, length = _STAGED.unpack(header)
+                # Retained checkpoints keep what the resync overwrites.
+                self.preserved_bytes += self.undo.preserve(
+                    self.volumes, None, [(volume, offset, length)]
+                )
                 self.volumes[volume].write(offset, f.read(length))
         for volume in self.volumes:
             volume.flush()
@@ -265,7 +296,11 @@ class TargetGroup:
                         await asyncio.wait_for(self.new_records.wait(), 1.0)
                 continue
             try:
-                await loop.run_in_executor(None, self.apply_some, batch_bytes)
+                async with self.apply_lock:
+                    if self.hold:  # rolled back: the records left are of the old timeline
+                        await asyncio.sleep(0.2)
+                        continue
+                    await loop.run_in_executor(None, self.apply_some, batch_bytes)
             except OSError as exc:  # e.g. ENOSPC: keep the records, retry when there is room
                 log.error("group %s: applying failed: %s; retrying", self.name, exc)
                 await asyncio.sleep(backoff)
@@ -281,15 +316,168 @@ class TargetGroup:
         records = self.journal.read(self.applied_seq, batch_bytes)
         if not records:
             return 0
+        run: list[Record] = []
         for record in records:
             if record.volume >= len(self.volumes):
                 raise VolumeError(f"group {self.name}: record {record.seq} for unknown volume")
-            apply_record(self.volumes[record.volume], record)
-            self.applied_bytes += len(record.data)
+            if record.kind == Kind.CHECKPOINT:
+                self._apply_run(run)
+                run = []
+                self._reach_checkpoint(record)
+            else:
+                run.append(record)
+        self._apply_run(run)
         self.applied_seq = records[-1].seq
         if self.journal.used_bytes > self.journal.capacity_bytes // 2:
             self.checkpoint()
         return len(records)
+
+    def _apply_run(self, run: list[Record]) -> None:
+        """Apply records of one epoch: first save what they overwrite (durably)."""
+        if not run:
+            return
+        self.preserved_bytes += self.undo.preserve(
+            self.volumes, run[0].seq, [(r.volume, r.offset, r.length) for r in run]
+        )
+        for record in run:
+            apply_record(self.volumes[record.volume], record)
+            self.applied_bytes += len(record.data)
+
+    def _reach_checkpoint(self, record: Record) -> None:
+        """The replica is now as the source was at this checkpoint: keep it."""
+        try:
+            checkpoint = Checkpoint.from_record(record)
+        except CheckpointError as exc:
+            log.error("group %s: %s; not kept", self.name, exc)
+            return
+        if self.undo.add_checkpoint(checkpoint):
+            retention = self.meta.get("retention") or {}
+            self.undo.expire(
+                int(retention.get("count", DEFAULT_RETAIN)),
+                float(retention.get("max_age_seconds", 0)),
+            )
+
+    def set_retention(self, retention: dict) -> None:
+        """The source's retention policy for this group (from its HELLO)."""
+        if retention and retention != self.meta.get("retention"):
+            self.meta["retention"] = retention
+            self._write_meta()
+            self.undo.expire(
+                int(retention.get("count", DEFAULT_RETAIN)),
+                float(retention.get("max_age_seconds", 0)),
+            )
+
+    def _write_meta(self) -> None:
+        write_atomic(
+            os.path.join(self.directory, "group.json"), json.dumps(self.meta, indent=2).encode()
+        )
+
+    @property
+    def generation(self) -> str:
+        return str(self.meta.get("generation", ""))
+
+    @property
+    def hold(self) -> str:
+        return str(self.meta.get("hold", ""))
+
+    # Views and rollback ------------------------------------------------------
+
+    def volume_index(self, name: str) -> int:
+        for i, vol in enumerate(self.meta["volumes"]):
+            if vol["name"] == name:
+                return i
+        raise CheckpointError(f"group {self.name} has no volume {name!r}")
+
+    def resolve_checkpoint(self, ref: str) -> Checkpoint:
+        """A retained checkpoint by id, unique id prefix (6+ characters),
+        ``latest`` or ``oldest``."""
+        with self.undo.lock:
+            retained = list(self.undo.checkpoints)
+        if not retained:
+            raise CheckpointError(f"group {self.name} retains no checkpoints")
+        if ref == "latest":
+            return retained[-1]
+        if ref == "oldest":
+            return retained[0]
+        found = [c for c in retained if c.id == ref] or (
+            [c for c in retained if c.id.startswith(ref)] if len(ref) >= 6 else []
+        )
+        if len(found) != 1:
+            why = "is ambiguous" if found else "is not retained"
+            raise CheckpointError(f"checkpoint {ref!r} of group {self.name} {why}")
+        return found[0]
+
+    def open_view(
+        self, export: str, volume: str, checkpoint_id: str, scratch: str | None
+    ) -> PointInTimeView:
+        index = self.volume_index(volume)
+        checkpoint = self.undo.get(checkpoint_id)
+        view = PointInTimeView(
+            self.undo,
+            self.volumes,
+            index,
+            checkpoint,
+            scratch=scratch,
+            name=f"{self.name}/{volume}@{checkpoint.id}",
+        )
+        self.views[export] = view
+        return view
+
+    def close_view(self, export: str) -> None:
+        view = self.views.pop(export, None)
+        if view is None:
+            raise CheckpointError(f"no view {export!r} is open on group {self.name}")
+        view.close()
+
+    async def rollback(self, checkpoint_id: str) -> dict:
+        """Make a retained checkpoint the replica's latest point. Records from the
+        source are refused from now on (a new generation: the source is on the
+        abandoned timeline); the checkpoints after it are dropped."""
+        checkpoint = self.undo.get(checkpoint_id)
+        if self.views:
+            raise CheckpointError(f"close the {len(self.views)} open views of {self.name} first")
+        previous = self.generation
+        self.meta["hold"] = (
+            f"rolled back to checkpoint {checkpoint.id} (seq {checkpoint.seq}); records of "
+            f"generation {previous} are refused until failback or a new protection"
+        )
+        self.meta["generation"] = str(uuid.uuid4())
+        self.meta.setdefault("history", []).append(
+            {"rollback_to": checkpoint.to_dict(), "previous_generation": previous}
+        )
+        self._write_meta()
+        loop = asyncio.get_running_loop()
+        async with self.apply_lock:  # the applier is idle from here on
+            _, rewritten = await loop.run_in_executor(
+                None, self.undo.rollback, self.volumes, checkpoint.id
+            )
+            await loop.run_in_executor(None, self._drop_unapplied)
+        log.warning(
+            "group %s: rolled back to checkpoint %s (seq %d): %d bytes rewritten; new "
+            "generation %s",
+            self.name,
+            checkpoint.id,
+            checkpoint.seq,
+            rewritten,
+            self.generation,
+        )
+        return {
+            "checkpoint": checkpoint.to_dict(),
+            "rewritten_bytes": rewritten,
+            "generation": self.generation,
+            "previous_generation": previous,
+        }
+
+    def _drop_unapplied(self) -> None:
+        """Records received after the rollback point belong to the abandoned timeline."""
+        applied = self.applied_seq
+        directory = self.journal.directory
+        self.journal.close()
+        shutil.rmtree(directory)
+        self.journal = Journal.create(
+            directory, self.id, first_seq=applied + 1, max_segments=TARGET_SEGMENTS
+        )
+        self.synced_seq = applied
 
     def checkpoint(self) -> None:
         """Sync the replicas, record the applied seq, free the journal behind it.
@@ -311,11 +499,17 @@ class TargetGroup:
             state=self.state,
             connected=self.connected,
             applied_bytes=self.applied_bytes,
+            generation=self.generation,
+            hold=self.hold,
+            cdp=self.undo.status() | {"preserved_bytes": self.preserved_bytes},
         )
 
     def close(self) -> None:
+        for export in list(self.views):
+            self.close_view(export)
         if self.synced_seq < self.applied_seq:
             self.checkpoint()
+        self.undo.close()
         self.journal.close()
         for volume in self.volumes:
             volume.flush()

@@ -9,7 +9,7 @@ import ssl
 import uuid
 
 from havend.blockhash import hash_ranges
-from havend.errors import RemoteProtocolError
+from havend.errors import CheckpointError, RemoteProtocolError
 from havend.ship import wire
 from havend.ship.stream import STREAM_LIMIT, read_frame
 from havend.target.group import TargetGroup
@@ -86,6 +86,7 @@ class TargetNode:
                         "node": self.name,
                         "durable_seq": group.journal.durable_seq,
                         "state": group.state,
+                        "generation": group.generation,
                     },
                 )
             )
@@ -192,8 +193,34 @@ class TargetNode:
             self.groups[group_id] = group
             self._start_applier(group)
             log.info("group %s: new replica with %d volumes", name, len(volumes))
-            return group, None
-        return group, group.check_volumes(volumes)
+        elif refusal := group.check_volumes(volumes):
+            return group, refusal
+        if group.hold:
+            return group, group.hold
+        retention = hello.get("retention")
+        if isinstance(retention, dict):
+            try:
+                group.set_retention(
+                    {
+                        "count": max(1, int(retention.get("count", 2048))),
+                        "max_age_seconds": max(0.0, float(retention.get("max_age_seconds", 0))),
+                    }
+                )
+            except (TypeError, ValueError):
+                return group, "malformed retention in HELLO"
+        return group, None
+
+    def drop_link(self, group: TargetGroup) -> None:
+        """End the group's replication link now (a rollback refuses its records)."""
+        link = self._links.get(group.id)
+        if link is not None:
+            link.transport.abort()
+
+    def group_named(self, name: str) -> TargetGroup:
+        for group in self.groups.values():
+            if group.name == name:
+                return group
+        raise CheckpointError(f"no group {name!r} on this node")
 
     async def close(self) -> None:
         if self._server is not None:
