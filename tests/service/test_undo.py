@@ -15,7 +15,7 @@ from havend.cdp.view import PointInTimeView
 from havend.errors import CheckpointError, UndoCorruptError, VolumeError
 from havend.volume import FileVolume
 
-SIZES = [256 * 1024, 100 * 1024 + 1000]  # the second ends in a partial block
+SIZES = [12 << 20, 100 * 1024 + 1000]  # the second ends in a partial block
 
 
 class Group:
@@ -256,3 +256,16 @@ def test_a_writable_view_keeps_its_writes_to_itself(group: Group) -> None:
     with pytest.raises(VolumeError, match="read-only"):
         ro.write(0, b"x")
     ro.close()
+
+
+def test_one_write_over_thousands_of_blocks(group: Group) -> None:
+    """A 10 MiB write saves 2,560 blocks: more than one entry, more pieces than
+    one pwritev may take."""
+    group.write(0, 0, group.rng.randbytes(10 << 20))
+    cp = group.checkpoint()
+    group.write(0, 4096, group.rng.randbytes(10 << 20))
+    assert group.undo.saved_blocks == 2560
+    assert group.check_all() == 1
+    group.reopen()
+    assert group.check_all() == 1
+    assert cp.id == group.undo.checkpoints[0].id

@@ -52,7 +52,7 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -105,6 +105,20 @@ Saved = tuple[int, int, int, int, int]
 
 def _key(volume: int, block: int) -> int:
     return volume << _VOLUME_SHIFT | block
+
+
+def _runs(blocks: list[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
+    """(volume, first block, count) of consecutive blocks, from sorted (volume, block)."""
+    run_volume, run_first, run_count = -1, 0, 0
+    for volume, block in blocks:
+        if volume == run_volume and block == run_first + run_count:
+            run_count += 1
+            continue
+        if run_count:
+            yield run_volume, run_first, run_count
+        run_volume, run_first, run_count = volume, block, 1
+    if run_count:
+        yield run_volume, run_first, run_count
 
 
 class UndoLog:
@@ -295,7 +309,8 @@ class UndoLog:
         data_len = sum(len(p) for p in parts)
         segment = self._active
         if segment.size and segment.size + data_len > self.segment_bytes:
-            segment = self._active = self._new_segment(segment.index + 1)
+            with self.lock:  # readers look the files up under it
+                segment = self._active = self._new_segment(segment.index + 1)
         header = _HEADER.pack(MAGIC, 0, kind, epoch, time.time_ns(), count, data_len)
         crc = crc32c(table, crc32c(header[8:]))
         if body:
@@ -303,7 +318,8 @@ class UndoLog:
                 crc = crc32c(part, crc)
         header = header[:4] + crc.to_bytes(4, "little") + header[8:]
         pos = segment.size
-        pieces = [header, table, *parts]
+        # One pwritev, within IOV_MAX (1024) pieces.
+        pieces = [header, table, *parts] if len(parts) < 512 else [header, table, b"".join(parts)]
         written = os.pwritev(segment.fd, pieces, pos)
         if written != len(header) + len(table) + data_len:
             raise OSError(f"short write to {segment.path}")
@@ -365,21 +381,25 @@ class UndoLog:
         saved_bytes = 0
         written: dict[int, _Segment] = {}
         new: list[tuple[int, Saved]] = []
+        wanted.sort()
         for start in range(0, len(wanted), ENTRY_BLOCKS):
-            chunk = wanted[start : start + ENTRY_BLOCKS]
             table, parts, slots = bytearray(), [], []
-            for volume, block in chunk:
+            for volume, first, count in _runs(wanted[start : start + ENTRY_BLOCKS]):
+                # One read per run of consecutive blocks, cut into blocks here.
                 size = self.sizes[volume]
-                length = min(BLOCK, size - block * BLOCK)
-                if length <= 0:
-                    continue
-                data = volumes[volume].read(block * BLOCK, length)
-                crc = crc32c(data)
-                zero = data == _ZERO_BLOCK[:length]
-                table += _SLOT.pack(volume, FLAG_ZERO if zero else 0, length, block, crc)
-                slots.append((volume, block, zero, length, crc))
-                if not zero:
-                    parts.append(data)
+                end = min((first + count) * BLOCK, size)
+                run = volumes[volume].read(first * BLOCK, end - first * BLOCK)
+                for i in range(count):
+                    data = run[i * BLOCK : (i + 1) * BLOCK]
+                    length = len(data)
+                    if length <= 0:
+                        break
+                    crc = crc32c(data)
+                    zero = data == _ZERO_BLOCK[:length]
+                    table += _SLOT.pack(volume, FLAG_ZERO if zero else 0, length, first + i, crc)
+                    slots.append((volume, first + i, zero, length, crc))
+                    if not zero:
+                        parts.append(data)
             if not slots:
                 continue
             segment, data_pos = self._append(

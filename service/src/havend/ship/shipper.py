@@ -311,6 +311,8 @@ class Shipper:
         ahead = cursor > journal.last_seq  # the target holds writes we never made
         syncing = welcome.body.get("state") == "syncing"
         dirty: DirtyRegions | None = None
+        if not ahead and not syncing:  # what the target holds is acknowledged, overflow or not
+            group.on_ack(cursor)
         if group.overflow is not None:  # changes since the journal filled: by region
             dirty, overflow_resume = group.take_overflow()
         if syncing or lost or ahead or dirty is not None:

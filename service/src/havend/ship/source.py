@@ -66,6 +66,7 @@ class GroupStatus:
     last_error: str
     resync: dict[str, Any] | None
     last_checkpoint: dict[str, Any] | None
+    lost_checkpoints: list[str]
 
 
 # Dirty-region tracking after a journal overflow works in chunks of this size.
@@ -151,6 +152,7 @@ class SourceGroup:
         self.overflow: DirtyRegions | None = None
         self.state_dir: str | None = None  # where the overflow flag lives
         self.last_checkpoint: Checkpoint | None = None
+        self.lost_checkpoints: list[str] = []  # ids lost to journal overflows (newest 100)
         # How many checkpoints the target keeps, and for how long (0: no limit).
         self.retention: dict[str, float] = {"count": 2048, "max_age_seconds": 0}
 
@@ -265,13 +267,27 @@ class SourceGroup:
                 os.unlink(flag)
 
     def _journal_extents(self) -> list[tuple[int, int, int]]:
-        extents, after = [], self.journal.tail_seq - 1
+        """What the unacknowledged records change (the journal is about to be
+        replaced by a region resync). Checkpoints among them cannot survive
+        that (the target never sees the write order they mark): say so."""
+        extents, after, lost = [], self.journal.tail_seq - 1, []
         after = max(after, self.acked_seq)
         while records := self.journal.read(after, 16 << 20):
-            extents += [
-                (r.volume, r.offset, r.length) for r in records if r.kind != Kind.CHECKPOINT
-            ]
+            for r in records:
+                if r.kind == Kind.CHECKPOINT:
+                    lost.append(Checkpoint.from_record(r))
+                else:
+                    extents.append((r.volume, r.offset, r.length))
             after = records[-1].seq
+        if lost:
+            self.lost_checkpoints = (self.lost_checkpoints + [c.id for c in lost])[-100:]
+            log.warning(
+                "group %s: %d checkpoints had not reached the target when the journal "
+                "overflowed and are lost: %s",
+                self.name,
+                len(lost),
+                ", ".join(f"{c.id} (seq {c.seq})" for c in lost),
+            )
         return extents
 
     # Start-up ----------------------------------------------------------------
@@ -310,9 +326,12 @@ class SourceGroup:
     # Checkpoints ---------------------------------------------------------------
 
     def create_checkpoint(self, label: str = "", consistency: str = "crash") -> Checkpoint:
-        """Put a checkpoint marker in the group's sequence and make it durable
-        (blocking: a worker thread). It stands for the volumes as after every
-        write acknowledged before this call; the target keeps it once applied."""
+        """Put a checkpoint marker in the group's sequence. It stands for the
+        volumes as after every write acknowledged before this call; it is
+        shipped at once and the target keeps it once applied. Not synced here
+        (the caller commits soon after, see :meth:`commit`): a crash of the
+        machine before that loses the marker together with every unsynced
+        write before it, never the one without the others."""
         checkpoint = Checkpoint.new(label, consistency)
         with self.lock:
             if self.overflow is not None:
@@ -322,7 +341,6 @@ class SourceGroup:
                 )
             seq = self.journal.append(Kind.CHECKPOINT, 0, 0, checkpoint.payload(), owned=True)
             self._appended(seq, 0)
-        self.journal.sync()
         self.last_checkpoint = dataclasses.replace(checkpoint, seq=seq)
         return self.last_checkpoint
 
@@ -408,6 +426,7 @@ class SourceGroup:
             last_error=self.last_error,
             resync=self._resync_status(),
             last_checkpoint=self.last_checkpoint.to_dict() if self.last_checkpoint else None,
+            lost_checkpoints=list(self.lost_checkpoints),
         )
 
     def _resync_status(self) -> dict[str, Any] | None:

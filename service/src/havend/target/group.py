@@ -61,12 +61,13 @@ class TargetGroup:
         self.synced_seq = self.applied_seq  # what the "applied" file says
         with open(os.path.join(directory, "sync.json")) as f:
             self.sync = json.load(f)
-        self._recover_resync()
+        self.undo = UndoLog(os.path.join(directory, "cdp"), [v.size for v in self.volumes])
+        self.preserved_bytes = 0
+        self._recover_resync()  # a staged resync saves what it overwrites: after the undo log
         if self.sync["state"] == "consistent" and self.journal.durable_seq > self.applied_seq:
             # A crash left records after the applied marker: the replica may hold
             # some of them, so it is a prefix again only once they are redone.
             self._set_sync("catching_up", until=self.journal.durable_seq)
-        self.undo = UndoLog(os.path.join(directory, "cdp"), [v.size for v in self.volumes])
         finished = self.undo.finish_rollback(self.volumes)
         if finished is not None:
             log.warning(
@@ -75,7 +76,6 @@ class TargetGroup:
         self.views: dict[str, PointInTimeView] = {}
         self.connected = False
         self.applied_bytes = 0
-        self.preserved_bytes = 0
         self.apply_lock = asyncio.Lock()  # held while the applier works; rollback waits
         self.new_records = asyncio.Event()  # durable records for the applier
         self.received = asyncio.Event()  # records received, not yet synced
@@ -275,7 +275,7 @@ class TargetGroup:
 
     # Applying -------------------------------------------------------------
 
-    async def applier(self, batch_bytes: int = 8 << 20) -> None:
+    async def applier(self, batch_bytes: int = 32 << 20) -> None:
         """Apply durable records in seq order, forever (one task per group)."""
         loop = asyncio.get_running_loop()
         backoff = 0.5
