@@ -1531,3 +1531,34 @@ def test_link_ending_during_the_target_group_commit_does_not_stall_the_replica(
             f"no convergence within 15 s; the target held {stalled}: {exc}"
         ) from None
     c.check_converged("link ended during the target's group commit")
+
+
+@pytest.mark.parametrize("error", ["EIO", "ENOSPC"])
+def test_a_local_write_that_fails_leaves_both_copies_equal(cluster: Cluster, error: str) -> None:
+    """The source volume refuses one write (strace makes its first pwrite64 to
+    the volume file fail with EIO or ENOSPC) after the record was journaled.
+    The client gets the error; the replica must end up holding what the
+    source volume holds (not the refused data), and the group goes on."""
+    c = cluster
+    _stamp_writes(c, 601, 100)
+    c.caught_up()
+    assert c.source.proc is not None
+    command = [_strace(), "-f", "-qq", "-o", "/dev/null", "-p", str(c.source.proc.pid)]
+    command += ["-P", str(c.volumes[0]), "-e", "trace=pwrite64"]
+    command += ["-e", f"inject=pwrite64:error={error}:when=1"]
+    tracer = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_traced(c.source.proc.pid)
+        with NBDClient.tcp("127.0.0.1", c.nbd_port(), VOLUMES[0]) as client:
+            with pytest.raises(HavendError) as refused:
+                client.write(7 * DEFAULT_BLOCK_SIZE, make_block(10**9, 0, 7))
+            assert getattr(refused.value, "error", None), refused.value
+    finally:
+        tracer.terminate()
+        tracer.wait(10)
+    assert "failed" in c.source.log() and "will match what the local copy holds" in c.source.log()
+    _stamp_writes(c, 602, 100)
+    c.caught_up()
+    assert c.block_on(0, 7) == c.block_on(0, 7, replica=True)
+    for i, path in c.replica_paths().items():
+        assert path.read_bytes() == c.volumes[i].read_bytes(), f"volume {i} differs"

@@ -500,7 +500,50 @@ class ReplicatedVolume:
                     group.enter_overflow()
             if group.overflow is not None:  # the application never waits for the journal
                 group.overflow.mark(self.index, offset, length)
-            do()
+            try:
+                do()
+            except OSError as exc:
+                self._local_change_failed(kind, offset, length, exc)
+                raise  # the client gets its error (EIO, ENOSPC...)
+
+    def _local_change_failed(self, kind: Kind, offset: int, length: int, exc: OSError) -> None:
+        """The record is journaled but the local copy refused the change (lock
+        held): the copies must not disagree on what the range holds, so journal
+        what the local copy holds now (it ships after the failed record and
+        wins); if even that cannot be read, the range is resynced by hash."""
+        group = self.group
+        log.error(
+            "group %s: %s of %d bytes at %d on volume %s failed: %s; the replica will "
+            "match what the local copy holds",
+            group.name,
+            kind.name,
+            length,
+            offset,
+            self.name,
+            exc,
+        )
+        if group.overflow is None:
+            try:
+                step = group.record_chunk
+                for start in range(0, length, step):
+                    n = min(step, length - start)
+                    held = self.volume.read(offset + start, n)
+                    seq = group.journal.append(
+                        Kind.WRITE, self.index, offset + start, held, owned=True
+                    )
+                    group._appended(seq, n)
+                return
+            except (JournalFull, OSError) as again:
+                log.error("group %s: reading it back failed too (%s): resync", group.name, again)
+        if group.overflow is None:
+            try:
+                group.enter_overflow(reason=f"a local write failed on volume {self.name}")
+            except OSError as broken:  # the volume cannot even be synced: compare them all
+                log.error("group %s: %s: every region will be compared", group.name, broken)
+                group.overflow = DirtyRegions(
+                    [v.size for v in group.volumes], everything=True, reason="volume failing"
+                )
+        group.overflow.mark(self.index, offset, length)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write and journal ``data``, which is handed over: the journal keeps it
