@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 # Debian packages. qemu, nbd and fio tools are the peers havend's tests and
 # benchmarks talk to; python3-venv builds .venv; python3-libnbd is built for
 # /usr/bin/python3 only (hence the venv is made from that interpreter);
-# git and rsync are used by tools/ansible-test.sh.
+# git and rsync are used by tools/ansible-test.sh; strace injects faults and
+# openssh-server is the protected server of the ssh checkpoint hook tests.
 apt_packages=(
     qemu-system-x86 qemu-utils libnbd-bin nbdkit nbd-client fio busybox-static
-    python3-venv python3-libnbd rsync git make strace
+    python3-venv python3-libnbd rsync git make strace openssh-server
 )
 missing=()
 for pkg in "${apt_packages[@]}"; do

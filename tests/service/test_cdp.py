@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import require_tool
-from nodes import NodeProcess, source_node, target_node, wait_caught_up
+from nodes import NodeProcess, free_port, source_node, target_node, wait_caught_up
 
 from havend import admin
 from havend.certs import init_ca, issue
@@ -270,8 +271,6 @@ def test_bad_requests_get_clear_errors_and_change_nothing(site: Site) -> None:
     with pytest.raises(admin.AdminError, match="no freeze/thaw hooks"):
         site.source_op("checkpoint", group="app", app=True)
     # A garbage line on the socket: an error answer, and the node goes on.
-    import socket
-
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(str(site.target.state_dir / "admin.sock"))
         sock.sendall(b"{not json\n")
@@ -437,3 +436,104 @@ def test_target_killed_at_random_moments_keeps_every_checkpoint_exact(
     assert len(kept) > 10
     for cp, seq in kept[:: max(1, len(kept) // 12)] + kept[-1:]:
         site.check_view(cp["id"], seq)
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A real OpenSSH server on 127.0.0.1 standing for the protected server:
+    its own host key, root logs in with a key made here."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    def keypair(path: Path) -> str:
+        key = ed25519.Ed25519PrivateKey.generate()
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
+            )
+        )
+        path.chmod(0o600)
+        public = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        return public.decode()
+
+    d = tmp_path / "sshd"
+    d.mkdir()
+    host_public = keypair(d / "host_key")
+    user_public = keypair(d / "user_key")
+    (d / "authorized_keys").write_text(user_public + "\n")
+    port = free_port()
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_public}\n")
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\n"
+        f"PidFile {d / 'sshd.pid'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+        "PermitRootLogin prohibit-password\nStrictModes no\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)  # its privilege separation directory
+    proc = subprocess.Popen(
+        [require_tool("sshd"), "-D", "-e", "-f", str(d / "sshd_config")],
+        stdout=subprocess.DEVNULL,
+        stderr=open(d / "sshd.log", "wb"),  # noqa: SIM115 - the child owns it
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, (d / "sshd.log").read_text()
+            assert time.monotonic() < deadline, "sshd did not listen"
+            time.sleep(0.05)
+        yield {
+            "host": "127.0.0.1",
+            "port": port,
+            "user": "root",
+            "key_file": str(d / "user_key"),
+            "known_hosts": str(d / "known_hosts"),
+        }
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_hooks_over_ssh_freeze_and_thaw_the_protected_server(
+    tmp_path: Path, sshd: dict[str, Any]
+) -> None:
+    """The hooks run on "the protected server" through SSH (paramiko against a
+    real sshd): freeze and thaw land there; a failing freeze is reported with
+    its output and still thawed; an unknown host key is refused, not trusted."""
+    trace = tmp_path / "remote.log"
+    freeze = ["sh", "-c", f'echo "freeze $SSH_CONNECTION" >> {trace}; test ! -e {trace}.fail']
+    thaw = ["sh", "-c", f"echo thaw >> {trace}"]
+    site = Site(tmp_path, hooks={"pre": freeze, "post": thaw, "ssh": sshd, "timeout_seconds": 10})
+    try:
+        site.write(20)
+        cp, seq = site.checkpoint("over ssh")
+        assert cp["consistency"] == "app" and not cp["thaw_error"]
+        lines = trace.read_text().splitlines()
+        assert lines[0].startswith("freeze 127.0.0.1") and lines[1] == "thaw"
+        Path(f"{trace}.fail").touch()
+        with pytest.raises(admin.AdminError, match=r"freeze hook exited with 1 on 127\.0\.0\.1"):
+            site.checkpoint("refused")
+        assert trace.read_text().splitlines()[-1] == "thaw"
+        site.caught_up()
+        assert [c["label"] for c in site.checkpoints()] == ["over ssh"]
+        site.check_view(cp["id"], seq)
+    finally:
+        site.close()
+    # The same server under a host key we were never told about: refused.
+    Path(sshd["known_hosts"]).write_text("")
+    other = tmp_path / "other"
+    other.mkdir()
+    site = Site(other, hooks={"pre": freeze, "post": thaw, "ssh": sshd})
+    try:
+        with pytest.raises(
+            admin.AdminError, match=r"freeze hook: ssh root@127\.0\.0\.1: .*not found"
+        ):
+            site.checkpoint("untrusted")
+    finally:
+        site.close()

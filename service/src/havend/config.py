@@ -21,9 +21,12 @@ field (``source.groups[0].volumes[1].path: required``). Example::
             retain: 2048           # checkpoints the target keeps (at least 1)
             max_age_seconds: 0     # and for how long; 0 = no limit
             hooks:                 # application-consistent: freeze, checkpoint, thaw
-              pre: [ssh, db1, fsfreeze, -f, /srv]
-              post: [ssh, db1, fsfreeze, -u, /srv]
+              pre: [fsfreeze, -f, /srv]
+              post: [fsfreeze, -u, /srv]
               timeout_seconds: 30  # per hook; the thaw always runs
+              ssh:                 # run them there (without: on this node)
+                {host: db1, user: root, key_file: /etc/havend/hooks.key,
+                 known_hosts: /etc/havend/known_hosts}
           volumes:
             - {name: db, path: /srv/db.img}
             - {name: log, path: /srv/log.img}
@@ -73,10 +76,20 @@ class VolumeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SSHConfig:
+    host: str
+    user: str
+    key_file: str
+    known_hosts: str
+    port: int = 22
+
+
+@dataclass(frozen=True, slots=True)
 class HooksConfig:
-    pre: tuple[str, ...] = ()  # argv, run on the source node before the checkpoint
+    pre: tuple[str, ...] = ()  # argv, run before the checkpoint
     post: tuple[str, ...] = ()  # argv, always run after it (the thaw)
     timeout_seconds: float = 30.0
+    ssh: SSHConfig | None = None  # run them on the protected server, not the source node
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +250,20 @@ def _checkpoints(reader: _Reader | None) -> CheckpointPolicy:
         timeout = hooks_reader.get("timeout_seconds", float, 30.0)
         if not 0 < timeout <= 3600:
             raise ConfigError(f"{hooks_reader._path('timeout_seconds')}: between 0 and 3600")
-        hooks = HooksConfig(_argv(hooks_reader, "pre"), _argv(hooks_reader, "post"), timeout)
+        ssh = None
+        ssh_reader = hooks_reader.sub("ssh", required=False)
+        if ssh_reader is not None:
+            port = ssh_reader.get("port", int, 22)
+            if not 0 < port < 65536:
+                raise ConfigError(f"{ssh_reader._path('port')}: {port} is not a port")
+            ssh = SSHConfig(
+                ssh_reader.get("host", str),
+                ssh_reader.get("user", str, "root"),
+                ssh_reader.get("key_file", str),
+                ssh_reader.get("known_hosts", str),
+                port,
+            )
+        hooks = HooksConfig(_argv(hooks_reader, "pre"), _argv(hooks_reader, "post"), timeout, ssh)
         if bool(hooks.pre) != bool(hooks.post):
             raise ConfigError(f"{hooks_reader._path('post')}: pre and post go together")
     return CheckpointPolicy(interval, retain, max_age, hooks)

@@ -23,7 +23,7 @@ from typing import Any
 
 from havend import __version__
 from havend.admin import SOCKET_NAME, AdminServer
-from havend.cdp.hooks import app_consistent
+from havend.cdp.hooks import SSHTarget, app_consistent
 from havend.config import GroupConfig, NodeConfig
 from havend.errors import CheckpointError, ConfigError
 from havend.fsutil import write_atomic
@@ -260,11 +260,16 @@ class Node:
         if app and hooks is None:
             raise CheckpointError(f"group {name} has no freeze/thaw hooks configured")
         if hooks is not None and app is not False:
+            ssh = None
+            if hooks.ssh is not None:
+                s = hooks.ssh
+                ssh = SSHTarget(s.host, s.user, s.key_file, s.known_hosts, s.port)
             result = await app_consistent(
                 hooks.pre,
                 hooks.post,
                 hooks.timeout_seconds,
                 lambda: group.create_checkpoint(label, "app"),
+                ssh,
             )
             assert result.checkpoint is not None
             answer = result.checkpoint.to_dict() | {
