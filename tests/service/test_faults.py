@@ -386,7 +386,7 @@ class Cluster:
             if not (directory / "sync.json").exists():
                 return None
             sync = json.loads((directory / "sync.json").read_text())
-            applied = int((directory / "applied").read_text().strip() or 0)
+            applied = applied_seq(directory)
             images = {i: p.read_bytes() for i, p in self.replica_paths().items()}
             status_state = read_status_state(self.target, self.group_id())
         state = str(sync["state"])
@@ -510,6 +510,12 @@ class Cluster:
 # Small next to the journal, so the shipper reads records both from memory and
 # from the segment files (and checks those) in every randomized iteration.
 JOURNAL_CACHE = 256 << 10
+
+
+def applied_seq(group_dir: Path) -> int:
+    """The target's applied marker: ``seq time_ns`` (the time of that record)."""
+    fields = (group_dir / "applied").read_text().split()
+    return int(fields[0]) if fields else 0
 
 
 def group_config(
@@ -804,7 +810,7 @@ def test_damaged_journal_record_of_a_stopped_source_is_refused(
         assert c.source.stop() == 0
     else:
         c.source.kill()
-    applied = int((c.target.state_dir / "groups" / c.group_id() / "applied").read_text())
+    applied = applied_seq(c.target.state_dir / "groups" / c.group_id())
     block = read_superblock(str(journal / "superblock"))
     records = [r for r in journal_records(journal) if r[2].seq > applied]
     head = (journal / f"seg-{block.head_segment:016x}.log", block.head_offset)
@@ -860,7 +866,7 @@ def test_damaged_record_in_a_running_source_is_logged_and_resynced(
     writer.stop()
     assert writer.error is None, writer.error
     journal = c.source.state_dir / "groups" / c.group_id() / "journal"
-    applied = int((c.target.state_dir / "groups" / c.group_id() / "applied").read_text())
+    applied = applied_seq(c.target.state_dir / "groups" / c.group_id())
     records = [r for r in journal_records(journal) if r[2].seq > applied]
     assert len(records) > 100, f"only {len(records)} unshipped records"
     segment, offset, record = records[len(records) // 2]
@@ -1232,7 +1238,7 @@ def test_source_killed_between_journal_append_and_local_write_converges(
 def _replica_files(c: Cluster) -> tuple[dict[str, Any], int, dict[int, bytes]]:
     directory = c.target.state_dir / "groups" / c.group_id()
     sync = json.loads((directory / "sync.json").read_text())
-    applied = int((directory / "applied").read_text().strip())
+    applied = applied_seq(directory)
     return sync, applied, {i: p.read_bytes() for i, p in c.replica_paths().items()}
 
 

@@ -163,6 +163,28 @@ def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:
     listing = actions.add_parser("list", help="open views")
     command(listing, lambda a: {"op": "views"})
 
+    group = sub.add_parser("group", help="failover of a consistency group")
+    actions = group.add_subparsers(dest="action", required=True)
+    failover = actions.add_parser(
+        "failover",
+        help="planned failover (source node): drain, final checkpoint, promote the target",
+        description="Refuse new writes, ship every acknowledged write, take a final "
+        "checkpoint and have the target promote itself there: no write is lost.",
+    )
+    failover.add_argument("--group", required=True)
+    failover.add_argument("--timeout", type=float, default=300, help="seconds to drain")
+    command(failover, lambda a: {"op": "failover", "group": a.group, "timeout": a.timeout})
+    promote = actions.add_parser(
+        "promote",
+        help="unplanned failover (target node): the replica becomes the live copy",
+        description="Promote the replica at its latest consistent point, or at a retained "
+        "checkpoint; its volumes become writable NBD exports, changes are tracked for "
+        "failback, and the old source's records are refused.",
+    )
+    promote.add_argument("--group", required=True)
+    promote.add_argument("--checkpoint", help="id, unique prefix, latest or oldest")
+    command(promote, lambda a: {"op": "promote", "group": a.group, "checkpoint": a.checkpoint})
+
     rollback = sub.add_parser(
         "rollback",
         help="make a checkpoint the replica's latest point (target node)",

@@ -17,7 +17,7 @@ def fsync_dir(path: str) -> None:
 def write_atomic(path: str, data: bytes, *, durable: bool = True) -> None:
     """Replace ``path`` with ``data``: readers see the old or the new file, whole.
     ``durable=False`` skips the syncs, for files that are only ever advisory."""
-    tmp = path + ".tmp"
+    tmp = path + ".tmp"  # one writer per file at a time (callers serialize)
     with open(tmp, "wb") as f:
         f.write(data)
         if durable:

@@ -86,6 +86,7 @@ def open_source_group(state_dir: str, config: GroupConfig) -> SourceGroup:
     policy = config.checkpoints
     group.retention = {"count": policy.retain, "max_age_seconds": policy.max_age_seconds}
     group.attach_state(group_dir(state_dir, group_id))
+    group.load_fence()
     replayed = group.replay()
     if replayed:
         log.info("group %s: replayed %d journal records into the volumes", config.name, replayed)
@@ -140,12 +141,16 @@ class Node:
         else:
             assert config.listen is not None and config.replica_dir is not None
             self.target = TargetNode(config.name, config.state_dir, config.replica_dir)
+            self.target.on_promoted = self._export_promoted
             host, port = await self.target.start(config.listen.host, config.listen.port, server_ctx)
             self.addresses["replication"] = f"{host}:{port}"
             assert config.views is not None
             self.views = NBDServer({})
             host, port = await self.views.listen_tcp(config.views.host, config.views.port)
             self.addresses["views"] = f"nbd://{host}:{port}"
+            for group in self.target.groups.values():
+                if group.promoted:  # still failed over after a restart: serve it
+                    self._export_promoted(group)
         self.admin = AdminServer(
             os.path.join(config.state_dir, SOCKET_NAME), self._admin_handlers()
         )
@@ -223,6 +228,9 @@ class Node:
             handlers["checkpoint"] = lambda r: self.checkpoint(
                 str(r["group"]), str(r.get("label", "")), r.get("app")
             )
+            handlers["failover"] = lambda r: self.failover(
+                str(r["group"]), float(r.get("timeout", 300))
+            )
         else:
             handlers["checkpoints"] = lambda r: self._async(self.checkpoints, str(r["group"]))
             handlers["view_open"] = lambda r: self._async(
@@ -235,6 +243,9 @@ class Node:
             handlers["view_close"] = lambda r: self._async(self.close_view, str(r["export"]))
             handlers["views"] = lambda r: self._async(self.list_views)
             handlers["rollback"] = lambda r: self.rollback(str(r["group"]), str(r["checkpoint"]))
+            handlers["promote"] = lambda r: self.promote(
+                str(r["group"]), str(r["checkpoint"]) if r.get("checkpoint") else None
+            )
         return handlers
 
     @staticmethod
@@ -300,6 +311,58 @@ class Node:
         )
         return answer
 
+    async def failover(self, name: str, timeout: float = 300) -> dict[str, Any]:
+        """Planned failover: refuse new writes, drain the journal to the target,
+        take a final checkpoint, and have the target promote itself at exactly
+        the last acknowledged write (RPO 0, proven by the seqs)."""
+        group = self._source_group(name)
+        if group.fence is not None:
+            raise CheckpointError(f"group {name} is fenced already: {group.fence['reason']}")
+        shipper = next(s for s in self._shippers if s.group is group)
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        group.set_fence({"reason": "planned failover in progress"})
+        log.warning("group %s: planned failover: writes refused from now on, draining", name)
+        try:
+            await loop.run_in_executor(None, group.commit)
+            final = group.create_checkpoint("failover", "crash")
+            await asyncio.wait_for(group.wait_acked(final.seq), timeout)
+            drained = time.monotonic()
+            log.info("group %s: drained to seq %d; the target promotes itself", name, final.seq)
+            promoted = await shipper.request_failover(final.seq, timeout)
+        except BaseException as exc:  # not failed over: the group is live again here
+            group.set_fence(None)
+            if isinstance(exc, TimeoutError):
+                raise CheckpointError(
+                    f"group {name}: the target did not take everything within {timeout:g} s; "
+                    "writes are accepted again"
+                ) from None
+            raise
+        if int(promoted.get("applied_seq", -1)) != final.seq:
+            log.error(
+                "group %s: promoted at %s, not at %d", name, promoted.get("applied_seq"), final.seq
+            )
+        fence = group.promoted_elsewhere(promoted)
+        done = time.monotonic()
+        log.warning(
+            "group %s: failed over to the target at seq %d (RPO 0): drain %.3f s, promote %.3f s",
+            name,
+            final.seq,
+            drained - started,
+            done - drained,
+        )
+        return {
+            "group": name,
+            "final_seq": final.seq,
+            "last_acknowledged_seq": group.acked_seq,
+            "target_applied_seq": promoted.get("applied_seq"),
+            "lost_writes": fence["lost"]["records"],
+            "final_checkpoint": final.to_dict(),
+            "generation": promoted.get("generation"),
+            "drain_seconds": round(drained - started, 4),
+            "promote_seconds": round(done - drained, 4),
+        }
+
     async def _periodic(self, group: SourceGroup, config: GroupConfig) -> None:
         interval = config.checkpoints.interval_seconds
         while True:
@@ -364,6 +427,25 @@ class Node:
             for group in self.target.groups.values()
             for export, view in group.views.items()
         ]
+
+    def _export_promoted(self, group: Any) -> list[dict[str, Any]]:
+        assert self.views is not None
+        exports = []
+        for member in group.promoted_volumes():
+            export = f"{group.name}/{member.name}"
+            if export not in self.views.volumes:
+                self.views.add_export(export, member, f"{member.name} of {group.name} (promoted)")
+            exports.append({"export": export, "uri": f"{self.addresses['views']}/{export}"})
+        return exports
+
+    async def promote(self, name: str, ref: str | None = None) -> dict[str, Any]:
+        """Unplanned failover: the group's replica becomes the live copy (at its
+        latest consistent point, or at a retained checkpoint)."""
+        group = self._target_group(name)
+        assert self.target is not None
+        self.target.drop_link(group)
+        result = await group.promote(checkpoint=ref)
+        return result | {"exports": self._export_promoted(group)}
 
     async def rollback(self, name: str, ref: str) -> dict[str, Any]:
         group = self._target_group(name)

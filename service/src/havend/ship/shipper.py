@@ -108,6 +108,19 @@ class Shipper:
         )
         self._bucket = TokenBucket(settings.bandwidth_limit)
         self._stopping = False
+        self._writer: asyncio.StreamWriter | None = None  # of the session up now
+        self._failover: asyncio.Future[dict] | None = None
+
+    async def request_failover(self, final_seq: int, timeout: float) -> dict:
+        """Planned failover, once the group is fenced and drained to ``final_seq``:
+        ask the target to promote itself there; its promotion record."""
+        group = self.group
+        if not group.connected or self._writer is None or group.acked_seq < final_seq:
+            raise RemoteProtocolError(f"group {group.name}: the link to the target is down")
+        self._failover = asyncio.get_running_loop().create_future()
+        self._writer.write(wire.encode_control(wire.FrameType.FAILOVER, {"final_seq": final_seq}))
+        await self._writer.drain()
+        return await asyncio.wait_for(self._failover, timeout)
 
     async def run(self) -> None:
         """Connect, ship, and on any failure back off and reconnect."""
@@ -126,6 +139,10 @@ class Shipper:
                 )
                 with group.lock:
                     group.enter_overflow(everything=True, reason="journal unreadable")
+                continue
+            except _FailedOver as exc:  # nothing to ship until failback: ask rarely
+                group.last_error = f"failed over: {exc}"
+                await asyncio.sleep(self.settings.max_backoff * 6)
                 continue
             except _Overflowed:
                 log.info(
@@ -303,6 +320,9 @@ class Shipper:
         welcome = await read_frame(reader, decoder, self.settings.connect_timeout)
         if not isinstance(welcome, wire.Control) or welcome.type != wire.FrameType.WELCOME:
             if isinstance(welcome, wire.Control) and welcome.type == wire.FrameType.REFUSED:
+                if welcome.body.get("code") == "promoted":
+                    group.promoted_elsewhere(dict(welcome.body.get("promoted") or {}))
+                    raise _FailedOver(str(welcome.body.get("error")))
                 raise RemoteProtocolError(f"target refused: {welcome.body.get('error')}")
             raise RemoteProtocolError("target did not answer HELLO with WELCOME")
         cursor = int(welcome.body["durable_seq"])
@@ -354,6 +374,10 @@ class Shipper:
             nonlocal last_heard
             while True:
                 frame = await read_frame(reader, decoder, None)
+                if isinstance(frame, wire.Control) and frame.type == wire.FrameType.PROMOTED:
+                    if self._failover is not None and not self._failover.done():
+                        self._failover.set_result(frame.body)
+                    raise _FailedOver("promoted at our request")
                 if not isinstance(frame, wire.Ack):
                     raise RemoteProtocolError(f"unexpected frame from target: {frame!r}")
                 last_heard = time.monotonic()
@@ -403,12 +427,18 @@ class Shipper:
                 group.shipped_bytes += sum(len(r.data) for r in records)
                 group.wire_bytes += len(frame)
 
+        self._writer = writer
         tasks = [asyncio.ensure_future(c) for c in (receive(), send(), watchdog())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 task.result()
         finally:
+            self._writer = None
+            if self._failover is not None and not self._failover.done():
+                self._failover.set_exception(
+                    RemoteProtocolError("the link to the target broke during the failover")
+                )
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -420,6 +450,10 @@ def _split(ranges: list[tuple[int, int]], most: int) -> list[tuple[int, int]]:
         for offset, length in ranges
         for start in range(0, length, most)
     ]
+
+
+class _FailedOver(Exception):
+    """The target was promoted: this group is fenced here until failback."""
 
 
 class _Overflowed(Exception):

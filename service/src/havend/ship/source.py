@@ -22,6 +22,8 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import errno
+import json
 import logging
 import os
 import threading
@@ -67,6 +69,7 @@ class GroupStatus:
     resync: dict[str, Any] | None
     last_checkpoint: dict[str, Any] | None
     lost_checkpoints: list[str]
+    fence: dict[str, Any] | None
 
 
 # Dirty-region tracking after a journal overflow works in chunks of this size.
@@ -152,6 +155,9 @@ class SourceGroup:
         self.overflow: DirtyRegions | None = None
         self.state_dir: str | None = None  # where the overflow flag lives
         self.last_checkpoint: Checkpoint | None = None
+        # Set while writes are refused (a failover in progress or done): why, and
+        # the promotion record once the target says it was promoted.
+        self.fence: dict[str, Any] | None = None
         self.lost_checkpoints: list[str] = []  # ids lost to journal overflows (newest 100)
         # How many checkpoints the target keeps, and for how long (0: no limit).
         self.retention: dict[str, float] = {"count": 2048, "max_age_seconds": 0}
@@ -315,6 +321,93 @@ class SourceGroup:
 
     # Called by ReplicatedVolume under self.lock -----------------------------
 
+    # Fencing and failover ------------------------------------------------------
+
+    def _fence_path(self) -> str | None:
+        return os.path.join(self.state_dir, "fence.json") if self.state_dir else None
+
+    def load_fence(self) -> None:
+        path = self._fence_path()
+        if path and os.path.exists(path):
+            with open(path) as f:
+                self.fence = json.load(f)
+            log.warning("group %s: writes are refused: %s", self.name, self.fence.get("reason"))
+
+    def set_fence(self, fence: dict[str, Any] | None) -> None:
+        """Refuse writes to the group's volumes from now on (None: accept them again);
+        durable, so a restart keeps the group fenced."""
+        with self.lock:  # no write is between its record and its local change
+            self.fence = fence
+            path = self._fence_path()
+            if path:
+                if fence is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                else:
+                    write_atomic(path, json.dumps(fence, indent=1).encode())
+
+    def promoted_elsewhere(self, promoted: dict[str, Any]) -> dict[str, Any]:
+        """The target was promoted (a failover this node did not take part in, or
+        did): fence the group and say exactly which writes never reached it."""
+        applied = int(promoted.get("applied_seq", 0))
+        if self.fence and self.fence.get("promoted", {}).get("generation") == promoted.get(
+            "generation"
+        ):
+            return self.fence
+        lost = self._writes_after(applied)
+        fence = {
+            "reason": f"the target was promoted at seq {applied} (generation "
+            f"{promoted.get('generation')}): failed over",
+            "promoted": promoted,
+            "lost": lost,
+        }
+        self.set_fence(fence)
+        if lost["records"] or lost.get("regions_bytes"):
+            log.error(
+                "group %s: FAILED OVER without us at seq %d: %d writes (%d bytes, seq %s to %s, "
+                "written %s to %s) never reached the target; they are kept here for failback",
+                self.name,
+                applied,
+                lost["records"],
+                lost["bytes"],
+                lost["first_seq"],
+                lost["last_seq"],
+                lost["first_time"],
+                lost["last_time"],
+            )
+        else:
+            log.warning(
+                "group %s: the target was promoted at seq %d: no write lost", self.name, applied
+            )
+        return fence
+
+    def _writes_after(self, seq: int) -> dict[str, Any]:
+        """The journaled writes after ``seq``: the data-loss window of a failover."""
+        records = 0
+        size = 0
+        first = last = None
+        after = max(seq, self.journal.tail_seq - 1)
+        with contextlib.suppress(JournalCorruptError):
+            while batch := self.journal.read(after, 16 << 20, durable_only=False):
+                for r in batch:
+                    if r.kind == Kind.CHECKPOINT:
+                        continue
+                    records += 1
+                    size += r.length
+                    first = first or r
+                    last = r
+                after = batch[-1].seq
+        regions = self.overflow.dirty_bytes() if self.overflow is not None else 0
+        return {
+            "records": records,
+            "bytes": size,
+            "first_seq": first.seq if first else None,
+            "last_seq": last.seq if last else None,
+            "first_time": first.timestamp_ns / 1e9 if first else None,
+            "last_time": last.timestamp_ns / 1e9 if last else None,
+            "regions_bytes": regions,  # written while the journal was full: by region
+        }
+
     def _appended(self, seq: int, size: int) -> None:
         self._unacked.append((seq, time.monotonic(), size))
         self._unacked_bytes += size
@@ -426,6 +519,7 @@ class SourceGroup:
             last_error=self.last_error,
             resync=self._resync_status(),
             last_checkpoint=self.last_checkpoint.to_dict() if self.last_checkpoint else None,
+            fence=self.fence,
             lost_checkpoints=list(self.lost_checkpoints),
         )
 
@@ -479,6 +573,8 @@ class ReplicatedVolume:
     ) -> None:
         group = self.group
         with group.lock:
+            if group.fence is not None:  # failed over (or failing over): not the live copy
+                raise OSError(errno.EROFS, f"group {group.name}: {group.fence['reason']}")
             # The record goes first: if havend dies between the two steps, the
             # restart replays the record into the volume (never a volume change
             # that no record carries, which the replica would never get).

@@ -30,6 +30,13 @@ target needs), before any BATCH of the session:
 ``SYNC_DATA`` ``u16 volume | u64 offset`` then the bytes to write there.
 ``SYNC_END`` (JSON) ``{"high_seq"}``: the replica is consistent once every
     record up to ``high_seq`` is applied; the target answers ``SYNC_DONE``.
+
+Planned failover, once the source is fenced and drained:
+
+``FAILOVER`` (JSON) ``{"final_seq"}``: every write is acknowledged up to it;
+    promote the replica there. The target answers ``PROMOTED`` (JSON, the
+    promotion record: ``applied_seq``, ``generation``...) and refuses the
+    group's records from then on (``REFUSED`` with ``"code": "promoted"``).
 """
 
 from __future__ import annotations
@@ -69,6 +76,8 @@ class FrameType(enum.IntEnum):
     SYNC_DATA = 10
     SYNC_END = 11
     SYNC_DONE = 12
+    FAILOVER = 13
+    PROMOTED = 14
 
 
 _JSON_FRAMES = {
@@ -79,6 +88,8 @@ _JSON_FRAMES = {
     FrameType.SYNC_READY,
     FrameType.SYNC_END,
     FrameType.SYNC_DONE,
+    FrameType.FAILOVER,
+    FrameType.PROMOTED,
 }
 _HASH_REQ = struct.Struct("<IHII")
 _RANGE = struct.Struct("<QI")

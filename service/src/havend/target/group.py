@@ -9,6 +9,8 @@ import logging
 import os
 import shutil
 import struct
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -19,6 +21,8 @@ from havend.fsutil import fsync_dir, write_atomic
 from havend.journal import Journal, Kind
 from havend.journal.record import Record
 from havend.ship.source import apply_record
+from havend.target.changes import ChangeMap
+from havend.target.promoted import PromotedVolume
 from havend.volume import FileVolume
 
 log = logging.getLogger("havend.target")
@@ -43,7 +47,9 @@ class ReplicaStatus:
     connected: bool
     applied_bytes: int
     generation: str
-    hold: str  # why records are refused (after a rollback), or ""
+    hold: str  # why records are refused (after a rollback or a promotion), or ""
+    promoted: dict | None
+    changed_bytes: int  # written on the promoted side since the promotion
     cdp: dict
 
 
@@ -74,6 +80,9 @@ class TargetGroup:
                 "group %s: finished the rollback to seq %d a crash cut short", self.name, finished
             )
         self.views: dict[str, PointInTimeView] = {}
+        self.refusing = ""  # why new links are refused for a moment (a promotion)
+        self.changes: ChangeMap | None = None
+        self._promoted_volumes: list[PromotedVolume] | None = None
         self.connected = False
         self.applied_bytes = 0
         self.apply_lock = asyncio.Lock()  # held while the applier works; rollback waits
@@ -127,8 +136,11 @@ class TargetGroup:
         return cls(directory, meta, journal)
 
     def _read_applied(self) -> int:
+        """The applied marker: ``seq [time_ns of that record]``."""
         with open(os.path.join(self.directory, "applied")) as f:
-            return int(f.read().strip() or 0)
+            fields = f.read().split()
+        self.applied_time_ns = int(fields[1]) if len(fields) > 1 else 0
+        return int(fields[0]) if fields else 0
 
     def check_volumes(self, volumes: list[dict]) -> str | None:
         """Why the source's volume list does not fit this replica, or None."""
@@ -283,7 +295,8 @@ class TargetGroup:
             if self.journal.durable_seq <= self.applied_seq:
                 if self.synced_seq < self.applied_seq:  # idle: make the replicas durable
                     try:
-                        await loop.run_in_executor(None, self.checkpoint)
+                        async with self.apply_lock:
+                            await loop.run_in_executor(None, self.checkpoint)
                     except OSError as exc:
                         log.error("group %s: syncing the replicas failed: %s", self.name, exc)
                         await asyncio.sleep(backoff)
@@ -328,6 +341,7 @@ class TargetGroup:
                 run.append(record)
         self._apply_run(run)
         self.applied_seq = records[-1].seq
+        self.applied_time_ns = records[-1].timestamp_ns
         if self.journal.used_bytes > self.journal.capacity_bytes // 2:
             self.checkpoint()
         return len(records)
@@ -468,6 +482,104 @@ class TargetGroup:
             "previous_generation": previous,
         }
 
+    # Promotion (failover) -----------------------------------------------------
+
+    @property
+    def promoted(self) -> dict | None:
+        return self.meta.get("promoted")
+
+    async def promote(
+        self, *, checkpoint: str | None = None, final_seq: int | None = None, planned: bool = False
+    ) -> dict:
+        """Make the replica the group's live copy: its volumes become writable
+        (see :meth:`promoted_volumes`), every change is tracked for failback,
+        and records of the old source are refused from now on (new generation).
+
+        ``final_seq`` (planned failover): the source drained its journal up to
+        it; it is applied first. Without a ``checkpoint`` the latest
+        consistent point is promoted: every durable record applied.
+        """
+        if self.promoted:
+            raise CheckpointError(f"group {self.name} is promoted already")
+        if self.views and checkpoint is not None:
+            raise CheckpointError(f"close the {len(self.views)} open views of {self.name} first")
+        self.refusing = "being promoted"  # no new link from here on
+        try:
+            return await self._promote(checkpoint, final_seq, planned)
+        finally:
+            self.refusing = ""
+
+    async def _promote(self, checkpoint: str | None, final_seq: int | None, planned: bool) -> dict:
+        started = time.monotonic()
+        if final_seq is not None and self.journal.durable_seq < final_seq:
+            raise CheckpointError(
+                f"group {self.name}: the source drained to seq {final_seq} but only "
+                f"{self.journal.durable_seq} arrived here"
+            )
+        while self.applied_seq < self.journal.durable_seq:  # the latest point: all applied
+            self.applied_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.applied_changed.wait(), 1.0)
+        chosen = self.resolve_checkpoint(checkpoint) if checkpoint else None
+        if chosen is None and self.state != "consistent":
+            raise CheckpointError(
+                f"group {self.name} is {self.state}, not at a consistent point: promote a "
+                "retained checkpoint instead"
+            )
+        previous = self.generation
+        loop = asyncio.get_running_loop()
+        rewritten = 0
+        async with self.apply_lock:
+            if chosen is not None:
+                _, rewritten = await loop.run_in_executor(
+                    None, self.undo.rollback, self.volumes, chosen.id
+                )
+            await loop.run_in_executor(None, self.checkpoint)  # replicas synced, marker written
+            await loop.run_in_executor(None, self._drop_unapplied)
+            self.meta["generation"] = str(uuid.uuid4())
+            self.meta["promoted"] = {
+                "time": time.time(),
+                "planned": planned,
+                "applied_seq": self.applied_seq,
+                "applied_time": self.applied_time_ns / 1e9,
+                "checkpoint": chosen.to_dict() if chosen else None,
+                "previous_generation": previous,
+                "generation": self.meta["generation"],
+            }
+            self.meta["hold"] = (
+                f"promoted at seq {self.applied_seq} (generation {self.meta['generation']}): "
+                "the old source's records are refused until failback"
+            )
+            self.meta.setdefault("history", []).append({"promoted": self.meta["promoted"]})
+            self._write_meta()
+        log.warning(
+            "group %s: PROMOTED (%s) at seq %d%s; generation %s; changes are tracked for failback",
+            self.name,
+            "planned" if planned else "unplanned",
+            self.applied_seq,
+            f", checkpoint {chosen.id} ({rewritten} bytes rewritten)" if chosen else "",
+            self.generation,
+        )
+        return dict(self.meta["promoted"]) | {
+            "rewritten_bytes": rewritten,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
+    def promoted_volumes(self) -> list[PromotedVolume]:
+        """The writable volumes of a promoted group (made once, kept)."""
+        if not self.promoted:
+            raise CheckpointError(f"group {self.name} is not promoted")
+        if self._promoted_volumes is None:
+            self.changes = ChangeMap(
+                os.path.join(self.directory, "changes"), [v.size for v in self.volumes]
+            )
+            lock = threading.Lock()
+            self._promoted_volumes = [
+                PromotedVolume(self.volumes, i, v["name"], self.undo, self.changes, lock)
+                for i, v in enumerate(self.meta["volumes"])
+            ]
+        return self._promoted_volumes
+
     def _drop_unapplied(self) -> None:
         """Records received after the rollback point belong to the abandoned timeline."""
         applied = self.applied_seq
@@ -485,7 +597,9 @@ class TargetGroup:
         applied = self.applied_seq
         for volume in self.volumes:
             volume.flush()
-        write_atomic(os.path.join(self.directory, "applied"), f"{applied}\n".encode())
+        write_atomic(
+            os.path.join(self.directory, "applied"), f"{applied} {self.applied_time_ns}\n".encode()
+        )
         self.synced_seq = applied
         self.journal.release_through(applied)
 
@@ -501,12 +615,16 @@ class TargetGroup:
             applied_bytes=self.applied_bytes,
             generation=self.generation,
             hold=self.hold,
+            promoted=self.promoted,
+            changed_bytes=self.changes.changed_bytes() if self.changes else 0,
             cdp=self.undo.status() | {"preserved_bytes": self.preserved_bytes},
         )
 
     def close(self) -> None:
         for export in list(self.views):
             self.close_view(export)
+        if self.changes is not None:
+            self.changes.close()
         if self.synced_seq < self.applied_seq:
             self.checkpoint()
         self.undo.close()

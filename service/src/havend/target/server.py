@@ -7,6 +7,8 @@ import logging
 import os
 import ssl
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from havend.blockhash import hash_ranges
 from havend.errors import CheckpointError, RemoteProtocolError
@@ -28,6 +30,7 @@ class TargetNode:
         self._appliers: list[asyncio.Task[None]] = []
         self._server: asyncio.AbstractServer | None = None
         self._links: dict[uuid.UUID, asyncio.StreamWriter] = {}
+        self.on_promoted: Callable[[TargetGroup], Any] | None = None  # serve its volumes
         groups_dir = os.path.join(state_dir, "groups")
         if os.path.isdir(groups_dir):
             for entry in sorted(os.listdir(groups_dir)):
@@ -62,7 +65,10 @@ class TargetNode:
             group, refusal = self._admit(hello.body)
             if refusal:
                 log.warning("source %s refused: %s", peer, refusal)
-                writer.write(wire.encode_control(wire.FrameType.REFUSED, {"error": refusal}))
+                body: dict = {"error": refusal}
+                if group is not None and group.promoted:  # the source must know, exactly
+                    body |= {"code": "promoted", "promoted": group.promoted}
+                writer.write(wire.encode_control(wire.FrameType.REFUSED, body))
                 await writer.drain()
                 group = None
                 return
@@ -151,6 +157,13 @@ class TargetNode:
             await group.begin_resync(int(frame.body["resume_seq"]))
             log.info("group %s: resync begins", group.name)
             return wire.encode_control(wire.FrameType.SYNC_READY, {})
+        if isinstance(frame, wire.Control) and frame.type == wire.FrameType.FAILOVER:
+            final_seq = int(frame.body["final_seq"])
+            log.warning("group %s: planned failover: promoting at seq %d", group.name, final_seq)
+            promoted = await group.promote(final_seq=final_seq, planned=True)
+            if self.on_promoted is not None:
+                self.on_promoted(group)
+            return wire.encode_control(wire.FrameType.PROMOTED, promoted)
         if isinstance(frame, wire.Control) and frame.type == wire.FrameType.SYNC_END:
             await loop.run_in_executor(None, group.end_resync, int(frame.body["high_seq"]))
             log.info(
@@ -195,6 +208,8 @@ class TargetNode:
             log.info("group %s: new replica with %d volumes", name, len(volumes))
         elif refusal := group.check_volumes(volumes):
             return group, refusal
+        if group.refusing:
+            return group, f"group {group.name} is {group.refusing}"
         if group.hold:
             return group, group.hold
         retention = hello.get("retention")

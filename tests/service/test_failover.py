@@ -1,0 +1,176 @@
+"""Failover at the block level, with real source and target processes and a
+stamped-block writer through real NBD clients: a planned failover loses no
+acknowledged write; an unplanned one reports exactly the writes it lost."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faultproxy import FaultProxy
+from nodes import source_node, target_node, wait_caught_up
+
+from havend import admin
+from havend.errors import NBDClientError
+from havend.nbd.client import NBDClient
+from havend.stamp import StampWriter, WriteLog, check_prefix
+
+MiB = 1 << 20
+VOLUMES = ["db", "log"]
+SIZES = [4 * MiB, 2 * MiB]
+WAIT = 60
+EPERM = 1
+
+
+class Sites:
+    """A source and a target, the link through a fault proxy."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.target = target_node(tmp).start()
+        port = int(self.target.address("replication").rsplit(":", 1)[1])
+        self.proxy = FaultProxy("127.0.0.1", port).start()
+        paths = []
+        for name, size in zip(VOLUMES, SIZES, strict=True):
+            path = tmp / f"{name}.img"
+            with open(path, "wb") as f:
+                f.truncate(size)
+            paths.append(path)
+        group = {
+            "name": "app",
+            "volumes": [{"name": n, "path": str(p)} for n, p in zip(VOLUMES, paths, strict=True)],
+            "journal": {"segment_size": MiB, "max_segments": 64},
+        }
+        self.source = source_node(tmp, self.proxy.port, [group]).start()
+        wait_caught_up(self.source, self.target, timeout=WAIT)
+        self.log = WriteLog()
+        self.clients: dict[int, NBDClient] = {}
+        self.writer = self._writer(seed=1)
+
+    def _writer(self, seed: int) -> StampWriter:
+        nbd = int(self.source.address("nbd").rsplit(":", 1)[1])
+        for client in self.clients.values():
+            client.close()
+        self.clients = {i: NBDClient.tcp("127.0.0.1", nbd, n) for i, n in enumerate(VOLUMES)}
+        return StampWriter(self.clients, log=self.log, seed=seed, flush_every=16)
+
+    def write(self, count: int) -> None:
+        for _ in range(count):
+            self.writer.step()
+
+    def op(self, node: Any, op: str, **args: Any) -> Any:
+        return admin.call(str(node.state_dir / "admin.sock"), op, **args)
+
+    def promoted_images(self, uri_base: str) -> dict[int, bytes]:
+        images = {}
+        for i, name in enumerate(VOLUMES):
+            with NBDClient.open(f"{uri_base}/app/{name}") as client:
+                assert not client.read_only
+                images[i] = client.read(0, client.size)
+        return images
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close(disconnect=False)
+        self.source.stop()
+        self.target.stop()
+        self.proxy.stop()
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> Iterator[Sites]:
+    s = Sites(tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_planned_failover_loses_no_acknowledged_write(sites: Sites) -> None:
+    sites.write(300)  # acknowledged, most not even flushed
+    result = sites.op(sites.source, "failover", group="app")
+    # RPO 0, by the sequence numbers: the target applied the last acknowledged write.
+    assert result["final_seq"] == result["last_acknowledged_seq"] == result["target_applied_seq"]
+    assert result["lost_writes"] == 0
+    # The source refuses writes now (its clients get EPERM), reads still work.
+    with pytest.raises(NBDClientError) as refused:
+        sites.clients[0].write(0, b"x" * 4096)
+    assert refused.value.error == EPERM
+    sites.clients[1].read(0, 4096)
+    # The promoted replica holds every acknowledged write, and takes new ones.
+    deadline = time.monotonic() + 10
+    while not (group := sites.target.status()["groups"][0])["promoted"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert group["promoted"]["planned"] and group["promoted"]["applied_seq"] == result["final_seq"]
+    views = sites.target.address("views")
+    images = sites.promoted_images(views)
+    report = check_prefix(sites.log, images)
+    assert report.ok and report.seq == sites.log.last_seq, report
+    with NBDClient.open(f"{views}/app/db") as client:
+        client.write(8192, b"recovery site" * 300)
+        client.flush()
+    deadline = time.monotonic() + 10
+    while sites.target.status()["groups"][0]["changed_bytes"] < 4096:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # A restart keeps both sides where they are.
+    sites.source.stop()
+    sites.source.start()
+    [fenced] = sites.source.status()["groups"]
+    assert fenced["fence"]["promoted"]["generation"] == result["generation"]
+    sites.target.stop()
+    sites.target.start()
+    with NBDClient.open(f"{sites.target.address('views')}/app/db") as client:
+        assert client.read(8192, 13 * 300) == b"recovery site" * 300
+    with pytest.raises(admin.AdminError, match="fenced already"):
+        sites.op(sites.source, "failover", group="app")
+
+
+def test_unplanned_failover_reports_exactly_the_writes_lost(sites: Sites) -> None:
+    sites.write(200)
+    wait_caught_up(sites.source, sites.target, timeout=WAIT)
+    sites.proxy.partition()  # the protected site is cut off...
+    sites.write(77)  # ...while it goes on writing: these never reach the target
+    promoted = sites.op(sites.target, "promote", group="app")
+    assert not promoted["planned"] and promoted["exports"]
+    images = sites.promoted_images(sites.target.address("views"))
+    report = check_prefix(sites.log, images)
+    assert report.ok, report
+    on_target = report.seq
+    assert report.min_seq <= 200 <= on_target
+    missing = sites.log.last_seq - on_target
+    assert missing >= 77
+    # The old source comes back: the target refuses it, and it says what was lost.
+    sites.proxy.heal()
+    deadline = time.monotonic() + WAIT
+    while not (fence := sites.source.status()["groups"][0]["fence"]):
+        assert time.monotonic() < deadline, sites.source.log()[-2000:]
+        time.sleep(0.1)
+    lost = fence["lost"]
+    assert lost["records"] == missing and lost["bytes"] == missing * 4096, (lost, missing)
+    assert lost["last_time"] >= lost["first_time"]
+    assert fence["promoted"]["applied_seq"] == promoted["applied_seq"]
+    assert f"{missing} writes ({missing * 4096} bytes" in sites.source.log()
+    with pytest.raises(NBDClientError) as refused:
+        sites.clients[0].write(0, b"x" * 4096)
+    assert refused.value.error == EPERM
+
+
+def test_promotion_at_a_checkpoint_and_refusals(sites: Sites) -> None:
+    sites.write(50)
+    cp = sites.op(sites.source, "checkpoint", group="app", label="before")
+    at_checkpoint = sites.log.last_seq
+    sites.write(50)
+    wait_caught_up(sites.source, sites.target, timeout=WAIT)
+    with pytest.raises(admin.AdminError, match="is not retained"):
+        sites.op(sites.target, "promote", group="app", checkpoint="f" * 32)
+    promoted = sites.op(sites.target, "promote", group="app", checkpoint=cp["id"])
+    assert promoted["checkpoint"]["id"] == cp["id"] and promoted["rewritten_bytes"] > 0
+    report = check_prefix(sites.log, sites.promoted_images(sites.target.address("views")))
+    assert report.ok and report.min_seq <= at_checkpoint <= report.seq, report
+    with pytest.raises(admin.AdminError, match="promoted already"):
+        sites.op(sites.target, "promote", group="app")
