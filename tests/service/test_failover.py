@@ -174,3 +174,48 @@ def test_promotion_at_a_checkpoint_and_refusals(sites: Sites) -> None:
     assert report.ok and report.min_seq <= at_checkpoint <= report.seq, report
     with pytest.raises(admin.AdminError, match="promoted already"):
         sites.op(sites.target, "promote", group="app")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_target_killed_during_a_promotion_finishes_it_when_run_again(
+    sites: Sites, seed: int
+) -> None:
+    """kill -9 of the target at a random moment of a promotion (at the latest
+    point, or at a checkpoint, which rewrites the replica first): after the
+    restart the group is either promoted or on hold (the old source refused);
+    running the promotion again finishes it, at the same point, exact."""
+    import random
+    import threading
+
+    rng = random.Random(seed)
+    sites.write(100)
+    cp = sites.op(sites.source, "checkpoint", group="app")
+    at_checkpoint = sites.log.last_seq
+    sites.write(rng.randrange(50, 400))
+    wait_caught_up(sites.source, sites.target, timeout=WAIT)
+    everything = sites.log.last_seq
+    use_checkpoint = seed % 2 == 1
+    sites.proxy.partition()
+    args = {"group": "app"} | ({"checkpoint": cp["id"]} if use_checkpoint else {})
+    answers: list[Any] = []
+
+    def promote() -> None:
+        try:
+            answers.append(sites.op(sites.target, "promote", **args))
+        except admin.AdminError as exc:
+            answers.append(exc)
+
+    caller = threading.Thread(target=promote)
+    caller.start()
+    time.sleep(rng.uniform(0, 0.08))
+    sites.target.kill()
+    caller.join(30)
+    sites.target.start()
+    [group] = sites.target.status()["groups"]
+    if not group["promoted"]:  # killed before the promotion was recorded: run it again
+        again = sites.op(sites.target, "promote", **args)
+        assert (again["checkpoint"] or {}).get("id") == (cp["id"] if use_checkpoint else None)
+    images = sites.promoted_images(sites.target.address("views"))
+    report = check_prefix(sites.log, images)
+    expected = at_checkpoint if use_checkpoint else everything
+    assert report.ok and report.min_seq <= expected <= report.seq, (report, expected)

@@ -516,19 +516,35 @@ class TargetGroup:
                 f"group {self.name}: the source drained to seq {final_seq} but only "
                 f"{self.journal.durable_seq} arrived here"
             )
-        while self.applied_seq < self.journal.durable_seq:  # the latest point: all applied
-            self.applied_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.applied_changed.wait(), 1.0)
+        interrupted = self.meta.get("promoting")
+        if interrupted and interrupted.get("checkpoint"):  # finish what was started
+            if checkpoint is not None and not interrupted["checkpoint"].startswith(checkpoint):
+                raise CheckpointError(
+                    f"an interrupted promotion of {self.name} was at checkpoint "
+                    f"{interrupted['checkpoint']}: run it again with that one"
+                )
+            checkpoint = interrupted["checkpoint"]
+        loop = asyncio.get_running_loop()
+        if checkpoint is None:
+            while self.applied_seq < self.journal.durable_seq:  # the latest point: all applied
+                async with self.apply_lock:
+                    await loop.run_in_executor(None, self.apply_some, 32 << 20)
         chosen = self.resolve_checkpoint(checkpoint) if checkpoint else None
         if chosen is None and self.state != "consistent":
             raise CheckpointError(
                 f"group {self.name} is {self.state}, not at a consistent point: promote a "
                 "retained checkpoint instead"
             )
-        previous = self.generation
-        loop = asyncio.get_running_loop()
+        previous = (interrupted or {}).get("previous_generation", self.generation)
         rewritten = 0
+        # Durably on hold before anything changes: a crash from here on leaves a
+        # group that refuses its old source until the promotion is run again.
+        self.meta["promoting"] = {
+            "checkpoint": chosen.id if chosen else None,
+            "previous_generation": previous,
+        }
+        self.meta["hold"] = f"a promotion of {self.name} was interrupted: run it again"
+        self._write_meta()
         async with self.apply_lock:
             if chosen is not None:
                 _, rewritten = await loop.run_in_executor(
@@ -551,6 +567,7 @@ class TargetGroup:
                 "the old source's records are refused until failback"
             )
             self.meta.setdefault("history", []).append({"promoted": self.meta["promoted"]})
+            del self.meta["promoting"]
             self._write_meta()
         log.warning(
             "group %s: PROMOTED (%s) at seq %d%s; generation %s; changes are tracked for failback",
