@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from havend.bitmap import mark_range, set_runs
 from havend.cdp.checkpoint import Checkpoint
 from havend.errors import CheckpointError, JournalCorruptError
 from havend.fsutil import write_atomic
@@ -88,9 +89,7 @@ class DirtyRegions:
         self.bits = [bytearray([fill]) * ((s // DIRTY_CHUNK + 8) // 8) for s in sizes]
 
     def mark(self, volume: int, offset: int, length: int) -> None:
-        bits = self.bits[volume]
-        for chunk in range(offset // DIRTY_CHUNK, (offset + max(length, 1) - 1) // DIRTY_CHUNK + 1):
-            bits[chunk >> 3] |= 1 << (chunk & 7)
+        mark_range(self.bits[volume], 0, offset, length, DIRTY_CHUNK)
 
     def merge(self, other: DirtyRegions) -> None:
         for mine, theirs in zip(self.bits, other.bits, strict=True):
@@ -99,16 +98,7 @@ class DirtyRegions:
 
     def ranges(self, volume: int) -> list[tuple[int, int]]:
         """(offset, length) runs of dirty chunks, clipped to the volume."""
-        size, bits, runs = self.sizes[volume], self.bits[volume], []
-        for chunk in range((size + DIRTY_CHUNK - 1) // DIRTY_CHUNK):
-            if bits[chunk >> 3] & (1 << (chunk & 7)):
-                start = chunk * DIRTY_CHUNK
-                length = min(DIRTY_CHUNK, size - start)
-                if runs and runs[-1][0] + runs[-1][1] == start:
-                    runs[-1] = (runs[-1][0], runs[-1][1] + length)
-                else:
-                    runs.append((start, length))
-        return runs
+        return set_runs(self.bits[volume], 0, self.sizes[volume], DIRTY_CHUNK)
 
     def dirty_bytes(self) -> int:
         return sum(n for v in range(len(self.sizes)) for _, n in self.ranges(v))

@@ -25,6 +25,7 @@ import struct
 import threading
 from collections.abc import Sequence
 
+from havend.bitmap import mark_range, set_runs
 from havend.fsutil import fsync_dir, write_atomic
 
 BLOCK = 4096
@@ -52,6 +53,7 @@ class ChangeMap:
             self._bits[: len(saved)] = saved[: len(self._bits)]
         except FileNotFoundError:
             pass
+        self._count = int.from_bytes(self._bits, "little").bit_count()
         self._active: set[tuple[int, int]] = set()
         self._active_fd = os.open(
             self._active_path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
@@ -67,12 +69,8 @@ class ChangeMap:
             self.flush()
 
     def _set(self, volume: int, offset: int, length: int) -> None:
-        if length <= 0:
-            return
-        base = self._starts[volume]
-        for block in range(offset // BLOCK, (offset + length - 1) // BLOCK + 1):
-            bit = base + block
-            self._bits[bit >> 3] |= 1 << (bit & 7)
+        if length > 0:
+            self._count += mark_range(self._bits, self._starts[volume], offset, length, BLOCK)
 
     def mark(self, volume: int, offset: int, length: int) -> None:
         """Before a change of ``length`` bytes at ``offset`` is issued."""
@@ -98,23 +96,13 @@ class ChangeMap:
 
     def ranges(self, volume: int) -> list[tuple[int, int]]:
         """(offset, length) runs of changed blocks of a volume."""
-        base, size = self._starts[volume], self.sizes[volume]
-        runs: list[tuple[int, int]] = []
         with self._lock:
             bits = bytes(self._bits)
-        for block in range((size + BLOCK - 1) // BLOCK):
-            bit = base + block
-            if bits[bit >> 3] & (1 << (bit & 7)):
-                start = block * BLOCK
-                length = min(BLOCK, size - start)
-                if runs and runs[-1][0] + runs[-1][1] == start:
-                    runs[-1] = (runs[-1][0], runs[-1][1] + length)
-                else:
-                    runs.append((start, length))
-        return runs
+        return set_runs(bits, self._starts[volume], self.sizes[volume], BLOCK)
 
     def changed_bytes(self) -> int:
-        return sum(n for v in range(len(self.sizes)) for _, n in self.ranges(v))
+        """Changed blocks x 4 KiB (cheap: counted as they are marked)."""
+        return self._count * BLOCK
 
     def close(self) -> None:
         if self._active_fd >= 0:
