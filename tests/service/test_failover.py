@@ -174,6 +174,8 @@ def test_promotion_at_a_checkpoint_and_refusals(sites: Sites) -> None:
     assert report.ok and report.min_seq <= at_checkpoint <= report.seq, report
     with pytest.raises(admin.AdminError, match="promoted already"):
         sites.op(sites.target, "promote", group="app")
+    with pytest.raises(admin.AdminError, match="is promoted: its volumes are live"):
+        sites.op(sites.target, "rollback", group="app", checkpoint=cp["id"])
 
 
 @pytest.mark.parametrize("seed", range(4))

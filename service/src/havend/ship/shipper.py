@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import zstandard
 
 from havend.blockhash import block_hashes, differing_runs
-from havend.errors import JournalError, RemoteProtocolError
+from havend.errors import CheckpointError, JournalError, RemoteProtocolError
 from havend.journal.record import Record
 from havend.ship import wire
 from havend.ship.source import DirtyRegions, SourceGroup
@@ -378,6 +378,11 @@ class Shipper:
                     if self._failover is not None and not self._failover.done():
                         self._failover.set_result(frame.body)
                     raise _FailedOver("promoted at our request")
+                if isinstance(frame, wire.Control) and frame.type == wire.FrameType.REFUSED:
+                    why = str(frame.body.get("error"))
+                    if self._failover is not None and not self._failover.done():
+                        self._failover.set_exception(CheckpointError(f"target: {why}"))
+                    raise RemoteProtocolError(f"target refused: {why}")
                 if not isinstance(frame, wire.Ack):
                     raise RemoteProtocolError(f"unexpected frame from target: {frame!r}")
                 last_heard = time.monotonic()

@@ -448,6 +448,11 @@ class TargetGroup:
         source are refused from now on (a new generation: the source is on the
         abandoned timeline); the checkpoints after it are dropped."""
         checkpoint = self.undo.get(checkpoint_id)
+        if self.promoted:
+            raise CheckpointError(
+                f"group {self.name} is promoted: its volumes are live, not rolled back under "
+                "the servers using them"
+            )
         if self.views:
             raise CheckpointError(f"close the {len(self.views)} open views of {self.name} first")
         previous = self.generation

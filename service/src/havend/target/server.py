@@ -160,7 +160,11 @@ class TargetNode:
         if isinstance(frame, wire.Control) and frame.type == wire.FrameType.FAILOVER:
             final_seq = int(frame.body["final_seq"])
             log.warning("group %s: planned failover: promoting at seq %d", group.name, final_seq)
-            promoted = await group.promote(final_seq=final_seq, planned=True)
+            try:
+                promoted = await group.promote(final_seq=final_seq, planned=True)
+            except CheckpointError as exc:  # not promoted: the source un-fences and says why
+                log.error("group %s: planned failover refused: %s", group.name, exc)
+                return wire.encode_control(wire.FrameType.REFUSED, {"error": str(exc)})
             if self.on_promoted is not None:
                 self.on_promoted(group)
             return wire.encode_control(wire.FrameType.PROMOTED, promoted)
