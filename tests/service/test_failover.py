@@ -221,3 +221,58 @@ def test_target_killed_during_a_promotion_finishes_it_when_run_again(
     report = check_prefix(sites.log, images)
     expected = at_checkpoint if use_checkpoint else everything
     assert report.ok and report.min_seq <= expected <= report.seq, (report, expected)
+
+
+def test_failback_ships_only_the_changes_and_keeps_the_lost_writes(sites: Sites) -> None:
+    """Unplanned failover with writes lost on the source, writes on the promoted
+    side, then failback: only blocks changed on either side travel, both copies
+    end byte-identical, the source's lost writes are kept in a snapshot, and
+    replication resumes in the original direction without a full resync."""
+    sites.write(300)
+    wait_caught_up(sites.source, sites.target, timeout=WAIT)
+    sites.proxy.partition()
+    sites.write(40)  # never reach the target
+    promoted = sites.op(sites.target, "promote", group="app")
+    views = sites.target.address("views")
+    # Production runs at the recovery site for a while.
+    promoted_log = WriteLog()
+    clients = {i: NBDClient.open(f"{views}/app/{n}") for i, n in enumerate(VOLUMES)}
+    try:
+        recovery = StampWriter(clients, log=promoted_log, seed=9, generation=2, flush_every=8)
+        for _ in range(60):
+            recovery.step()
+    finally:
+        for client in clients.values():
+            client.close()
+    sites.proxy.heal()
+    deadline = time.monotonic() + WAIT
+    while not sites.source.status()["groups"][0]["fence"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    expected = sites.promoted_images(views)  # what production is now
+    result = sites.op(sites.source, "failback", group="app")
+    changed = result["changed_on_target_bytes"] + result["unshipped_here_bytes"]
+    assert result["unshipped_here_bytes"] == 40 * 4096
+    # 60 stamped writes, some to the same blocks: at most 60 blocks changed there.
+    assert 0 < result["changed_on_target_bytes"] <= 60 * 4096
+    assert result["pulled_bytes"] <= 1.1 * changed, result
+    assert result["snapshot"]["bytes"] > 0
+    source_images = {i: (sites.tmp / f"{n}.img").read_bytes() for i, n in enumerate(VOLUMES)}
+    assert source_images == expected
+    # Back to normal: the source takes writes again and replicates them.
+    deadline = time.monotonic() + WAIT
+    while sites.source.status()["groups"][0]["fence"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    sites.writer = sites._writer(seed=11)
+    sites.writer.generation = 3
+    sites.write(30)
+    wait_caught_up(sites.source, sites.target, timeout=WAIT)
+    replica = {
+        i: (sites.target.state_dir / "rep" / "app" / f"{n}.img").read_bytes()
+        for i, n in enumerate(VOLUMES)
+    }
+    assert replica == {i: (sites.tmp / f"{n}.img").read_bytes() for i, n in enumerate(VOLUMES)}
+    [group] = sites.target.status()["groups"]
+    assert not group["promoted"] and not group["hold"]
+    assert group["generation"] != promoted["generation"]

@@ -174,6 +174,16 @@ def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:
     failover.add_argument("--group", required=True)
     failover.add_argument("--timeout", type=float, default=300, help="seconds to drain")
     command(failover, lambda a: {"op": "failover", "group": a.group, "timeout": a.timeout})
+    failback = actions.add_parser(
+        "failback",
+        help="bring production home (source node) after a failover",
+        description="Pull back only the blocks that differ among those changed on either "
+        "side since the promotion (this side's unshipped writes are saved first as a "
+        "snapshot), make the target a replica again and resume replication.",
+    )
+    failback.add_argument("--group", required=True)
+    failback.add_argument("--timeout", type=float, default=3600)
+    command(failback, lambda a: {"op": "failback", "group": a.group, "timeout": a.timeout})
     promote = actions.add_parser(
         "promote",
         help="unplanned failover (target node): the replica becomes the live copy",

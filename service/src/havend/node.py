@@ -142,6 +142,7 @@ class Node:
             assert config.listen is not None and config.replica_dir is not None
             self.target = TargetNode(config.name, config.state_dir, config.replica_dir)
             self.target.on_promoted = self._export_promoted
+            self.target.on_demoted = self._unexport_promoted
             host, port = await self.target.start(config.listen.host, config.listen.port, server_ctx)
             self.addresses["replication"] = f"{host}:{port}"
             assert config.views is not None
@@ -230,6 +231,9 @@ class Node:
             )
             handlers["failover"] = lambda r: self.failover(
                 str(r["group"]), float(r.get("timeout", 300))
+            )
+            handlers["failback"] = lambda r: self.failback(
+                str(r["group"]), float(r.get("timeout", 3600))
             )
         else:
             handlers["checkpoints"] = lambda r: self._async(self.checkpoints, str(r["group"]))
@@ -437,6 +441,17 @@ class Node:
                 self.views.add_export(export, member, f"{member.name} of {group.name} (promoted)")
             exports.append({"export": export, "uri": f"{self.addresses['views']}/{export}"})
         return exports
+
+    def _unexport_promoted(self, group: Any) -> None:
+        assert self.views is not None
+        for volume in group.meta["volumes"]:
+            self.views.remove_export(f"{group.name}/{volume['name']}")
+
+    async def failback(self, name: str, timeout: float = 3600) -> dict[str, Any]:
+        """Bring production home after a failover (source node): see Shipper.failback."""
+        group = self._source_group(name)
+        shipper = next(s for s in self._shippers if s.group is group)
+        return await shipper.failback(timeout)
 
     async def promote(self, name: str, ref: str | None = None) -> dict[str, Any]:
         """Unplanned failover: the group's replica becomes the live copy (at its

@@ -10,6 +10,7 @@ as soon as they are appended (see ``ship.source`` for why that is safe).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -110,6 +111,136 @@ class Shipper:
         self._stopping = False
         self._writer: asyncio.StreamWriter | None = None  # of the session up now
         self._failover: asyncio.Future[dict] | None = None
+        self._wake = asyncio.Event()  # a failback ended: connect again now
+
+    async def failback(self, timeout: float) -> dict:
+        """Bring the data home from the promoted target: pull the blocks that
+        differ in the ranges either side changed since the promotion (the old
+        source's unshipped writes are saved first, as a recoverable snapshot),
+        then make the target a replica again and resume shipping."""
+        group = self.group
+        fence = group.fence or {}
+        promoted = fence.get("promoted")
+        if not promoted:
+            raise CheckpointError(f"group {group.name} has not failed over: nothing to fail back")
+        s = self.settings
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                s.host,
+                s.port,
+                ssl=self.ssl_context,
+                server_hostname=(s.server_name or s.host) if self.ssl_context else None,
+                limit=STREAM_LIMIT,
+            ),
+            s.connect_timeout,
+        )
+        try:
+            return await asyncio.wait_for(self._failback(reader, writer, promoted), timeout)
+        finally:
+            writer.close()
+            self._wake.set()
+
+    async def _failback(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, promoted: dict
+    ) -> dict:
+        group = self.group
+        loop = asyncio.get_running_loop()
+        decoder = wire.FrameDecoder()
+        started = time.monotonic()
+        writer.write(
+            wire.encode_control(
+                wire.FrameType.HELLO,
+                self._hello() | {"failback": {"generation": promoted["generation"]}},
+            )
+        )
+        await writer.drain()
+        welcome = await read_frame(reader, decoder, self.settings.connect_timeout)
+        if not isinstance(welcome, wire.Control) or not welcome.body.get("failback"):
+            why = welcome.body.get("error") if isinstance(welcome, wire.Control) else welcome
+            raise CheckpointError(f"the target refused the failback: {why}")
+        applied = int(welcome.body["applied_seq"])
+        # The delta: what either side changed since the promotion.
+        delta = DirtyRegions([v.size for v in group.volumes], reason="failback")
+        changed_there = 0
+        for index, ranges in enumerate(welcome.body["changed"]):
+            for offset, length in ranges:
+                delta.mark(index, int(offset), int(length))
+                changed_there += int(length)
+        lost = group.writes_after_extents(applied)
+        for index, offset, length in lost:
+            delta.mark(index, offset, length)
+        if group.overflow is not None:
+            delta.merge(group.overflow)
+        regions = [(i, delta.ranges(i)) for i in range(len(group.volumes))]
+        delta_bytes = sum(n for _, ranges in regions for _, n in ranges)
+        # Keep what only this side has before overwriting it: a recoverable snapshot.
+        snapshot = await loop.run_in_executor(
+            None, group.snapshot_before_failback, promoted["generation"], regions
+        )
+        request, pulled, wire_bytes = 0, 0, 0
+        for index, ranges in regions:
+            member = group.volumes[index]
+            for offset, length in _split(ranges, RESYNC_REGION):
+                data = await loop.run_in_executor(None, member.volume.read, offset, length)
+                ours = await loop.run_in_executor(None, block_hashes, data, RESYNC_FINE)
+                request += 1
+                frame = wire.encode_hash_request(
+                    wire.HashRequest(request, index, RESYNC_FINE, [(offset, length)])
+                )
+                writer.write(frame)
+                await writer.drain()
+                reply = await read_frame(reader, decoder, 300)
+                if not isinstance(reply, wire.Hashes) or reply.request != request:
+                    raise RemoteProtocolError(f"expected HASHES {request}, got {reply!r}")
+                wire_bytes += len(frame) + 4 + 8 * len(reply.hashes)
+                differ = differing_runs(ours, reply.hashes, RESYNC_FINE)
+                if not differ:
+                    continue
+                request += 1
+                wanted = [(offset + a, min(n, length - a)) for a, n in differ]
+                writer.write(wire.encode_read_request(request, index, wanted))
+                await writer.drain()
+                while True:
+                    got = await read_frame(reader, decoder, 300)
+                    if isinstance(got, wire.SyncData):
+                        await loop.run_in_executor(None, member.volume.write, got.offset, got.data)
+                        pulled += len(got.data)
+                        wire_bytes += len(got.data) + 16
+                        continue
+                    if isinstance(got, wire.Control) and got.type == wire.FrameType.READ_DONE:
+                        break
+                    raise RemoteProtocolError(f"expected SYNC_DATA or READ_DONE, got {got!r}")
+        # Equal now: the journal's unshipped records are superseded (never replayed).
+        resume = group.journal.last_seq
+        await loop.run_in_executor(None, group.finish_failback, resume)
+        writer.write(wire.encode_control(wire.FrameType.FAILBACK_DONE, {"resume_seq": resume}))
+        await writer.drain()
+        done = await read_frame(reader, decoder, 300)
+        if not isinstance(done, wire.Control) or done.type != wire.FrameType.FAILBACK_OK:
+            raise RemoteProtocolError(f"expected FAILBACK_OK, got {done!r}")
+        group.set_fence(None)
+        group.on_ack(resume)
+        log.warning(
+            "group %s: failback done: %d bytes pulled of %d changed (%d compared), resume at "
+            "seq %d; replication back to normal",
+            group.name,
+            pulled,
+            changed_there + sum(n for _, _, n in lost),
+            delta_bytes,
+            resume,
+        )
+        return {
+            "group": group.name,
+            "resume_seq": resume,
+            "changed_on_target_bytes": changed_there,
+            "unshipped_here_bytes": sum(n for _, _, n in lost),
+            "compared_bytes": delta_bytes,
+            "pulled_bytes": pulled,
+            "wire_bytes": wire_bytes,
+            "snapshot": snapshot,
+            "generation": done.body.get("generation"),
+            "seconds": round(time.monotonic() - started, 3),
+        }
 
     async def request_failover(self, final_seq: int, timeout: float) -> dict:
         """Planned failover, once the group is fenced and drained to ``final_seq``:
@@ -142,7 +273,9 @@ class Shipper:
                 continue
             except _FailedOver as exc:  # nothing to ship until failback: ask rarely
                 group.last_error = f"failed over: {exc}"
-                await asyncio.sleep(self.settings.max_backoff * 6)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.max_backoff * 6)
                 continue
             except _Overflowed:
                 log.info(
@@ -173,6 +306,18 @@ class Shipper:
 
     def stop(self) -> None:
         self._stopping = True
+
+    def _hello(self) -> dict:
+        group = self.group
+        return {
+            "version": wire.VERSION,
+            "node": self.node_name,
+            "group": str(group.id),
+            "name": group.name,
+            "mode": group.mode,
+            "volumes": [{"name": v.name, "size": v.size} for v in group.volumes],
+            "retention": group.retention,
+        }
 
     async def _session(self) -> None:
         s = self.settings
@@ -302,20 +447,7 @@ class Shipper:
     async def _ship(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         group = self.group
         decoder = wire.FrameDecoder()
-        writer.write(
-            wire.encode_control(
-                wire.FrameType.HELLO,
-                {
-                    "version": wire.VERSION,
-                    "node": self.node_name,
-                    "group": str(group.id),
-                    "name": group.name,
-                    "mode": group.mode,
-                    "volumes": [{"name": v.name, "size": v.size} for v in group.volumes],
-                    "retention": group.retention,
-                },
-            )
-        )
+        writer.write(wire.encode_control(wire.FrameType.HELLO, self._hello()))
         await writer.drain()
         welcome = await read_frame(reader, decoder, self.settings.connect_timeout)
         if not isinstance(welcome, wire.Control) or welcome.type != wire.FrameType.WELCOME:

@@ -35,6 +35,7 @@ from typing import Any
 
 from havend.bitmap import mark_range, set_runs
 from havend.cdp.checkpoint import Checkpoint
+from havend.cdp.undo import UndoLog
 from havend.errors import CheckpointError, JournalCorruptError
 from havend.fsutil import write_atomic
 from havend.journal import Journal, JournalFull, Kind
@@ -370,6 +371,51 @@ class SourceGroup:
                 "group %s: the target was promoted at seq %d: no write lost", self.name, applied
             )
         return fence
+
+    def writes_after_extents(self, seq: int) -> list[tuple[int, int, int]]:
+        """(volume, offset, length) of the journaled changes after ``seq``."""
+        extents = []
+        after = max(seq, self.journal.tail_seq - 1)
+        while batch := self.journal.read(after, 16 << 20, durable_only=False):
+            extents += [(r.volume, r.offset, r.length) for r in batch if r.kind != Kind.CHECKPOINT]
+            after = batch[-1].seq
+        return extents
+
+    def snapshot_before_failback(
+        self, generation: str, regions: list[tuple[int, list[tuple[int, int]]]]
+    ) -> dict[str, Any]:
+        """Save what the volumes hold in ``regions`` before a failback overwrites
+        it (the writes that never reached the target among them): an undo log
+        with one checkpoint, kept under the group's state directory."""
+        assert self.state_dir is not None
+        directory = os.path.join(self.state_dir, f"failback-{generation}")
+        undo = UndoLog(directory, [v.size for v in self.volumes])
+        try:
+            checkpoint = Checkpoint(
+                generation.replace("-", ""),
+                self.journal.last_seq + 1,
+                time.time(),
+                "before failback",
+                "crash",
+            )
+            undo.add_checkpoint(checkpoint)  # known already when a failback runs again
+            volumes = [m.volume for m in self.volumes]
+            for index, ranges in regions:
+                for offset, length in ranges:
+                    undo.preserve(volumes, None, [(index, offset, length)])
+            return {"directory": directory, "checkpoint": checkpoint.id, "bytes": undo.used_bytes}
+        finally:
+            undo.close()
+
+    def finish_failback(self, resume_seq: int) -> None:
+        """The volumes now equal the target's: make them durable and mark every
+        record up to ``resume_seq`` as in them (a restart must not replay the
+        superseded unshipped records over the data just pulled)."""
+        with self.lock:
+            self._sync_volumes(resume_seq)
+            if self.overflow is not None:
+                self.overflow = None
+                self.overflow_resolved()
 
     def _writes_after(self, seq: int) -> dict[str, Any]:
         """The journaled writes after ``seq``: the data-loss window of a failover."""

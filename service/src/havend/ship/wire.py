@@ -37,6 +37,18 @@ Planned failover, once the source is fenced and drained:
     promote the replica there. The target answers ``PROMOTED`` (JSON, the
     promotion record: ``applied_seq``, ``generation``...) and refuses the
     group's records from then on (``REFUSED`` with ``"code": "promoted"``).
+
+Failback, on a session whose HELLO carries ``"failback": {"generation"}`` (the
+promoted generation): the target stops its promoted volumes' writes and
+answers ``WELCOME`` with ``"failback": true``, ``"applied_seq"`` (where it was
+promoted) and ``"changed"`` (per volume, the ranges written since). The
+source compares blocks with ``HASH_REQ`` and pulls the differing ones:
+
+``READ_REQ`` (the ``HASH_REQ`` layout; granularity unused): the target answers
+    ``SYNC_DATA`` frames with the bytes of every range, then ``READ_DONE``
+    (JSON) ``{"request"}``.
+``FAILBACK_DONE`` (JSON) ``{"resume_seq"}``: both copies are equal; the
+    target is a replica again at ``resume_seq`` and answers ``FAILBACK_OK``.
 """
 
 from __future__ import annotations
@@ -78,6 +90,10 @@ class FrameType(enum.IntEnum):
     SYNC_DONE = 12
     FAILOVER = 13
     PROMOTED = 14
+    READ_REQ = 15
+    READ_DONE = 16
+    FAILBACK_DONE = 17
+    FAILBACK_OK = 18
 
 
 _JSON_FRAMES = {
@@ -90,6 +106,9 @@ _JSON_FRAMES = {
     FrameType.SYNC_DONE,
     FrameType.FAILOVER,
     FrameType.PROMOTED,
+    FrameType.READ_DONE,
+    FrameType.FAILBACK_DONE,
+    FrameType.FAILBACK_OK,
 }
 _HASH_REQ = struct.Struct("<IHII")
 _RANGE = struct.Struct("<QI")
@@ -131,6 +150,13 @@ class HashRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadRequest:
+    request: int
+    volume: int
+    ranges: list[tuple[int, int]]  # (offset, length)
+
+
+@dataclass(frozen=True, slots=True)
 class Hashes:
     request: int
     hashes: list[int]
@@ -143,13 +169,19 @@ class SyncData:
     data: bytes
 
 
-Frame = Control | Batch | Ack | HashRequest | Hashes | SyncData
+Frame = Control | Batch | Ack | HashRequest | ReadRequest | Hashes | SyncData
 
 
 def encode_hash_request(req: HashRequest) -> bytes:
     body = _HASH_REQ.pack(req.request, req.volume, req.granularity, len(req.ranges))
     body += b"".join(_RANGE.pack(o, n) for o, n in req.ranges)
     return _FRAME.pack(len(body), FrameType.HASH_REQ) + body
+
+
+def encode_read_request(request: int, volume: int, ranges: list[tuple[int, int]]) -> bytes:
+    body = _HASH_REQ.pack(request, volume, 4096, len(ranges))
+    body += b"".join(_RANGE.pack(o, n) for o, n in ranges)
+    return _FRAME.pack(len(body), FrameType.READ_REQ) + body
 
 
 def encode_hashes(request: int, hashes: list[int]) -> bytes:
@@ -304,6 +336,10 @@ class FrameDecoder:
 
 
 def _resync_frame(kind: FrameType, payload: bytes) -> Frame:
+    if kind == FrameType.READ_REQ:
+        hash_request = _resync_frame(FrameType.HASH_REQ, payload)
+        assert isinstance(hash_request, HashRequest)
+        return ReadRequest(hash_request.request, hash_request.volume, hash_request.ranges)
     if kind == FrameType.HASH_REQ:
         if len(payload) < _HASH_REQ.size:
             raise RemoteProtocolError("truncated HASH_REQ")

@@ -602,6 +602,67 @@ class TargetGroup:
             ]
         return self._promoted_volumes
 
+    # Failback ----------------------------------------------------------------
+
+    def begin_failback(self) -> dict:
+        """The old source is taking the data home: the promoted volumes stop
+        taking writes, the change map is flushed; what the source needs to know."""
+        volumes = self.promoted_volumes()
+        assert self.changes is not None
+        with volumes[0]._lock:  # no write between its change-map entry and itself
+            for member in volumes:
+                member.fenced = f"group {self.name} is failing back: writes are paused"
+        for member in volumes:
+            member.volume.flush()
+        self.changes.flush()
+        assert self.promoted is not None
+        log.warning("group %s: failback begins: promoted volumes paused", self.name)
+        return {
+            "failback": True,
+            "applied_seq": self.promoted["applied_seq"],
+            "changed": [self.changes.ranges(i) for i in range(len(volumes))],
+        }
+
+    def abort_failback(self) -> None:
+        """The failback session ended early: the promoted side stays live."""
+        for member in self._promoted_volumes or []:
+            member.fenced = ""
+
+    def end_failback(self, resume_seq: int) -> dict:
+        """Both copies are equal: a replica again, records resume after ``resume_seq``."""
+        previous = self.generation
+        for volume in self.volumes:
+            volume.flush()
+        self.meta["generation"] = str(uuid.uuid4())
+        self.meta.setdefault("history", []).append(
+            {
+                "failback": {
+                    "time": time.time(),
+                    "resume_seq": resume_seq,
+                    "promoted": self.meta.get("promoted"),
+                    "generation": self.meta["generation"],
+                }
+            }
+        )
+        self.meta.pop("promoted", None)
+        self.meta.pop("hold", None)
+        if self.changes is not None:
+            self.changes.close()
+            self.changes = None
+        self._promoted_volumes = None
+        shutil.rmtree(os.path.join(self.directory, "changes"), ignore_errors=True)
+        self._restart_sequence(resume_seq)
+        self._set_sync("consistent", until=resume_seq)
+        self._write_meta()
+        log.warning(
+            "group %s: failback done: a replica again at seq %d (generation %s, was %s)",
+            self.name,
+            resume_seq,
+            self.generation,
+            previous,
+        )
+        return {"generation": self.generation, "previous_generation": previous}
+
     def _drop_unapplied(self) -> None:
         """Records received after the rollback point belong to the abandoned timeline."""
         applied = self.applied_seq

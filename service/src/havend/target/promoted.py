@@ -3,6 +3,7 @@ retained checkpoints kept exact (the undo log saves what a write overwrites)."""
 
 from __future__ import annotations
 
+import errno
 import threading
 from collections.abc import Callable, Sequence
 
@@ -33,12 +34,15 @@ class PromotedVolume:
         self.undo = undo
         self.changes = changes
         self._lock = lock  # one per group: a change is tracked, saved, then made
+        self.fenced = ""  # why writes are refused (a failback is taking the data home)
 
     def read(self, offset: int, length: int) -> bytes:
         return self.volume.read(offset, length)
 
     def _change(self, offset: int, length: int, do: Callable[[], None]) -> None:
         with self._lock:
+            if self.fenced:
+                raise OSError(errno.EROFS, self.fenced)
             self.changes.mark(self.index, offset, length)  # durable before the change
             self.undo.preserve(self.volumes, None, [(self.index, offset, length)])
             do()

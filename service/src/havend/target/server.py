@@ -31,6 +31,7 @@ class TargetNode:
         self._server: asyncio.AbstractServer | None = None
         self._links: dict[uuid.UUID, asyncio.StreamWriter] = {}
         self.on_promoted: Callable[[TargetGroup], Any] | None = None  # serve its volumes
+        self.on_demoted: Callable[[TargetGroup], Any] | None = None  # stop serving them
         groups_dir = os.path.join(state_dir, "groups")
         if os.path.isdir(groups_dir):
             for entry in sorted(os.listdir(groups_dir)):
@@ -73,6 +74,7 @@ class TargetNode:
                 group = None
                 return
             assert group is not None
+            failback = group.promoted is not None  # admitted: a failback session
             # The newest link wins: an older one may be half-dead after a
             # partition (no FIN, no RST) and would block the group forever.
             old = self._links.get(group.id)
@@ -85,17 +87,15 @@ class TargetNode:
                     await asyncio.sleep(0.05)
             self._links[group.id] = writer
             group.connected = True
-            writer.write(
-                wire.encode_control(
-                    wire.FrameType.WELCOME,
-                    {
-                        "node": self.name,
-                        "durable_seq": group.journal.durable_seq,
-                        "state": group.state,
-                        "generation": group.generation,
-                    },
-                )
-            )
+            welcome = {
+                "node": self.name,
+                "durable_seq": group.journal.durable_seq,
+                "state": group.state,
+                "generation": group.generation,
+            }
+            if failback:
+                welcome |= group.begin_failback()
+            writer.write(wire.encode_control(wire.FrameType.WELCOME, welcome))
             await writer.drain()
             log.info("group %s: receiving from %s", group.name, hello.body.get("node"))
             committer = asyncio.ensure_future(self._commit_and_ack(group, writer))
@@ -125,6 +125,8 @@ class TargetNode:
                 del self._links[group.id]
                 group.connected = False
                 group.abort_resync()
+                if group.promoted:
+                    group.abort_failback()
             writer.close()
 
     async def _handle(self, group: TargetGroup, frame: wire.Frame) -> bytes | None:
@@ -168,6 +170,25 @@ class TargetNode:
             if self.on_promoted is not None:
                 self.on_promoted(group)
             return wire.encode_control(wire.FrameType.PROMOTED, promoted)
+        if isinstance(frame, wire.ReadRequest):
+            if frame.volume >= len(group.volumes) or not group.promoted:
+                raise RemoteProtocolError("READ_REQ outside a failback")
+            volume = group.volumes[frame.volume]
+            for offset, length in frame.ranges:
+                if offset + length > volume.size or length > wire.MAX_FRAME // 2:
+                    raise RemoteProtocolError("READ_REQ outside the volume")
+                data = await loop.run_in_executor(None, volume.read, offset, length)
+                self._send_now(group, wire.encode_sync_data(frame.volume, offset, data))
+            return wire.encode_control(wire.FrameType.READ_DONE, {"request": frame.request})
+        if isinstance(frame, wire.Control) and frame.type == wire.FrameType.FAILBACK_DONE:
+            if not group.promoted:
+                raise RemoteProtocolError("FAILBACK_DONE outside a failback")
+            done = await loop.run_in_executor(
+                None, group.end_failback, int(frame.body["resume_seq"])
+            )
+            if self.on_demoted is not None:
+                self.on_demoted(group)
+            return wire.encode_control(wire.FrameType.FAILBACK_OK, done)
         if isinstance(frame, wire.Control) and frame.type == wire.FrameType.SYNC_END:
             await loop.run_in_executor(None, group.end_resync, int(frame.body["high_seq"]))
             log.info(
@@ -214,6 +235,11 @@ class TargetNode:
             return group, refusal
         if group.refusing:
             return group, f"group {group.name} is {group.refusing}"
+        failback = hello.get("failback")
+        if group.promoted and isinstance(failback, dict):
+            if failback.get("generation") != group.generation:
+                return group, f"failback of generation {failback.get('generation')}, not ours"
+            return group, None
         if group.hold:
             return group, group.hold
         retention = hello.get("retention")
@@ -228,6 +254,11 @@ class TargetNode:
             except (TypeError, ValueError):
                 return group, "malformed retention in HELLO"
         return group, None
+
+    def _send_now(self, group: TargetGroup, frame: bytes) -> None:
+        link = self._links.get(group.id)
+        if link is not None:
+            link.write(frame)
 
     def drop_link(self, group: TargetGroup) -> None:
         """End the group's replication link now (a rollback refuses its records)."""
