@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import zstandard
 
-from havend.blockhash import block_hashes, differing_runs
+from havend.blockhash import block_hashes, differing_runs, hash_ranges
 from havend.errors import CheckpointError, JournalError, RemoteProtocolError
 from havend.journal.record import Record
 from havend.ship import wire
@@ -180,24 +180,34 @@ class Shipper:
         request, pulled, wire_bytes = 0, 0, 0
         for index, ranges in regions:
             member = group.volumes[index]
-            for offset, length in _split(ranges, RESYNC_REGION):
-                data = await loop.run_in_executor(None, member.volume.read, offset, length)
-                ours = await loop.run_in_executor(None, block_hashes, data, RESYNC_FINE)
+            # Many ranges per round trip: one HASH_REQ, then one READ_REQ.
+            for batch in _batches(_split(ranges, RESYNC_REGION), RESYNC_REGION):
+                ours = await loop.run_in_executor(
+                    None, hash_ranges, member.volume, batch, RESYNC_FINE
+                )
                 request += 1
                 frame = wire.encode_hash_request(
-                    wire.HashRequest(request, index, RESYNC_FINE, [(offset, length)])
+                    wire.HashRequest(request, index, RESYNC_FINE, batch)
                 )
                 writer.write(frame)
                 await writer.drain()
                 reply = await read_frame(reader, decoder, 300)
                 if not isinstance(reply, wire.Hashes) or reply.request != request:
                     raise RemoteProtocolError(f"expected HASHES {request}, got {reply!r}")
+                if len(reply.hashes) != len(ours):
+                    raise RemoteProtocolError("HASHES does not match the ranges asked")
                 wire_bytes += len(frame) + 4 + 8 * len(reply.hashes)
-                differ = differing_runs(ours, reply.hashes, RESYNC_FINE)
-                if not differ:
+                wanted, at = [], 0
+                for offset, length in batch:
+                    blocks = (length + RESYNC_FINE - 1) // RESYNC_FINE
+                    runs = differing_runs(
+                        ours[at : at + blocks], reply.hashes[at : at + blocks], RESYNC_FINE
+                    )
+                    wanted += [(offset + a, min(n, length - a)) for a, n in runs]
+                    at += blocks
+                if not wanted:
                     continue
                 request += 1
-                wanted = [(offset + a, min(n, length - a)) for a, n in differ]
                 writer.write(wire.encode_read_request(request, index, wanted))
                 await writer.drain()
                 while True:
@@ -579,6 +589,20 @@ class Shipper:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _batches(ranges: list[tuple[int, int]], most: int) -> list[list[tuple[int, int]]]:
+    """Consecutive ranges grouped so that each group holds at most ``most`` bytes
+    (and 4,096 ranges: a HASH_REQ's size stays small)."""
+    out: list[list[tuple[int, int]]] = []
+    total = most
+    for offset, length in ranges:
+        if total + length > most or len(out[-1]) >= 4096:
+            out.append([])
+            total = 0
+        out[-1].append((offset, length))
+        total += length
+    return out
 
 
 def _split(ranges: list[tuple[int, int]], most: int) -> list[tuple[int, int]]:
