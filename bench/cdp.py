@@ -15,7 +15,8 @@ volume, on this machine's disk, side by side in one run:
 2. Checkpoint latency: ``--latency-samples`` checkpoints through the source's
    admin socket while a paced writer (``--writer-mb`` MB/s of 1 MiB writes)
    keeps the group busy; the time from the request to the answer (the marker
-   is in the journal and the journal is on stable storage).
+   is in the group's sequence and shipped; its commit to stable storage
+   follows in the background).
 3. Retention: checkpoints (a 4 KiB write before each) until the target has
    applied more than 2,048; the count it retains.
 4. Opening a view of the oldest retained checkpoint: the admin request, the
@@ -181,7 +182,8 @@ def bench_latency(pair: Pair, samples: int, rate: float, size: int) -> dict[str,
         stop_writing.set()
         writer.join(30)
     return {
-        "unit": "ms, admin request to answer (marker journaled and durable)",
+        "unit": "ms, admin request to answer (the marker is in the group's sequence; "
+        "its background commit follows within milliseconds)",
         "samples": samples,
         "writer_MBps": rate / 1e6,
         "p50_ms": round(percentile(waits, 0.5), 3),

@@ -123,17 +123,7 @@ class Shipper:
         promoted = fence.get("promoted")
         if not promoted:
             raise CheckpointError(f"group {group.name} has not failed over: nothing to fail back")
-        s = self.settings
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
-                s.host,
-                s.port,
-                ssl=self.ssl_context,
-                server_hostname=(s.server_name or s.host) if self.ssl_context else None,
-                limit=STREAM_LIMIT,
-            ),
-            s.connect_timeout,
-        )
+        reader, writer = await self._connect()
         try:
             return await asyncio.wait_for(self._failback(reader, writer, promoted), timeout)
         finally:
@@ -329,9 +319,9 @@ class Shipper:
             "retention": group.retention,
         }
 
-    async def _session(self) -> None:
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         s = self.settings
-        reader, writer = await asyncio.wait_for(
+        return await asyncio.wait_for(
             asyncio.open_connection(
                 s.host,
                 s.port,
@@ -341,6 +331,9 @@ class Shipper:
             ),
             s.connect_timeout,
         )
+
+    async def _session(self) -> None:
+        reader, writer = await self._connect()
         try:
             await self._ship(reader, writer)
         finally:
