@@ -4,6 +4,7 @@ acknowledged write; an unplanned one reports exactly the writes it lost."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -276,3 +277,75 @@ def test_failback_ships_only_the_changes_and_keeps_the_lost_writes(sites: Sites)
     [group] = sites.target.status()["groups"]
     assert not group["promoted"] and not group["hold"]
     assert group["generation"] != promoted["generation"]
+
+
+@pytest.mark.parametrize(
+    ("victim", "seed"), [(v, s) for v in ("source", "target") for s in (1, 2, 3)]
+)
+def test_failback_killed_at_random_moments_converges_when_run_again(
+    sites: Sites, victim: str, seed: int
+) -> None:
+    """kill -9 of either side at a random moment of a failback (delta being
+    pulled, switch back half done...): after restarting it, running the
+    failback again ends with byte-identical copies, nothing lost, and
+    replication in the original direction."""
+    import random
+    import threading
+
+    rng = random.Random(seed)
+    sites.write(200)
+    wait_caught_up(sites.source, sites.target, timeout=WAIT)
+    sites.proxy.partition()
+    sites.write(rng.randrange(10, 60))
+    sites.op(sites.target, "promote", group="app")
+    views = sites.target.address("views")
+    clients = {i: NBDClient.open(f"{views}/app/{n}") for i, n in enumerate(VOLUMES)}
+    try:
+        recovery = StampWriter(clients, log=WriteLog(), seed=seed, generation=2, flush_every=8)
+        for _ in range(rng.randrange(100, 400)):
+            recovery.step()
+    finally:
+        for client in clients.values():
+            client.close()
+    sites.proxy.heal()
+    deadline = time.monotonic() + WAIT
+    while not sites.source.status()["groups"][0]["fence"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    expected = sites.promoted_images(views)
+    node = sites.source if victim == "source" else sites.target
+
+    def failback() -> None:
+        with contextlib.suppress(admin.AdminError):  # the kill may cut it short
+            sites.op(sites.source, "failback", group="app")
+
+    caller = threading.Thread(target=failback)
+    caller.start()
+    time.sleep(rng.uniform(0, 0.25))
+    node.kill()
+    caller.join(60)
+    node.start()
+    for attempt in range(5):  # the source may need a moment to see the target again
+        try:
+            sites.op(sites.source, "failback", group="app")
+            break
+        except admin.AdminError as exc:
+            if "nothing to fail back" in str(exc):  # the first run had finished
+                break
+            assert attempt < 4, exc
+            time.sleep(1)
+    source_images = {i: (sites.tmp / f"{n}.img").read_bytes() for i, n in enumerate(VOLUMES)}
+    assert source_images == expected
+    deadline = time.monotonic() + WAIT
+    while sites.source.status()["groups"][0]["fence"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    sites.writer = sites._writer(seed=seed + 100)
+    sites.writer.generation = 3
+    sites.write(20)
+    wait_caught_up(sites.source, sites.target, timeout=WAIT)
+    replica = {
+        i: (sites.target.state_dir / "rep" / "app" / f"{n}.img").read_bytes()
+        for i, n in enumerate(VOLUMES)
+    }
+    assert replica == {i: (sites.tmp / f"{n}.img").read_bytes() for i, n in enumerate(VOLUMES)}

@@ -145,6 +145,26 @@ class Shipper:
         )
         await writer.drain()
         welcome = await read_frame(reader, decoder, self.settings.connect_timeout)
+        finished = welcome.body.get("failback_done") if isinstance(welcome, wire.Control) else None
+        if finished:  # the target switched back but we did not hear it: finish here
+            resume = int(finished["resume_seq"])
+            if resume != group.journal.last_seq:
+                raise CheckpointError(
+                    f"the target finished a failback at seq {resume}, this side is at "
+                    f"{group.journal.last_seq}: resolve by hand"
+                )
+            await loop.run_in_executor(None, group.finish_failback, resume)
+            group.set_fence(None)
+            group.on_ack(resume)
+            log.warning(
+                "group %s: failback had finished on the target at seq %d", group.name, resume
+            )
+            return {
+                "group": group.name,
+                "resume_seq": resume,
+                "finished_earlier": True,
+                "generation": welcome.body.get("generation"),
+            }
         if not isinstance(welcome, wire.Control) or not welcome.body.get("failback"):
             why = welcome.body.get("error") if isinstance(welcome, wire.Control) else welcome
             raise CheckpointError(f"the target refused the failback: {why}")

@@ -623,6 +623,14 @@ class TargetGroup:
             "changed": [self.changes.ranges(i) for i in range(len(volumes))],
         }
 
+    def failback_done(self, generation: str) -> dict | None:
+        """The record of a finished failback of that promoted generation, if any."""
+        for event in reversed(self.meta.get("history", [])):
+            done = event.get("failback")
+            if done and (done.get("promoted") or {}).get("generation") == generation:
+                return dict(done)
+        return None
+
     def abort_failback(self) -> None:
         """The failback session ended early: the promoted side stays live."""
         for member in self._promoted_volumes or []:

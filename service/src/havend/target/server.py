@@ -95,6 +95,9 @@ class TargetNode:
             }
             if failback:
                 welcome |= group.begin_failback()
+            elif isinstance(hello.body.get("failback"), dict):
+                done = group.failback_done(str(hello.body["failback"].get("generation")))
+                welcome |= {"failback_done": done}
             writer.write(wire.encode_control(wire.FrameType.WELCOME, welcome))
             await writer.drain()
             log.info("group %s: receiving from %s", group.name, hello.body.get("node"))
@@ -236,10 +239,13 @@ class TargetNode:
         if group.refusing:
             return group, f"group {group.name} is {group.refusing}"
         failback = hello.get("failback")
-        if group.promoted and isinstance(failback, dict):
-            if failback.get("generation") != group.generation:
-                return group, f"failback of generation {failback.get('generation')}, not ours"
-            return group, None
+        if isinstance(failback, dict):
+            if group.promoted:
+                if failback.get("generation") != group.generation:
+                    return group, f"failback of generation {failback.get('generation')}, not ours"
+                return group, None
+            if group.failback_done(str(failback.get("generation"))) is not None:
+                return group, None  # done, but the source did not hear it: WELCOME says so
         if group.hold:
             return group, group.hold
         retention = hello.get("retention")
