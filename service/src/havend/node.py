@@ -30,7 +30,7 @@ from havend.fsutil import write_atomic
 from havend.journal import Journal
 from havend.nbd.server import NBDServer
 from havend.process import human_bytes, until_stopped
-from havend.ship.shipper import Shipper, ShipperSettings
+from havend.ship.shipper import FailoverRefused, Shipper, ShipperSettings
 from havend.ship.source import SourceGroup, group_dir
 from havend.target.server import TargetNode
 from havend.volume import FileVolume
@@ -150,6 +150,10 @@ class Node:
             host, port = await self.views.listen_tcp(config.views.host, config.views.port)
             self.addresses["views"] = f"nbd://{host}:{port}"
             for group in self.target.groups.values():
+                planned = (group.meta.get("promoting") or {}).get("planned")
+                if planned and not group.promoted:  # a planned failover cut short: finish it
+                    log.warning("group %s: finishing an interrupted planned failover", group.name)
+                    await group.promote(planned=True)
                 if group.promoted:  # still failed over after a restart: serve it
                     self._export_promoted(group)
         self.admin = AdminServer(
@@ -325,7 +329,10 @@ class Node:
         shipper = next(s for s in self._shippers if s.group is group)
         loop = asyncio.get_running_loop()
         started = time.monotonic()
-        group.set_fence({"reason": "planned failover in progress"})
+        # Marked with this process: a restart that finds it knows the failover
+        # was cut short (and lifts it once the target shows it was not promoted).
+        fence = {"reason": "planned failover in progress", "pid": os.getpid(), "stage": "draining"}
+        group.set_fence(fence)
         log.warning("group %s: planned failover: writes refused from now on, draining", name)
         try:
             await loop.run_in_executor(None, group.commit)
@@ -333,8 +340,18 @@ class Node:
             await asyncio.wait_for(group.wait_acked(final.seq), timeout)
             drained = time.monotonic()
             log.info("group %s: drained to seq %d; the target promotes itself", name, final.seq)
+            # From here the target may promote itself even if we never hear it: stay
+            # fenced on failure; the next connection tells (see Shipper._ship).
+            group.set_fence(fence | {"stage": "promoting", "final_seq": final.seq})
             promoted = await shipper.request_failover(final.seq, timeout)
         except BaseException as exc:  # not failed over: the group is live again here
+            refused = isinstance(exc, FailoverRefused)
+            if group.fence and group.fence.get("stage") == "promoting" and not refused:
+                raise CheckpointError(
+                    f"group {name}: asked the target to promote itself at seq {final.seq} and "
+                    f"did not hear back ({exc}); the group stays fenced until the link tells "
+                    "whether it was promoted"
+                ) from None
             group.set_fence(None)
             if isinstance(exc, TimeoutError):
                 raise CheckpointError(

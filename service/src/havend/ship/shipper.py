@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import ssl
 import time
@@ -480,6 +481,13 @@ class Shipper:
                     raise _FailedOver(str(welcome.body.get("error")))
                 raise RemoteProtocolError(f"target refused: {welcome.body.get('error')}")
             raise RemoteProtocolError("target did not answer HELLO with WELCOME")
+        fence = group.fence
+        interrupted = fence and not fence.get("promoted") and fence.get("stage")
+        if interrupted and (fence.get("stage") == "promoting" or fence.get("pid") != os.getpid()):
+            # A planned failover this node started before a restart never promoted
+            # the target (it just welcomed us as its source): writes resume here.
+            log.warning("group %s: an interrupted planned failover is called off", group.name)
+            group.set_fence(None)
         cursor = int(welcome.body["durable_seq"])
         journal = group.journal
         lost = cursor + 1 < journal.tail_seq  # released before the target had them
@@ -536,7 +544,7 @@ class Shipper:
                 if isinstance(frame, wire.Control) and frame.type == wire.FrameType.REFUSED:
                     why = str(frame.body.get("error"))
                     if self._failover is not None and not self._failover.done():
-                        self._failover.set_exception(CheckpointError(f"target: {why}"))
+                        self._failover.set_exception(FailoverRefused(f"target: {why}"))
                     raise RemoteProtocolError(f"target refused: {why}")
                 if not isinstance(frame, wire.Ack):
                     raise RemoteProtocolError(f"unexpected frame from target: {frame!r}")
@@ -624,6 +632,10 @@ def _split(ranges: list[tuple[int, int]], most: int) -> list[tuple[int, int]]:
         for offset, length in ranges
         for start in range(0, length, most)
     ]
+
+
+class FailoverRefused(CheckpointError):
+    """The target answered FAILOVER with a refusal: it did not promote itself."""
 
 
 class _FailedOver(Exception):

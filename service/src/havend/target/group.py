@@ -547,6 +547,7 @@ class TargetGroup:
         self.meta["promoting"] = {
             "checkpoint": chosen.id if chosen else None,
             "previous_generation": previous,
+            "planned": planned,
         }
         self.meta["hold"] = f"a promotion of {self.name} was interrupted: run it again"
         self._write_meta()
