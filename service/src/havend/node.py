@@ -153,7 +153,10 @@ class Node:
                 planned = (group.meta.get("promoting") or {}).get("planned")
                 if planned and not group.promoted:  # a planned failover cut short: finish it
                     log.warning("group %s: finishing an interrupted planned failover", group.name)
-                    await group.promote(planned=True)
+                    try:
+                        await group.promote(planned=True)
+                    except CheckpointError as exc:  # stays on hold; the node serves the rest
+                        log.error("group %s: cannot finish the failover: %s", group.name, exc)
                 if group.promoted:  # still failed over after a restart: serve it
                     self._export_promoted(group)
         self.admin = AdminServer(
