@@ -29,7 +29,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -263,19 +263,24 @@ class SourceGroup:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(flag)
 
+    def records_after(self, seq: int, *, durable_only: bool = True) -> Iterator[Record]:
+        """The journal's records after ``seq`` (those still held), in order,
+        read 16 MiB at a time."""
+        after = max(seq, self.journal.tail_seq - 1)
+        while batch := self.journal.read(after, 16 << 20, durable_only=durable_only):
+            yield from batch
+            after = batch[-1].seq
+
     def _journal_extents(self) -> list[tuple[int, int, int]]:
         """What the unacknowledged records change (the journal is about to be
         replaced by a region resync). Checkpoints among them cannot survive
         that (the target never sees the write order they mark): say so."""
-        extents, after, lost = [], self.journal.tail_seq - 1, []
-        after = max(after, self.acked_seq)
-        while records := self.journal.read(after, 16 << 20):
-            for r in records:
-                if r.kind == Kind.CHECKPOINT:
-                    lost.append(Checkpoint.from_record(r))
-                else:
-                    extents.append((r.volume, r.offset, r.length))
-            after = records[-1].seq
+        extents, lost = [], []
+        for r in self.records_after(self.acked_seq):
+            if r.kind == Kind.CHECKPOINT:
+                lost.append(Checkpoint.from_record(r))
+            else:
+                extents.append((r.volume, r.offset, r.length))
         if lost:
             self.lost_checkpoints = (self.lost_checkpoints + [c.id for c in lost])[-100:]
             log.warning(
@@ -292,12 +297,10 @@ class SourceGroup:
     def replay(self) -> int:
         """Apply the journal's records to the local copies (after a crash the copies
         may lack what the journal has); returns how many were applied."""
-        count, after = 0, max(self.journal.tail_seq - 1, self._synced_marker())
-        while records := self.journal.read(after, 16 << 20):
-            for record in records:
-                apply_record(self.volumes[record.volume].volume, record)
-            count += len(records)
-            after = records[-1].seq
+        count = 0
+        for record in self.records_after(self._synced_marker()):
+            apply_record(self.volumes[record.volume].volume, record)
+            count += 1
         for member in self.volumes:
             member.volume.flush()
         now = time.monotonic()
@@ -374,12 +377,11 @@ class SourceGroup:
 
     def writes_after_extents(self, seq: int) -> list[tuple[int, int, int]]:
         """(volume, offset, length) of the journaled changes after ``seq``."""
-        extents = []
-        after = max(seq, self.journal.tail_seq - 1)
-        while batch := self.journal.read(after, 16 << 20, durable_only=False):
-            extents += [(r.volume, r.offset, r.length) for r in batch if r.kind != Kind.CHECKPOINT]
-            after = batch[-1].seq
-        return extents
+        return [
+            (r.volume, r.offset, r.length)
+            for r in self.records_after(seq, durable_only=False)
+            if r.kind != Kind.CHECKPOINT
+        ]
 
     def snapshot_before_failback(
         self, generation: str, regions: list[tuple[int, list[tuple[int, int]]]]
@@ -400,9 +402,11 @@ class SourceGroup:
             )
             undo.add_checkpoint(checkpoint)  # known already when a failback runs again
             volumes = [m.volume for m in self.volumes]
-            for index, ranges in regions:
-                for offset, length in ranges:
-                    undo.preserve(volumes, None, [(index, offset, length)])
+            # One preserve step: entries of up to 2,048 blocks, one fdatasync in all.
+            changes = [
+                (index, offset, length) for index, ranges in regions for offset, length in ranges
+            ]
+            undo.preserve(volumes, None, changes)
             return {"directory": directory, "checkpoint": checkpoint.id, "bytes": undo.used_bytes}
         finally:
             undo.close()
@@ -422,17 +426,14 @@ class SourceGroup:
         records = 0
         size = 0
         first = last = None
-        after = max(seq, self.journal.tail_seq - 1)
         with contextlib.suppress(JournalCorruptError):
-            while batch := self.journal.read(after, 16 << 20, durable_only=False):
-                for r in batch:
-                    if r.kind == Kind.CHECKPOINT:
-                        continue
-                    records += 1
-                    size += r.length
-                    first = first or r
-                    last = r
-                after = batch[-1].seq
+            for r in self.records_after(seq, durable_only=False):
+                if r.kind == Kind.CHECKPOINT:
+                    continue
+                records += 1
+                size += r.length
+                first = first or r
+                last = r
         regions = self.overflow.dirty_bytes() if self.overflow is not None else 0
         return {
             "records": records,
