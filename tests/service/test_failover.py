@@ -5,6 +5,8 @@ acknowledged write; an unplanned one reports exactly the writes it lost."""
 from __future__ import annotations
 
 import contextlib
+import random
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +74,64 @@ class Sites:
                 assert not client.read_only
                 images[i] = client.read(0, client.size)
         return images
+
+    def volume_images(self) -> dict[int, bytes]:
+        return {i: (self.tmp / f"{n}.img").read_bytes() for i, n in enumerate(VOLUMES)}
+
+    def replica_images(self) -> dict[int, bytes]:
+        base = self.target.state_dir / "rep" / "app"
+        return {i: (base / f"{n}.img").read_bytes() for i, n in enumerate(VOLUMES)}
+
+    def wait_fenced(self, fenced: bool) -> None:
+        deadline = time.monotonic() + WAIT
+        while bool(self.source.status()["groups"][0]["fence"]) != fenced:
+            assert time.monotonic() < deadline, self.source.log()[-1500:]
+            time.sleep(0.1)
+
+    def failed_over_with_losses(self, lost: int, recovery: int, seed: int) -> tuple[dict, dict]:
+        """Cut the link, ``lost`` writes on the source, promote the target,
+        ``recovery`` writes on the promoted side, heal, until the source is
+        fenced; (the promotion record, what production holds now)."""
+        wait_caught_up(self.source, self.target, timeout=WAIT)
+        self.proxy.partition()
+        self.write(lost)  # never reach the target
+        promoted = self.op(self.target, "promote", group="app")
+        views = self.target.address("views")
+        clients = {i: NBDClient.open(f"{views}/app/{n}") for i, n in enumerate(VOLUMES)}
+        try:
+            writer = StampWriter(clients, log=WriteLog(), seed=seed, generation=2, flush_every=8)
+            for _ in range(recovery):
+                writer.step()
+        finally:
+            for client in clients.values():
+                client.close()
+        self.proxy.heal()
+        self.wait_fenced(True)
+        return promoted, self.promoted_images(views)
+
+    def back_to_normal(self, seed: int, writes: int) -> None:
+        """The source takes writes again and replicates them: replica == source."""
+        self.wait_fenced(False)
+        self.writer = self._writer(seed=seed)
+        self.writer.generation = 3
+        self.write(writes)
+        wait_caught_up(self.source, self.target, timeout=WAIT)
+        assert self.replica_images() == self.volume_images()
+
+    def kill_during(self, node: Any, op_node: Any, op: str, delay: float, **args: Any) -> None:
+        """Run an admin op in a thread, kill -9 ``node`` after ``delay`` seconds,
+        start it again (the kill may cut the op short: its error is expected)."""
+
+        def call() -> None:
+            with contextlib.suppress(admin.AdminError):
+                self.op(op_node, op, **args)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(delay)
+        node.kill()
+        caller.join(60)
+        node.start()
 
     def close(self) -> None:
         for client in self.clients.values():
@@ -147,10 +207,8 @@ def test_unplanned_failover_reports_exactly_the_writes_lost(sites: Sites) -> Non
     assert missing >= 77
     # The old source comes back: the target refuses it, and it says what was lost.
     sites.proxy.heal()
-    deadline = time.monotonic() + WAIT
-    while not (fence := sites.source.status()["groups"][0]["fence"]):
-        assert time.monotonic() < deadline, sites.source.log()[-2000:]
-        time.sleep(0.1)
+    sites.wait_fenced(True)
+    fence = sites.source.status()["groups"][0]["fence"]
     lost = fence["lost"]
     assert lost["records"] == missing and lost["bytes"] == missing * 4096, (lost, missing)
     assert lost["last_time"] >= lost["first_time"]
@@ -187,9 +245,6 @@ def test_target_killed_during_a_promotion_finishes_it_when_run_again(
     point, or at a checkpoint, which rewrites the replica first): after the
     restart the group is either promoted or on hold (the old source refused);
     running the promotion again finishes it, at the same point, exact."""
-    import random
-    import threading
-
     rng = random.Random(seed)
     sites.write(100)
     cp = sites.op(sites.source, "checkpoint", group="app")
@@ -200,20 +255,7 @@ def test_target_killed_during_a_promotion_finishes_it_when_run_again(
     use_checkpoint = seed % 2 == 1
     sites.proxy.partition()
     args = {"group": "app"} | ({"checkpoint": cp["id"]} if use_checkpoint else {})
-    answers: list[Any] = []
-
-    def promote() -> None:
-        try:
-            answers.append(sites.op(sites.target, "promote", **args))
-        except admin.AdminError as exc:
-            answers.append(exc)
-
-    caller = threading.Thread(target=promote)
-    caller.start()
-    time.sleep(rng.uniform(0, 0.08))
-    sites.target.kill()
-    caller.join(30)
-    sites.target.start()
+    sites.kill_during(sites.target, sites.target, "promote", rng.uniform(0, 0.08), **args)
     [group] = sites.target.status()["groups"]
     if not group["promoted"]:  # killed before the promotion was recorded: run it again
         again = sites.op(sites.target, "promote", **args)
@@ -230,27 +272,7 @@ def test_failback_ships_only_the_changes_and_keeps_the_lost_writes(sites: Sites)
     end byte-identical, the source's lost writes are kept in a snapshot, and
     replication resumes in the original direction without a full resync."""
     sites.write(300)
-    wait_caught_up(sites.source, sites.target, timeout=WAIT)
-    sites.proxy.partition()
-    sites.write(40)  # never reach the target
-    promoted = sites.op(sites.target, "promote", group="app")
-    views = sites.target.address("views")
-    # Production runs at the recovery site for a while.
-    promoted_log = WriteLog()
-    clients = {i: NBDClient.open(f"{views}/app/{n}") for i, n in enumerate(VOLUMES)}
-    try:
-        recovery = StampWriter(clients, log=promoted_log, seed=9, generation=2, flush_every=8)
-        for _ in range(60):
-            recovery.step()
-    finally:
-        for client in clients.values():
-            client.close()
-    sites.proxy.heal()
-    deadline = time.monotonic() + WAIT
-    while not sites.source.status()["groups"][0]["fence"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    expected = sites.promoted_images(views)  # what production is now
+    promoted, expected = sites.failed_over_with_losses(lost=40, recovery=60, seed=9)
     result = sites.op(sites.source, "failback", group="app")
     changed = result["changed_on_target_bytes"] + result["unshipped_here_bytes"]
     assert result["unshipped_here_bytes"] == 40 * 4096
@@ -258,22 +280,8 @@ def test_failback_ships_only_the_changes_and_keeps_the_lost_writes(sites: Sites)
     assert 0 < result["changed_on_target_bytes"] <= 60 * 4096
     assert result["pulled_bytes"] <= 1.1 * changed, result
     assert result["snapshot"]["bytes"] > 0
-    source_images = {i: (sites.tmp / f"{n}.img").read_bytes() for i, n in enumerate(VOLUMES)}
-    assert source_images == expected
-    # Back to normal: the source takes writes again and replicates them.
-    deadline = time.monotonic() + WAIT
-    while sites.source.status()["groups"][0]["fence"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    sites.writer = sites._writer(seed=11)
-    sites.writer.generation = 3
-    sites.write(30)
-    wait_caught_up(sites.source, sites.target, timeout=WAIT)
-    replica = {
-        i: (sites.target.state_dir / "rep" / "app" / f"{n}.img").read_bytes()
-        for i, n in enumerate(VOLUMES)
-    }
-    assert replica == {i: (sites.tmp / f"{n}.img").read_bytes() for i, n in enumerate(VOLUMES)}
+    assert sites.volume_images() == expected
+    sites.back_to_normal(seed=11, writes=30)
     [group] = sites.target.status()["groups"]
     assert not group["promoted"] and not group["hold"]
     assert group["generation"] != promoted["generation"]
@@ -289,42 +297,13 @@ def test_failback_killed_at_random_moments_converges_when_run_again(
     pulled, switch back half done...): after restarting it, running the
     failback again ends with byte-identical copies, nothing lost, and
     replication in the original direction."""
-    import random
-    import threading
-
     rng = random.Random(seed)
     sites.write(200)
-    wait_caught_up(sites.source, sites.target, timeout=WAIT)
-    sites.proxy.partition()
-    sites.write(rng.randrange(10, 60))
-    sites.op(sites.target, "promote", group="app")
-    views = sites.target.address("views")
-    clients = {i: NBDClient.open(f"{views}/app/{n}") for i, n in enumerate(VOLUMES)}
-    try:
-        recovery = StampWriter(clients, log=WriteLog(), seed=seed, generation=2, flush_every=8)
-        for _ in range(rng.randrange(100, 400)):
-            recovery.step()
-    finally:
-        for client in clients.values():
-            client.close()
-    sites.proxy.heal()
-    deadline = time.monotonic() + WAIT
-    while not sites.source.status()["groups"][0]["fence"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    expected = sites.promoted_images(views)
+    _, expected = sites.failed_over_with_losses(
+        lost=rng.randrange(10, 60), recovery=rng.randrange(100, 400), seed=seed
+    )
     node = sites.source if victim == "source" else sites.target
-
-    def failback() -> None:
-        with contextlib.suppress(admin.AdminError):  # the kill may cut it short
-            sites.op(sites.source, "failback", group="app")
-
-    caller = threading.Thread(target=failback)
-    caller.start()
-    time.sleep(rng.uniform(0, 0.25))
-    node.kill()
-    caller.join(60)
-    node.start()
+    sites.kill_during(node, sites.source, "failback", rng.uniform(0, 0.25), group="app")
     for attempt in range(5):  # the source may need a moment to see the target again
         try:
             sites.op(sites.source, "failback", group="app")
@@ -334,21 +313,8 @@ def test_failback_killed_at_random_moments_converges_when_run_again(
                 break
             assert attempt < 4, exc
             time.sleep(1)
-    source_images = {i: (sites.tmp / f"{n}.img").read_bytes() for i, n in enumerate(VOLUMES)}
-    assert source_images == expected
-    deadline = time.monotonic() + WAIT
-    while sites.source.status()["groups"][0]["fence"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    sites.writer = sites._writer(seed=seed + 100)
-    sites.writer.generation = 3
-    sites.write(20)
-    wait_caught_up(sites.source, sites.target, timeout=WAIT)
-    replica = {
-        i: (sites.target.state_dir / "rep" / "app" / f"{n}.img").read_bytes()
-        for i, n in enumerate(VOLUMES)
-    }
-    assert replica == {i: (sites.tmp / f"{n}.img").read_bytes() for i, n in enumerate(VOLUMES)}
+    assert sites.volume_images() == expected
+    sites.back_to_normal(seed=seed + 100, writes=20)
 
 
 @pytest.mark.parametrize(
@@ -362,23 +328,10 @@ def test_planned_failover_killed_at_random_moments_never_loses_a_write(
     over with every acknowledged write on the target, or protecting again on
     the source (the interrupted failover called off); running it again then
     completes it with RPO 0."""
-    import random
-    import threading
-
     rng = random.Random(seed)
     sites.write(rng.randrange(100, 600))
     node = sites.source if victim == "source" else sites.target
-
-    def failover() -> None:
-        with contextlib.suppress(admin.AdminError):  # the kill may cut it short
-            sites.op(sites.source, "failover", group="app")
-
-    caller = threading.Thread(target=failover)
-    caller.start()
-    time.sleep(rng.uniform(0, 0.2))
-    node.kill()
-    caller.join(60)
-    node.start()
+    sites.kill_during(node, sites.source, "failover", rng.uniform(0, 0.2), group="app")
     deadline = time.monotonic() + WAIT
     while True:  # settled: failed over (fence with the promotion) or protecting
         [src] = sites.source.status()["groups"]
