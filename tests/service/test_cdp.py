@@ -537,3 +537,42 @@ def test_hooks_over_ssh_freeze_and_thaw_the_protected_server(
             site.checkpoint("untrusted")
     finally:
         site.close()
+
+
+@pytest.mark.parametrize(
+    ("checkpoints", "error"),
+    [
+        ({"retain": 0}, r"checkpoints\.retain: at least 1"),
+        ({"interval_seconds": 0.5}, r"checkpoints\.interval_seconds: 0 \(off\) or at least 1"),
+        ({"max_age_seconds": -1}, r"checkpoints\.max_age_seconds: 0 \(no limit\) or more"),
+        ({"hooks": {"pre": ["true"]}}, r"checkpoints\.hooks\.post: pre and post go together"),
+        ({"hooks": {"pre": "fsfreeze -f /srv", "post": ["x"]}}, r"hooks\.pre: a command as a list"),
+        ({"hooks": {"pre": ["a"], "post": ["b"], "timeout_seconds": 0}}, r"timeout_seconds"),
+        (
+            {"hooks": {"pre": ["a"], "post": ["b"], "ssh": {"host": "db1"}}},
+            r"ssh\.key_file: required",
+        ),
+    ],
+)
+def test_bad_checkpoint_policies_are_refused_naming_the_field(
+    checkpoints: dict[str, Any], error: str
+) -> None:
+    from havend import config
+    from havend.errors import ConfigError
+
+    node = {
+        "node": {"name": "src1", "role": "source", "state_dir": "/tmp/x"},
+        "insecure_plaintext": True,
+        "source": {
+            "target": {"host": "127.0.0.1", "port": 1},
+            "groups": [
+                {
+                    "name": "app",
+                    "volumes": [{"name": "db", "path": "/x"}],
+                    "checkpoints": checkpoints,
+                }
+            ],
+        },
+    }
+    with pytest.raises(ConfigError, match=error):
+        config.parse(node)
