@@ -5,6 +5,7 @@ acknowledged write; an unplanned one reports exactly the writes it lost."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import threading
 import time
@@ -107,7 +108,49 @@ class Sites:
                 client.close()
         self.proxy.heal()
         self.wait_fenced(True)
+        # Writes made before the promotion are a loss, not a split brain.
+        assert "split_brain" not in self.source.status()["groups"][0]["fence"]
         return promoted, self.promoted_images(views)
+
+    def split_brain(self, before: int, after: int, seed: int, how: str = "") -> dict:
+        """Cut the link, ``before`` writes on the source, promote the target,
+        writes on the promoted side, then ``after`` writes on the source (both
+        sides live: a split brain; ``how``: "restart" kills and restarts the
+        source before the link heals, "overflow" fills its journal), heal;
+        the promotion record."""
+        wait_caught_up(self.source, self.target, timeout=WAIT)
+        self.proxy.partition()
+        self.write(before)
+        promoted = self.op(self.target, "promote", group="app")
+        views = self.target.address("views")
+        clients = {i: NBDClient.open(f"{views}/app/{n}") for i, n in enumerate(VOLUMES)}
+        try:
+            writer = StampWriter(clients, log=WriteLog(), seed=seed, generation=2, flush_every=8)
+            for _ in range(30):
+                writer.step()
+        finally:
+            for client in clients.values():
+                client.close()
+        # Apart by more than any error of the clock comparison (half a round trip).
+        time.sleep(0.2)
+        if how == "overflow":  # 64 MiB of journal: more than that, never acknowledged
+            for i in range(20):
+                self.clients[0].write(0, bytes([i]) * (4 * MiB))
+        else:
+            self.write(after)
+        if how == "restart":
+            self.source.kill()
+            self.source.start()
+            self.writer = self._writer(seed=seed + 50)  # clients of the new process
+        self.proxy.heal()
+        deadline = time.monotonic() + WAIT
+        while True:  # both sides know
+            fence = self.source.status()["groups"][0]["fence"] or {}
+            [group] = self.target.status()["groups"]
+            if (fence.get("split_brain") or {}).get("recovery") and group["split_brain"]:
+                return promoted
+            assert time.monotonic() < deadline, self.source.log()[-2000:]
+            time.sleep(0.1)
 
     def back_to_normal(self, seed: int, writes: int) -> None:
         """The source takes writes again and replicates them: replica == source."""
@@ -346,3 +389,108 @@ def test_planned_failover_killed_at_random_moments_never_loses_a_write(
     images = sites.promoted_images(sites.target.address("views"))
     report = check_prefix(sites.log, images)
     assert report.ok and report.seq == sites.log.last_seq, report  # every acknowledged write
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "how"),
+    [(0, 25, ""), (30, 12, ""), (20, 7, "restart"), (5, 0, "overflow")],
+)
+def test_split_brain_is_detected_and_fences_both_sides(
+    sites: Sites, before: int, after: int, how: str
+) -> None:
+    """The target promoted while the source kept taking writes (a partition):
+    when the link comes back both sides refuse writes to the group, each
+    reports what both wrote, and neither failback nor replication goes on."""
+    sites.write(100)
+    promoted = sites.split_brain(before, after, seed=5, how=how)
+    fence = sites.source.status()["groups"][0]["fence"]
+    split = fence["split_brain"]
+    assert split["generation"] == promoted["generation"]
+    here = split["production"]
+    if how == "overflow":  # written while the journal was full: counted by region
+        assert here["regions_bytes"] >= 4 * MiB
+    else:  # exactly the writes made after the promotion, and all the unshipped ones
+        assert here["records"] == after and here["bytes"] == after * 4096, here
+        assert here["first_time"] >= promoted["time"] - 0.1
+        assert fence["lost"]["records"] == before + after
+    # What the promoted side wrote: 30 stamped writes since the promotion.
+    [group] = sites.target.status()["groups"]
+    assert group["split_brain"]["generation"] == promoted["generation"]
+    recovery = group["split_brain"]["recovery"]
+    assert 0 < recovery["changed_bytes"] <= 30 * 4096
+    assert recovery["since"] == promoted["time"] <= recovery["last_write_time"]
+    assert split["recovery"] == recovery
+    assert group["split_brain"]["production"]["records"] == here["records"]
+    # Both sides fenced: writes refused on either, nothing merged.
+    with pytest.raises(NBDClientError) as refused:
+        sites.clients[0].write(0, b"x" * 4096)
+    assert refused.value.error == EPERM
+    with NBDClient.open(f"{sites.target.address('views')}/app/db") as client:
+        client.read(0, 4096)
+        with pytest.raises(NBDClientError):
+            client.write(0, b"y" * 4096)
+    with pytest.raises(admin.AdminError, match="split brain: choose the surviving side"):
+        sites.op(sites.source, "failback", group="app")
+    assert "SPLIT BRAIN" in sites.source.log() and "SPLIT BRAIN" in sites.target.log()
+    # It survives restarts of both.
+    sites.target.stop()
+    sites.target.start()
+    sites.source.stop()
+    sites.source.start()
+    assert sites.source.status()["groups"][0]["fence"]["split_brain"]
+    assert sites.target.status()["groups"][0]["split_brain"]
+
+
+def test_split_brain_resolved_for_the_recovery_side(sites: Sites) -> None:
+    """The operator keeps the promoted copy: it takes writes again, the source
+    stays failed over, and a failback later brings that copy home (the
+    source's own writes after the promotion kept in its snapshot)."""
+    sites.write(100)
+    promoted = sites.split_brain(10, 15, seed=6)
+    with pytest.raises(admin.AdminError, match="survivor must be recovery or production"):
+        sites.op(sites.source, "resolve", group="app", survivor="both")
+    result = sites.op(sites.source, "resolve", group="app", survivor="recovery")
+    assert result["survivor"] == "recovery" and result["generation"] == promoted["generation"]
+    with pytest.raises(admin.AdminError, match="not in a split brain"):
+        sites.op(sites.source, "resolve", group="app", survivor="recovery")
+    [group] = sites.op(sites.target, "status")["groups"]
+    assert group["split_brain"] is None and group["promoted"]
+    fence = sites.op(sites.source, "status")["groups"][0]["fence"]
+    assert fence["split_brain_resolved"]["survivor"] == "recovery"
+    assert fence["promoted"]["generation"] == promoted["generation"]
+    with pytest.raises(NBDClientError):  # still failed over here
+        sites.clients[0].write(0, b"x" * 4096)
+    views = sites.target.address("views")
+    with NBDClient.open(f"{views}/app/log") as client:  # live again there
+        client.write(4096, b"after the choice" * 256)
+        client.flush()
+    expected = sites.promoted_images(views)
+    back = sites.op(sites.source, "failback", group="app")
+    assert back["unshipped_here_bytes"] == 25 * 4096 and back["snapshot"]["bytes"] > 0
+    assert sites.volume_images() == expected
+    sites.back_to_normal(seed=12, writes=20)
+
+
+def test_split_brain_resolved_for_the_production_side(sites: Sites) -> None:
+    """The operator keeps the old source's copy: the target saves what it
+    changed in a snapshot, becomes a replica again, and only the blocks either
+    side changed are resynced; every write of the source is on the replica."""
+    sites.write(100)
+    promoted = sites.split_brain(10, 15, seed=7)
+    result = sites.op(sites.source, "resolve", group="app", survivor="production")
+    assert result["survivor"] == "production" and result["snapshot"]["bytes"] > 0
+    assert os.path.isdir(result["snapshot"]["directory"])
+    assert sites.op(sites.source, "status")["groups"][0]["fence"] is None
+    [group] = sites.op(sites.target, "status")["groups"]
+    assert not group["promoted"] and group["split_brain"] is None
+    assert group["generation"] not in (promoted["generation"], promoted["previous_generation"])
+    with pytest.raises(NBDClientError):  # the promoted exports are gone
+        NBDClient.open(f"{sites.target.address('views')}/app/db")
+    wait_caught_up(sites.source, sites.target, timeout=WAIT)
+    report = check_prefix(sites.log, sites.replica_images())
+    assert report.ok and report.seq == sites.log.last_seq, report
+    assert sites.replica_images() == sites.volume_images()
+    resync = sites.op(sites.source, "status")["groups"][0]["resync"]
+    assert resync["reason"] == "split brain resolved for production"
+    assert resync["total_bytes"] < sum(SIZES) // 2  # the changed regions, not everything
+    sites.back_to_normal(seed=13, writes=20)

@@ -184,6 +184,28 @@ def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:
     failback.add_argument("--group", required=True)
     failback.add_argument("--timeout", type=float, default=3600)
     command(failback, lambda a: {"op": "failback", "group": a.group, "timeout": a.timeout})
+    resolve = actions.add_parser(
+        "resolve",
+        help="end a split brain (source node): choose the side whose writes survive",
+        description="Both sides took writes (the target was promoted while this side "
+        "kept writing): both are fenced until this command. --survivor recovery keeps "
+        "the promoted side's copy (this side stays failed over; fail back later, its "
+        "writes are kept in the failback snapshot); --survivor production keeps this "
+        "side's (the target saves its changes in a snapshot, becomes a replica again and "
+        "the blocks either side changed are resynced from here).",
+    )
+    resolve.add_argument("--group", required=True)
+    resolve.add_argument("--survivor", required=True, choices=["recovery", "production"])
+    resolve.add_argument("--timeout", type=float, default=3600)
+    command(
+        resolve,
+        lambda a: {
+            "op": "resolve",
+            "group": a.group,
+            "survivor": a.survivor,
+            "timeout": a.timeout,
+        },
+    )
     promote = actions.add_parser(
         "promote",
         help="unplanned failover (target node): the replica becomes the live copy",

@@ -242,6 +242,9 @@ class Node:
             handlers["failback"] = lambda r: self.failback(
                 str(r["group"]), float(r.get("timeout", 3600))
             )
+            handlers["resolve"] = lambda r: self.resolve(
+                str(r["group"]), str(r["survivor"]), float(r.get("timeout", 3600))
+            )
         else:
             handlers["checkpoints"] = lambda r: self._async(self.checkpoints, str(r["group"]))
             handlers["view_open"] = lambda r: self._async(
@@ -472,6 +475,12 @@ class Node:
         group = self._source_group(name)
         shipper = next(s for s in self._shippers if s.group is group)
         return await shipper.failback(timeout)
+
+    async def resolve(self, name: str, survivor: str, timeout: float = 3600) -> dict[str, Any]:
+        """End a split brain with the side that survives (source node): see Shipper.resolve."""
+        group = self._source_group(name)
+        shipper = next(s for s in self._shippers if s.group is group)
+        return await shipper.resolve(survivor, timeout)
 
     async def promote(self, name: str, ref: str | None = None) -> dict[str, Any]:
         """Unplanned failover: the group's replica becomes the live copy (at its

@@ -124,6 +124,11 @@ class Shipper:
         promoted = fence.get("promoted")
         if not promoted:
             raise CheckpointError(f"group {group.name} has not failed over: nothing to fail back")
+        if fence.get("split_brain"):
+            raise CheckpointError(
+                f"group {group.name} is in a split brain: choose the surviving side first "
+                "(havend group resolve --survivor recovery|production)"
+            )
         reader, writer = await self._connect()
         try:
             return await asyncio.wait_for(self._failback(reader, writer, promoted), timeout)
@@ -263,6 +268,90 @@ class Shipper:
             "seconds": round(time.monotonic() - started, 3),
         }
 
+    async def resolve(self, survivor: str, timeout: float) -> dict:
+        """End a split brain with the operator's choice of the copy that lives on.
+
+        ``recovery``: the promoted side's; this side stays failed over (its
+        writes after the promotion are kept by the failback's snapshot, as any
+        unshipped write). ``production``: this side's; the target saves what
+        it changed since the promotion in a snapshot, becomes a replica again,
+        and the blocks either side changed are resynced from here (by hash).
+        """
+        group = self.group
+        fence = group.fence or {}
+        split = fence.get("split_brain")
+        if not split:
+            raise CheckpointError(f"group {group.name} is not in a split brain")
+        if survivor not in ("recovery", "production"):
+            raise CheckpointError(f"survivor must be recovery or production, not {survivor!r}")
+        reader, writer = await self._connect()
+        try:
+            return await asyncio.wait_for(self._resolve(reader, writer, fence, survivor), timeout)
+        finally:
+            writer.close()
+            self._wake.set()
+
+    async def _resolve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        fence: dict,
+        survivor: str,
+    ) -> dict:
+        group = self.group
+        decoder = wire.FrameDecoder()
+        generation = fence["promoted"]["generation"]
+        request = {"generation": generation, "survivor": survivor}
+        writer.write(
+            wire.encode_control(wire.FrameType.HELLO, self._hello() | {"resolve": request})
+        )
+        await writer.drain()
+        answer = await read_frame(reader, decoder, self.settings.connect_timeout)
+        if not isinstance(answer, wire.Control) or answer.type not in (
+            wire.FrameType.WELCOME,
+            wire.FrameType.RESOLVED,
+        ):
+            why = answer.body.get("error") if isinstance(answer, wire.Control) else answer
+            raise CheckpointError(f"the target refused to resolve the split brain: {why}")
+        if answer.type == wire.FrameType.WELCOME:  # production survives: the target's delta
+            with group.lock:
+                if group.overflow is None:
+                    group.enter_overflow(reason="split brain resolved for production")
+                overflow = group.overflow
+                assert overflow is not None
+                for index, ranges in enumerate(answer.body["changed"]):
+                    for offset, length in ranges:
+                        overflow.mark(index, int(offset), int(length))
+            # Durable here (the overflow flag) before the target forgets its changes.
+            writer.write(wire.encode_control(wire.FrameType.RESOLVE_DONE, {}))
+            await writer.drain()
+            answer = await read_frame(reader, decoder, 300)
+            if not isinstance(answer, wire.Control) or answer.type != wire.FrameType.RESOLVED:
+                raise RemoteProtocolError(f"expected RESOLVED, got {answer!r}")
+        result = dict(answer.body)
+        chosen = result.get("survivor", survivor)
+        if chosen == "production":
+            group.set_fence(None)
+            log.warning(
+                "group %s: split brain resolved: production survives; the target is a replica "
+                "again (its changes saved in %s); resyncing the blocks either side changed",
+                group.name,
+                (result.get("snapshot") or {}).get("directory"),
+            )
+        else:
+            settled = {k: v for k, v in fence.items() if k != "split_brain"}
+            settled["reason"] = (
+                f"failed over to generation {generation} (a split brain resolved for the "
+                "recovery side; this side's later writes are kept by the failback's snapshot)"
+            )
+            settled["split_brain_resolved"] = fence["split_brain"] | {"survivor": "recovery"}
+            group.set_fence(settled)
+            log.warning(
+                "group %s: split brain resolved: the recovery side survives; fail back when ready",
+                group.name,
+            )
+        return {"group": group.name, "survivor": chosen, "generation": generation} | result
+
     async def request_failover(self, final_seq: int, timeout: float) -> dict:
         """Planned failover, once the group is fenced and drained to ``final_seq``:
         ask the target to promote itself there; its promotion record."""
@@ -298,6 +387,8 @@ class Shipper:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.settings.max_backoff * 6)
                 continue
+            except _SplitBrain:
+                continue  # at once: the target must learn of it and fence itself too
             except _Overflowed:
                 log.info(
                     "group %s: reconnecting to resync the regions written meanwhile", group.name
@@ -338,7 +429,38 @@ class Shipper:
             "mode": group.mode,
             "volumes": [{"name": v.name, "size": v.size} for v in group.volumes],
             "retention": group.retention,
+        } | self._split_brain_report()
+
+    def _split_brain_report(self) -> dict:
+        """While this side is fenced in a split brain: what it wrote after the
+        promotion, for the target to record (and fence itself)."""
+        split = (self.group.fence or {}).get("split_brain")
+        if not split:
+            return {}
+        return {
+            "split_brain": {"generation": split["generation"], "production": split["production"]}
         }
+
+    def _refused_promoted(self, body: dict, sent: float, received: float) -> None:
+        """The target is promoted: fence this side, and tell whether it took
+        writes after the promotion (a split brain) by comparing the two clocks:
+        the target's, as it answered, against this one's midway through the
+        round trip (the error is at most half of it)."""
+        group = self.group
+        promoted = dict(body.get("promoted") or {})
+        if body.get("code") == "split_brain":
+            group.split_brain_recorded(promoted, dict(body.get("split_brain") or {}))
+            raise _FailedOver("split brain: " + str(body.get("error")))
+        fence = group.fence or {}
+        known = (fence.get("promoted") or {}).get("generation") == promoted.get("generation")
+        if not known and "clock" in body and group.last_write_time is not None:
+            offset = float(body["clock"]) - (sent + received) / 2
+            since = float(promoted["time"]) - offset
+            if group.last_write_time >= since:
+                group.split_brain(promoted, since, offset, received - sent)
+                raise _SplitBrain()  # report it to the target at once
+        group.promoted_elsewhere(promoted)
+        raise _FailedOver(str(body.get("error")))
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         s = self.settings
@@ -471,14 +593,15 @@ class Shipper:
     async def _ship(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         group = self.group
         decoder = wire.FrameDecoder()
+        sent = time.time()
         writer.write(wire.encode_control(wire.FrameType.HELLO, self._hello()))
         await writer.drain()
         welcome = await read_frame(reader, decoder, self.settings.connect_timeout)
+        received = time.time()
         if not isinstance(welcome, wire.Control) or welcome.type != wire.FrameType.WELCOME:
             if isinstance(welcome, wire.Control) and welcome.type == wire.FrameType.REFUSED:
-                if welcome.body.get("code") == "promoted":
-                    group.promoted_elsewhere(dict(welcome.body.get("promoted") or {}))
-                    raise _FailedOver(str(welcome.body.get("error")))
+                if welcome.body.get("code") in ("promoted", "split_brain"):
+                    self._refused_promoted(welcome.body, sent, received)
                 raise RemoteProtocolError(f"target refused: {welcome.body.get('error')}")
             raise RemoteProtocolError("target did not answer HELLO with WELCOME")
         fence = group.fence
@@ -640,6 +763,10 @@ class FailoverRefused(CheckpointError):
 
 class _FailedOver(Exception):
     """The target was promoted: this group is fenced here until failback."""
+
+
+class _SplitBrain(Exception):
+    """This side took writes after the target's promotion: both sides fenced."""
 
 
 class _Overflowed(Exception):

@@ -35,7 +35,7 @@ from typing import Any
 
 from havend.bitmap import mark_range, set_runs
 from havend.cdp.checkpoint import Checkpoint
-from havend.cdp.undo import UndoLog
+from havend.cdp.undo import snapshot_ranges
 from havend.errors import CheckpointError, JournalCorruptError
 from havend.fsutil import write_atomic
 from havend.journal import Journal, JournalFull, Kind
@@ -150,6 +150,9 @@ class SourceGroup:
         # the promotion record once the target says it was promoted.
         self.fence: dict[str, Any] | None = None
         self.lost_checkpoints: list[str] = []  # ids lost to journal overflows (newest 100)
+        # This clock's time of the newest write accepted (journaled or not): a
+        # promoted target compares it with its promotion to tell a split brain.
+        self.last_write_time: float | None = None
         # How many checkpoints the target keeps, and for how long (0: no limit).
         self.retention: dict[str, float] = {"count": 2048, "max_age_seconds": 0}
 
@@ -303,6 +306,11 @@ class SourceGroup:
             count += 1
         for member in self.volumes:
             member.volume.flush()
+        if self.journal.last_seq >= self.journal.tail_seq:  # the newest write's time
+            with contextlib.suppress(JournalCorruptError):
+                newest = self.journal.read(self.journal.last_seq - 1, 1, durable_only=False)
+                if newest:
+                    self.last_write_time = newest[-1].timestamp_ns / 1e9
         now = time.monotonic()
         if self.journal.last_seq > self.acked_seq:  # unacked until the target says so
             self._unacked.append((self.journal.last_seq, now, self.journal.used_bytes))
@@ -390,26 +398,19 @@ class SourceGroup:
         it (the writes that never reached the target among them): an undo log
         with one checkpoint, kept under the group's state directory."""
         assert self.state_dir is not None
-        directory = os.path.join(self.state_dir, f"failback-{generation}")
-        undo = UndoLog(directory, [v.size for v in self.volumes])
-        try:
-            checkpoint = Checkpoint(
-                generation.replace("-", ""),
-                self.journal.last_seq + 1,
-                time.time(),
-                "before failback",
-                "crash",
-            )
-            undo.add_checkpoint(checkpoint)  # known already when a failback runs again
-            volumes = [m.volume for m in self.volumes]
-            # One preserve step: entries of up to 2,048 blocks, one fdatasync in all.
-            changes = [
-                (index, offset, length) for index, ranges in regions for offset, length in ranges
-            ]
-            undo.preserve(volumes, None, changes)
-            return {"directory": directory, "checkpoint": checkpoint.id, "bytes": undo.used_bytes}
-        finally:
-            undo.close()
+        checkpoint = Checkpoint(
+            generation.replace("-", ""),
+            self.journal.last_seq + 1,
+            time.time(),
+            "before failback",
+            "crash",
+        )
+        return snapshot_ranges(
+            os.path.join(self.state_dir, f"failback-{generation}"),
+            [m.volume for m in self.volumes],
+            checkpoint,
+            [(index, offset, length) for index, ranges in regions for offset, length in ranges],
+        )
 
     def finish_failback(self, resume_seq: int) -> None:
         """The volumes now equal the target's: make them durable and mark every
@@ -421,21 +422,32 @@ class SourceGroup:
                 self.overflow = None
                 self.overflow_resolved()
 
-    def _writes_after(self, seq: int) -> dict[str, Any]:
-        """The journaled writes after ``seq``: the data-loss window of a failover."""
+    def _writes_after(self, seq: int, since: float | None = None) -> dict[str, Any]:
+        """The journaled writes after ``seq`` (and at or after the time ``since``,
+        by this clock): the data-loss window of a failover, or this side's part
+        of a split brain."""
         records = 0
         size = 0
         first = last = None
+        blocks: set[tuple[int, int]] = set()
+        since_ns = None if since is None else int(since * 1e9)
         with contextlib.suppress(JournalCorruptError):
             for r in self.records_after(seq, durable_only=False):
                 if r.kind == Kind.CHECKPOINT:
+                    continue
+                if since_ns is not None and r.timestamp_ns < since_ns:
                     continue
                 records += 1
                 size += r.length
                 first = first or r
                 last = r
+                if since_ns is not None and r.length:
+                    blocks.update(
+                        (r.volume, b)
+                        for b in range(r.offset // 4096, (r.offset + r.length - 1) // 4096 + 1)
+                    )
         regions = self.overflow.dirty_bytes() if self.overflow is not None else 0
-        return {
+        writes = {
             "records": records,
             "bytes": size,
             "first_seq": first.seq if first else None,
@@ -444,6 +456,72 @@ class SourceGroup:
             "last_time": last.timestamp_ns / 1e9 if last else None,
             "regions_bytes": regions,  # written while the journal was full: by region
         }
+        if since_ns is not None:
+            writes["blocks"] = len(blocks)
+        return writes
+
+    def split_brain(
+        self, promoted: dict[str, Any], since: float, offset: float, rtt: float
+    ) -> dict[str, Any]:
+        """The target was promoted and this side took writes after that (at or
+        after ``since``, this clock's time of the promotion; the target's
+        clock is ``offset`` s ahead, measured over a ``rtt`` s round trip):
+        both copies diverged. Fence the group and say what this side wrote;
+        nothing moves until an operator picks the side that survives (see
+        ``Shipper.resolve``)."""
+        applied = int(promoted.get("applied_seq", 0))
+        here = self._writes_after(applied, since)
+        fence = {
+            "reason": f"SPLIT BRAIN: the target was promoted (generation "
+            f"{promoted.get('generation')}) and this side took writes after that: both are "
+            "fenced until a survivor is chosen (havend group resolve)",
+            "promoted": promoted,
+            "lost": self._writes_after(applied),
+            "split_brain": {
+                "detected": time.time(),
+                "generation": promoted.get("generation"),
+                "since": since,
+                "clock_offset_s": round(offset, 6),
+                "round_trip_s": round(rtt, 6),
+                "production": here,
+                "recovery": None,  # filled in once the target recorded it
+            },
+        }
+        self.set_fence(fence)
+        log.error(
+            "group %s: SPLIT BRAIN with generation %s: %d writes here (%d bytes, %d blocks, seq "
+            "%s to %s, written %s to %s) after the target's promotion at %.3f. Writes refused "
+            "on both sides: choose the survivor with `havend group resolve`",
+            self.name,
+            promoted.get("generation"),
+            here["records"],
+            here["bytes"],
+            here["blocks"],
+            here["first_seq"],
+            here["last_seq"],
+            here["first_time"],
+            here["last_time"],
+            since,
+        )
+        return fence
+
+    def split_brain_recorded(self, promoted: dict[str, Any], record: dict[str, Any]) -> None:
+        """The target recorded the split brain: keep what it says it changed."""
+        fence = self.fence or {}
+        split = fence.get("split_brain")
+        if not split or split.get("generation") != promoted.get("generation"):
+            since = float((record.get("recovery") or {}).get("since") or promoted["time"])
+            fence = self.split_brain(promoted, since, 0.0, 0.0)
+            split = fence["split_brain"]
+        if split.get("recovery") != record.get("recovery"):
+            split["recovery"] = record.get("recovery")
+            self.set_fence(fence)
+            log.error(
+                "group %s: split brain recorded by the target: %s bytes changed there since "
+                "the promotion",
+                self.name,
+                (record.get("recovery") or {}).get("changed_bytes"),
+            )
 
     def _appended(self, seq: int, size: int) -> None:
         self._unacked.append((seq, time.monotonic(), size))
@@ -612,6 +690,7 @@ class ReplicatedVolume:
         with group.lock:
             if group.fence is not None:  # failed over (or failing over): not the live copy
                 raise OSError(errno.EROFS, f"group {group.name}: {group.fence['reason']}")
+            group.last_write_time = time.time()
             # The record goes first: if havend dies between the two steps, the
             # restart replays the record into the volume (never a volume change
             # that no record carries, which the replica would never get).

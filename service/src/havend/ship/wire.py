@@ -49,6 +49,17 @@ source compares blocks with ``HASH_REQ`` and pulls the differing ones:
     (JSON) ``{"request"}``.
 ``FAILBACK_DONE`` (JSON) ``{"resume_seq"}``: both copies are equal; the
     target is a replica again at ``resume_seq`` and answers ``FAILBACK_OK``.
+
+Split brain: a promoted target answers a HELLO with ``REFUSED`` ``{"code":
+"promoted", "promoted", "clock"}``; the source compares that clock with its
+own (midway through the round trip) and, if it took writes after the
+promotion, reconnects with ``"split_brain": {"generation", "production"}`` in
+its HELLO; the target records it, fences its promoted volumes and answers
+``REFUSED`` ``{"code": "split_brain", "split_brain"}``. A HELLO with
+``"resolve": {"generation", "survivor"}`` ends it: ``survivor: recovery`` is
+answered ``RESOLVED`` at once; ``survivor: production`` with ``WELCOME``
+``{"resolve": true, "changed"}``, then the source's ``RESOLVE_DONE`` (it holds
+those ranges as dirty, durably) and the target's ``RESOLVED`` (a replica again).
 """
 
 from __future__ import annotations
@@ -94,6 +105,8 @@ class FrameType(enum.IntEnum):
     READ_DONE = 16
     FAILBACK_DONE = 17
     FAILBACK_OK = 18
+    RESOLVE_DONE = 19
+    RESOLVED = 20
 
 
 _JSON_FRAMES = {
@@ -109,6 +122,8 @@ _JSON_FRAMES = {
     FrameType.READ_DONE,
     FrameType.FAILBACK_DONE,
     FrameType.FAILBACK_OK,
+    FrameType.RESOLVE_DONE,
+    FrameType.RESOLVED,
 }
 _HASH_REQ = struct.Struct("<IHII")
 _RANGE = struct.Struct("<QI")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 from collections.abc import Sequence
 
 from havend.bitmap import mark_range, set_runs
@@ -47,9 +48,13 @@ class ChangeMap:
             self._starts.append(bits)
             bits += (size + BLOCK - 1) // BLOCK
         self._bits = bytearray((bits + 7) // 8)
+        # When the newest change was made (as of the bitmap's last write after
+        # a restart): a split brain report gives each side's time range.
+        self.last_change_time: float | None = None
         try:
             with open(self._bitmap_path, "rb") as f:
                 saved = f.read()
+                self.last_change_time = os.fstat(f.fileno()).st_mtime if any(saved) else None
             self._bits[: len(saved)] = saved[: len(self._bits)]
         except FileNotFoundError:
             pass
@@ -84,6 +89,7 @@ class ChangeMap:
                 os.fdatasync(self._active_fd)
                 self._active.update(new)
             self._set(volume, offset, length)
+            self.last_change_time = time.time()
 
     def flush(self) -> None:
         """The bitmap on stable storage, the activity log emptied (at FLUSH)."""

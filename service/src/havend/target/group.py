@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 
 from havend.cdp import Checkpoint, UndoLog
+from havend.cdp.undo import snapshot_ranges
 from havend.cdp.view import PointInTimeView
 from havend.errors import CheckpointError, RemoteProtocolError, VolumeError
 from havend.fsutil import fsync_dir, write_atomic
@@ -50,6 +51,7 @@ class ReplicaStatus:
     hold: str  # why records are refused (after a rollback or a promotion), or ""
     promoted: dict | None
     changed_bytes: int  # written on the promoted side since the promotion
+    split_brain: dict | None  # both sides took writes: fenced until resolved
     cdp: dict
 
 
@@ -601,7 +603,139 @@ class TargetGroup:
                 PromotedVolume(self.volumes, i, v["name"], self.undo, self.changes, lock)
                 for i, v in enumerate(self.meta["volumes"])
             ]
+            self._pause_promoted(self.split_brain_reason())
         return self._promoted_volumes
+
+    def _pause_promoted(self, why: str) -> None:
+        """Refuse (``EROFS``) or, with ``why`` empty, accept again writes to the
+        promoted volumes; a write in progress finishes first."""
+        volumes = self.promoted_volumes()
+        with volumes[0]._lock:  # no write between its change-map entry and itself
+            for member in volumes:
+                member.fenced = why
+        if why:
+            for member in volumes:
+                member.volume.flush()
+            assert self.changes is not None
+            self.changes.flush()
+
+    def split_brain_reason(self) -> str:
+        split = self.meta.get("split_brain")
+        if not split:
+            return ""
+        return (
+            f"group {self.name}: SPLIT BRAIN with the old source: writes refused until a "
+            "survivor is chosen (havend group resolve on the source node)"
+        )
+
+    # Split brain ---------------------------------------------------------------
+
+    def record_split_brain(self, report: dict, node: object) -> dict | None:
+        """The old source found that it took writes after this side's promotion
+        (``report``: what it wrote, see ``SourceGroup.split_brain``): record it
+        durably with what this side changed since, and fence the promoted
+        volumes. Returns the record (None: not about this promotion)."""
+        if not self.promoted or report.get("generation") != self.generation:
+            return None
+        if self.resolution(self.generation) is not None:
+            return None  # resolved already; the source missed the answer
+        record = self.meta.get("split_brain")
+        if record is not None:
+            return dict(record)
+        volumes = self.promoted_volumes()
+        assert self.changes is not None
+        changed = self.changes.changed_bytes()
+        record = {
+            "detected": time.time(),
+            "generation": self.generation,
+            "production": {"node": node} | dict(report.get("production") or {}),
+            "recovery": {
+                "since": float(self.promoted["time"]),
+                "last_write_time": self.changes.last_change_time,
+                "changed_bytes": changed,
+                "changed_blocks": changed // 4096,
+                "ranges": sum(len(self.changes.ranges(i)) for i in range(len(volumes))),
+            },
+        }
+        self.meta["split_brain"] = record
+        self.meta.setdefault("history", []).append({"split_brain": record})
+        self._write_meta()
+        self._pause_promoted(self.split_brain_reason())
+        log.error(
+            "group %s: SPLIT BRAIN: the old source %s took %s writes after this side's "
+            "promotion; %d bytes changed here since. Promoted volumes fenced: choose the "
+            "survivor with `havend group resolve` on the source node",
+            self.name,
+            node,
+            record["production"].get("records"),
+            changed,
+        )
+        return dict(record)
+
+    def resolution(self, generation: str) -> dict | None:
+        """The record of a split brain of that promoted generation, resolved already."""
+        resolved = self.meta.get("split_brain_resolved")
+        if resolved and resolved.get("generation") == generation:
+            return dict(resolved)
+        for event in reversed(self.meta.get("history", [])):
+            done = event.get("split_brain_resolved")
+            if done and done.get("generation") == generation:
+                return dict(done)
+        return None
+
+    def keep_recovery(self) -> dict:
+        """Split brain resolved for this (promoted) side: writes resume here;
+        the old source stays failed over and fails back later as usual."""
+        record = self.meta.pop("split_brain")
+        resolved = {
+            "time": time.time(),
+            "survivor": "recovery",
+            "generation": self.generation,
+            "split_brain": record,
+        }
+        self.meta["split_brain_resolved"] = resolved
+        self.meta.setdefault("history", []).append({"split_brain_resolved": resolved})
+        self._write_meta()
+        self._pause_promoted("")
+        log.warning("group %s: split brain resolved: this side survives, writes resume", self.name)
+        return resolved
+
+    def keep_production(self) -> dict:
+        """Split brain resolved for the old source: what this side changed since
+        the promotion is saved (a snapshot, one checkpoint), then the group is a
+        replica again at its promotion's seq; the source resyncs those blocks."""
+        assert self.promoted is not None and self.changes is not None
+        generation = self.generation
+        volumes = self.promoted_volumes()
+        checkpoint = Checkpoint(
+            generation.replace("-", ""),
+            self.applied_seq + 1,
+            time.time(),
+            "before split brain resolution",
+            "crash",
+        )
+        snapshot = snapshot_ranges(
+            os.path.join(self.directory, f"split-brain-{generation}"),
+            self.volumes,
+            checkpoint,
+            [(i, o, n) for i in range(len(volumes)) for o, n in self.changes.ranges(i)],
+        )
+        resolved = {
+            "time": time.time(),
+            "survivor": "production",
+            "generation": generation,
+            "split_brain": self.meta.pop("split_brain", None),
+            "snapshot": snapshot,
+        }
+        self.meta.pop("split_brain_resolved", None)
+        self._demote(int(self.promoted["applied_seq"]), "split_brain_resolved", resolved)
+        log.warning(
+            "group %s: split brain resolved for the old source: a replica again (this side's "
+            "changes saved in %s)",
+            self.name,
+            snapshot["directory"],
+        )
+        return resolved
 
     # Failback ----------------------------------------------------------------
 
@@ -609,14 +743,8 @@ class TargetGroup:
         """The old source is taking the data home: the promoted volumes stop
         taking writes, the change map is flushed; what the source needs to know."""
         volumes = self.promoted_volumes()
-        assert self.changes is not None
-        with volumes[0]._lock:  # no write between its change-map entry and itself
-            for member in volumes:
-                member.fenced = f"group {self.name} is failing back: writes are paused"
-        for member in volumes:
-            member.volume.flush()
-        self.changes.flush()
-        assert self.promoted is not None
+        assert self.changes is not None and self.promoted is not None
+        self._pause_promoted(f"group {self.name} is failing back: writes are paused")
         log.warning("group %s: failback begins: promoted volumes paused", self.name)
         return {
             "failback": True,
@@ -633,26 +761,33 @@ class TargetGroup:
         return None
 
     def abort_failback(self) -> None:
-        """The failback session ended early: the promoted side stays live."""
-        for member in self._promoted_volumes or []:
-            member.fenced = ""
+        """The failback session ended early: the promoted side stays live (unless
+        it is in a split brain)."""
+        if self._promoted_volumes is not None:
+            self._pause_promoted(self.split_brain_reason())
 
     def end_failback(self, resume_seq: int) -> dict:
         """Both copies are equal: a replica again, records resume after ``resume_seq``."""
         previous = self.generation
+        event = {"time": time.time(), "resume_seq": resume_seq, "promoted": self.promoted}
+        self._demote(resume_seq, "failback", event)
+        log.warning(
+            "group %s: failback done: a replica again at seq %d (generation %s, was %s)",
+            self.name,
+            resume_seq,
+            self.generation,
+            previous,
+        )
+        return {"generation": self.generation, "previous_generation": previous}
+
+    def _demote(self, resume_seq: int, event: str, record: dict) -> None:
+        """From promoted to replica (a new generation, kept in ``record`` as
+        ``replica_generation``), records resuming after ``resume_seq``; the
+        ``event`` goes in the history."""
         for volume in self.volumes:
             volume.flush()
-        self.meta["generation"] = str(uuid.uuid4())
-        self.meta.setdefault("history", []).append(
-            {
-                "failback": {
-                    "time": time.time(),
-                    "resume_seq": resume_seq,
-                    "promoted": self.meta.get("promoted"),
-                    "generation": self.meta["generation"],
-                }
-            }
-        )
+        self.meta["generation"] = record["replica_generation"] = str(uuid.uuid4())
+        self.meta.setdefault("history", []).append({event: record})
         self.meta.pop("promoted", None)
         self.meta.pop("hold", None)
         if self.changes is not None:
@@ -663,14 +798,6 @@ class TargetGroup:
         self._restart_sequence(resume_seq)
         self._set_sync("consistent", until=resume_seq)
         self._write_meta()
-        log.warning(
-            "group %s: failback done: a replica again at seq %d (generation %s, was %s)",
-            self.name,
-            resume_seq,
-            self.generation,
-            previous,
-        )
-        return {"generation": self.generation, "previous_generation": previous}
 
     def _drop_unapplied(self) -> None:
         """Records received after the rollback point belong to the abandoned timeline."""
@@ -709,6 +836,7 @@ class TargetGroup:
             hold=self.hold,
             promoted=self.promoted,
             changed_bytes=self.changes.changed_bytes() if self.changes else 0,
+            split_brain=self.meta.get("split_brain"),
             cdp=self.undo.status() | {"preserved_bytes": self.preserved_bytes},
         )
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import ssl
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -68,7 +69,18 @@ class TargetNode:
                 log.warning("source %s refused: %s", peer, refusal)
                 body: dict = {"error": refusal}
                 if group is not None and group.promoted:  # the source must know, exactly
-                    body |= {"code": "promoted", "promoted": group.promoted}
+                    # With this clock's time: the source tells whether it wrote
+                    # after the promotion (a split brain), and reports it here.
+                    body |= {"code": "promoted", "promoted": group.promoted, "clock": time.time()}
+                    report = hello.body.get("split_brain")
+                    split = (
+                        group.record_split_brain(report, hello.body.get("node"))
+                        if isinstance(report, dict)
+                        else group.meta.get("split_brain")
+                    )
+                    if split is not None:
+                        body |= {"code": "split_brain", "split_brain": split}
+                        body["error"] = group.split_brain_reason()
                 writer.write(wire.encode_control(wire.FrameType.REFUSED, body))
                 await writer.drain()
                 group = None
@@ -87,6 +99,9 @@ class TargetNode:
                     await asyncio.sleep(0.05)
             self._links[group.id] = writer
             group.connected = True
+            if isinstance(hello.body.get("resolve"), dict):
+                await self._resolve(group, hello.body, reader, writer, decoder)
+                return
             welcome = {
                 "node": self.name,
                 "durable_seq": group.journal.durable_seq,
@@ -131,6 +146,37 @@ class TargetNode:
                 if group.promoted:
                     group.abort_failback()
             writer.close()
+
+    async def _resolve(
+        self,
+        group: TargetGroup,
+        hello: dict,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        decoder: wire.FrameDecoder,
+    ) -> None:
+        """The old source brings the operator's choice of the side that survives
+        a split brain (see ``Shipper.resolve``)."""
+        loop = asyncio.get_running_loop()
+        request = hello["resolve"]
+        done = group.resolution(str(request.get("generation")))
+        if done is not None:  # resolved already (an answer that was lost): say so again
+            result = done | {"earlier": True}
+        elif request.get("survivor") == "recovery":
+            result = group.keep_recovery()
+        else:
+            changed = group.begin_failback()["changed"]  # paused: and the delta
+            welcome = {"node": self.name, "resolve": True, "changed": changed}
+            writer.write(wire.encode_control(wire.FrameType.WELCOME, welcome))
+            await writer.drain()
+            frame = await read_frame(reader, decoder, timeout=300)
+            if not isinstance(frame, wire.Control) or frame.type != wire.FrameType.RESOLVE_DONE:
+                raise RemoteProtocolError(f"expected RESOLVE_DONE, got {frame!r}")
+            result = await loop.run_in_executor(None, group.keep_production)
+            if self.on_demoted is not None:
+                self.on_demoted(group)
+        writer.write(wire.encode_control(wire.FrameType.RESOLVED, result))
+        await writer.drain()
 
     async def _handle(self, group: TargetGroup, frame: wire.Frame) -> bytes | None:
         """Carry out one frame of a session; the bytes to answer with."""
@@ -238,11 +284,25 @@ class TargetNode:
             return group, refusal
         if group.refusing:
             return group, f"group {group.name} is {group.refusing}"
+        resolve = hello.get("resolve")
+        if isinstance(resolve, dict):
+            generation = str(resolve.get("generation"))
+            if resolve.get("survivor") not in ("recovery", "production"):
+                return group, f"bad survivor {resolve.get('survivor')!r}"
+            if group.resolution(generation) is not None:
+                return group, None  # done, but the source did not hear it
+            if not group.promoted or generation != group.generation:
+                return group, f"no split brain of generation {generation} on {group.name}"
+            if not group.meta.get("split_brain"):
+                return group, f"group {group.name} is not in a split brain"
+            return group, None
         failback = hello.get("failback")
         if isinstance(failback, dict):
             if group.promoted:
                 if failback.get("generation") != group.generation:
                     return group, f"failback of generation {failback.get('generation')}, not ours"
+                if group.meta.get("split_brain"):
+                    return group, group.split_brain_reason()
                 return group, None
             if group.failback_done(str(failback.get("generation"))) is not None:
                 return group, None  # done, but the source did not hear it: WELCOME says so
