@@ -280,7 +280,7 @@ def test_promotion_at_a_checkpoint_and_refusals(sites: Sites) -> None:
         sites.op(sites.target, "rollback", group="app", checkpoint=cp["id"])
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_target_killed_during_a_promotion_finishes_it_when_run_again(
     sites: Sites, seed: int
 ) -> None:
@@ -331,7 +331,7 @@ def test_failback_ships_only_the_changes_and_keeps_the_lost_writes(sites: Sites)
 
 
 @pytest.mark.parametrize(
-    ("victim", "seed"), [(v, s) for v in ("source", "target") for s in (1, 2, 3)]
+    ("victim", "seed"), [(v, s) for v in ("source", "target") for s in (1, 2, 3, 4, 5)]
 )
 def test_failback_killed_at_random_moments_converges_when_run_again(
     sites: Sites, victim: str, seed: int
@@ -361,7 +361,7 @@ def test_failback_killed_at_random_moments_converges_when_run_again(
 
 
 @pytest.mark.parametrize(
-    ("victim", "seed"), [(v, s) for v in ("source", "target") for s in (1, 2, 3)]
+    ("victim", "seed"), [(v, s) for v in ("source", "target") for s in (1, 2, 3, 4, 5)]
 )
 def test_planned_failover_killed_at_random_moments_never_loses_a_write(
     sites: Sites, victim: str, seed: int
@@ -494,3 +494,35 @@ def test_split_brain_resolved_for_the_production_side(sites: Sites) -> None:
     assert resync["reason"] == "split brain resolved for production"
     assert resync["total_bytes"] < sum(SIZES) // 2  # the changed regions, not everything
     sites.back_to_normal(seed=13, writes=20)
+
+
+@pytest.mark.parametrize(("victim", "seed"), [(v, s) for v in ("source", "target") for s in (1, 2)])
+def test_split_brain_resolution_killed_at_random_moments_converges(
+    sites: Sites, victim: str, seed: int
+) -> None:
+    """kill -9 of either side at a random moment of a resolution for the
+    production side: running it again (or finding it done) ends with the
+    replica equal to the source, holding every write the source made."""
+    rng = random.Random(seed)
+    sites.write(100)
+    sites.split_brain(rng.randrange(0, 20), rng.randrange(5, 30), seed=seed)
+    node = sites.source if victim == "source" else sites.target
+    sites.kill_during(
+        node, sites.source, "resolve", rng.uniform(0, 0.15), group="app", survivor="production"
+    )
+    for attempt in range(10):  # the source may need a moment to see the target again
+        try:
+            sites.op(sites.source, "resolve", group="app", survivor="production")
+            break
+        except admin.AdminError as exc:
+            if "not in a split brain" in str(exc):  # the first run had finished
+                break
+            assert attempt < 9, exc
+            time.sleep(1)
+    sites.wait_fenced(False)
+    sites.writer = sites._writer(seed=seed + 200)  # the source may be a new process
+    sites.write(10)
+    wait_caught_up(sites.source, sites.target, timeout=WAIT)
+    report = check_prefix(sites.log, sites.replica_images())
+    assert report.ok and report.seq == sites.log.last_seq, report
+    assert sites.replica_images() == sites.volume_images()
