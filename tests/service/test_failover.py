@@ -4,184 +4,20 @@ acknowledged write; an unplanned one reports exactly the writes it lost."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from faultproxy import FaultProxy
-from nodes import source_node, target_node, wait_caught_up
+from nodes import wait_caught_up
+from sites import EPERM, SIZES, WAIT, MiB, Sites
 
 from havend import admin
 from havend.errors import NBDClientError
 from havend.nbd.client import NBDClient
-from havend.stamp import StampWriter, WriteLog, check_prefix
-
-MiB = 1 << 20
-VOLUMES = ["db", "log"]
-SIZES = [4 * MiB, 2 * MiB]
-WAIT = 60
-EPERM = 1
-
-
-class Sites:
-    """A source and a target, the link through a fault proxy."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.target = target_node(tmp).start()
-        port = int(self.target.address("replication").rsplit(":", 1)[1])
-        self.proxy = FaultProxy("127.0.0.1", port).start()
-        paths = []
-        for name, size in zip(VOLUMES, SIZES, strict=True):
-            path = tmp / f"{name}.img"
-            with open(path, "wb") as f:
-                f.truncate(size)
-            paths.append(path)
-        group = {
-            "name": "app",
-            "volumes": [{"name": n, "path": str(p)} for n, p in zip(VOLUMES, paths, strict=True)],
-            "journal": {"segment_size": MiB, "max_segments": 64},
-        }
-        self.source = source_node(tmp, self.proxy.port, [group]).start()
-        wait_caught_up(self.source, self.target, timeout=WAIT)
-        self.log = WriteLog()
-        self.clients: dict[int, NBDClient] = {}
-        self.writer = self._writer(seed=1)
-
-    def _writer(self, seed: int) -> StampWriter:
-        nbd = int(self.source.address("nbd").rsplit(":", 1)[1])
-        for client in self.clients.values():
-            client.close()
-        self.clients = {i: NBDClient.tcp("127.0.0.1", nbd, n) for i, n in enumerate(VOLUMES)}
-        return StampWriter(self.clients, log=self.log, seed=seed, flush_every=16)
-
-    def write(self, count: int) -> None:
-        for _ in range(count):
-            self.writer.step()
-
-    def op(self, node: Any, op: str, **args: Any) -> Any:
-        return admin.call(str(node.state_dir / "admin.sock"), op, **args)
-
-    def promoted_images(self, uri_base: str) -> dict[int, bytes]:
-        images = {}
-        for i, name in enumerate(VOLUMES):
-            with NBDClient.open(f"{uri_base}/app/{name}") as client:
-                assert not client.read_only
-                images[i] = client.read(0, client.size)
-        return images
-
-    def volume_images(self) -> dict[int, bytes]:
-        return {i: (self.tmp / f"{n}.img").read_bytes() for i, n in enumerate(VOLUMES)}
-
-    def replica_images(self) -> dict[int, bytes]:
-        base = self.target.state_dir / "rep" / "app"
-        return {i: (base / f"{n}.img").read_bytes() for i, n in enumerate(VOLUMES)}
-
-    def wait_fenced(self, fenced: bool) -> None:
-        deadline = time.monotonic() + WAIT
-        while bool(self.source.status()["groups"][0]["fence"]) != fenced:
-            assert time.monotonic() < deadline, self.source.log()[-1500:]
-            time.sleep(0.1)
-
-    def failed_over_with_losses(self, lost: int, recovery: int, seed: int) -> tuple[dict, dict]:
-        """Cut the link, ``lost`` writes on the source, promote the target,
-        ``recovery`` writes on the promoted side, heal, until the source is
-        fenced; (the promotion record, what production holds now)."""
-        wait_caught_up(self.source, self.target, timeout=WAIT)
-        self.proxy.partition()
-        self.write(lost)  # never reach the target
-        promoted = self.op(self.target, "promote", group="app")
-        views = self.target.address("views")
-        clients = {i: NBDClient.open(f"{views}/app/{n}") for i, n in enumerate(VOLUMES)}
-        try:
-            writer = StampWriter(clients, log=WriteLog(), seed=seed, generation=2, flush_every=8)
-            for _ in range(recovery):
-                writer.step()
-        finally:
-            for client in clients.values():
-                client.close()
-        self.proxy.heal()
-        self.wait_fenced(True)
-        # Writes made before the promotion are a loss, not a split brain.
-        assert "split_brain" not in self.source.status()["groups"][0]["fence"]
-        return promoted, self.promoted_images(views)
-
-    def split_brain(self, before: int, after: int, seed: int, how: str = "") -> dict:
-        """Cut the link, ``before`` writes on the source, promote the target,
-        writes on the promoted side, then ``after`` writes on the source (both
-        sides live: a split brain; ``how``: "restart" kills and restarts the
-        source before the link heals, "overflow" fills its journal), heal;
-        the promotion record."""
-        wait_caught_up(self.source, self.target, timeout=WAIT)
-        self.proxy.partition()
-        self.write(before)
-        promoted = self.op(self.target, "promote", group="app")
-        views = self.target.address("views")
-        clients = {i: NBDClient.open(f"{views}/app/{n}") for i, n in enumerate(VOLUMES)}
-        try:
-            writer = StampWriter(clients, log=WriteLog(), seed=seed, generation=2, flush_every=8)
-            for _ in range(30):
-                writer.step()
-        finally:
-            for client in clients.values():
-                client.close()
-        # Apart by more than any error of the clock comparison (half a round trip).
-        time.sleep(0.2)
-        if how == "overflow":  # 64 MiB of journal: more than that, never acknowledged
-            for i in range(20):
-                self.clients[0].write(0, bytes([i]) * (4 * MiB))
-        else:
-            self.write(after)
-        if how == "restart":
-            self.source.kill()
-            self.source.start()
-            self.writer = self._writer(seed=seed + 50)  # clients of the new process
-        self.proxy.heal()
-        deadline = time.monotonic() + WAIT
-        while True:  # both sides know
-            fence = self.source.status()["groups"][0]["fence"] or {}
-            [group] = self.target.status()["groups"]
-            if (fence.get("split_brain") or {}).get("recovery") and group["split_brain"]:
-                return promoted
-            assert time.monotonic() < deadline, self.source.log()[-2000:]
-            time.sleep(0.1)
-
-    def back_to_normal(self, seed: int, writes: int) -> None:
-        """The source takes writes again and replicates them: replica == source."""
-        self.wait_fenced(False)
-        self.writer = self._writer(seed=seed)
-        self.writer.generation = 3
-        self.write(writes)
-        wait_caught_up(self.source, self.target, timeout=WAIT)
-        assert self.replica_images() == self.volume_images()
-
-    def kill_during(self, node: Any, op_node: Any, op: str, delay: float, **args: Any) -> None:
-        """Run an admin op in a thread, kill -9 ``node`` after ``delay`` seconds,
-        start it again (the kill may cut the op short: its error is expected)."""
-
-        def call() -> None:
-            with contextlib.suppress(admin.AdminError):
-                self.op(op_node, op, **args)
-
-        caller = threading.Thread(target=call)
-        caller.start()
-        time.sleep(delay)
-        node.kill()
-        caller.join(60)
-        node.start()
-
-    def close(self) -> None:
-        for client in self.clients.values():
-            client.close(disconnect=False)
-        self.source.stop()
-        self.target.stop()
-        self.proxy.stop()
+from havend.stamp import check_prefix
 
 
 @pytest.fixture

@@ -184,6 +184,25 @@ def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:
     failback.add_argument("--group", required=True)
     failback.add_argument("--timeout", type=float, default=3600)
     command(failback, lambda a: {"op": "failback", "group": a.group, "timeout": a.timeout})
+    reverse = actions.add_parser(
+        "reverse",
+        help="a round of reverse protection now (source node, failed over)",
+        description="Pull what the promoted side changed since the last round, as of a "
+        "new checkpoint of it, into this side's volumes (staged first, so a crash keeps "
+        "the previous round). Runs by itself every reverse_interval_seconds when set.",
+    )
+    reverse.add_argument("--group", required=True)
+    reverse.add_argument("--timeout", type=float, default=3600)
+    command(reverse, lambda a: {"op": "reverse", "group": a.group, "timeout": a.timeout})
+    reclaim = actions.add_parser(
+        "reclaim",
+        help="the recovery side is lost too: production resumes here (source node)",
+        description="After a round of reverse protection, make this side's volumes live "
+        "again as of that round. The recovery side's later writes are not here; if it "
+        "comes back, the split brain is reported and resolved by your choice.",
+    )
+    reclaim.add_argument("--group", required=True)
+    command(reclaim, lambda a: {"op": "reclaim", "group": a.group})
     resolve = actions.add_parser(
         "resolve",
         help="end a split brain (source node): choose the side whose writes survive",

@@ -16,6 +16,8 @@ field (``source.groups[0].volumes[1].path: required``). Example::
           compression_level: 3   # zstd; 0 = off
           bandwidth_limit: 0     # bytes/s on the wire; 0 = unlimited
           journal: {segment_size: 67108864, max_segments: 16}
+          reverse_interval_seconds: 30  # failed over: pull the recovery side's changes
+                                        # back this often (reverse protection); 0 = off
           checkpoints:
             interval_seconds: 300  # a periodic checkpoint; 0 = only on demand
             retain: 2048           # checkpoints the target keeps (at least 1)
@@ -112,6 +114,7 @@ class GroupConfig:
     max_segments: int = 16
     cache_bytes: int = 64 << 20  # newest journal records also kept in memory
     checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    reverse_interval_seconds: float = 0.0  # reverse protection rounds while failed over
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +209,9 @@ def _group(reader: _Reader) -> GroupConfig:
     if cache_bytes < 0:
         raise ConfigError(f"{journal._path('cache_bytes')}: 0 (off) or more bytes")
     policy = _checkpoints(reader.sub("checkpoints", required=False))
+    reverse = reader.get("reverse_interval_seconds", float, 0.0)
+    if reverse != 0 and reverse < 1:
+        raise ConfigError(f"{reader._path('reverse_interval_seconds')}: 0 (off) or at least 1")
     level = reader.get("compression_level", int, 3)
     if not 0 <= level <= 22:
         raise ConfigError(f"{reader._path('compression_level')}: must be 0..22")
@@ -220,6 +226,7 @@ def _group(reader: _Reader) -> GroupConfig:
         max_segments=max_segments,
         cache_bytes=cache_bytes,
         checkpoints=policy,
+        reverse_interval_seconds=reverse,
     )
 
 

@@ -87,6 +87,7 @@ def open_source_group(state_dir: str, config: GroupConfig) -> SourceGroup:
     group.retention = {"count": policy.retain, "max_age_seconds": policy.max_age_seconds}
     group.attach_state(group_dir(state_dir, group_id))
     group.load_fence()
+    group.recover_reverse()  # before the replay: a whole staged round supersedes the journal
     replayed = group.replay()
     if replayed:
         log.info("group %s: replayed %d journal records into the volumes", config.name, replayed)
@@ -129,6 +130,7 @@ class Node:
                     compression_level=group_config.compression_level,
                     bandwidth_limit=group_config.bandwidth_limit,
                     ack_timeout=config.link_timeout,
+                    reverse_interval=group_config.reverse_interval_seconds,
                 )
                 shipper = Shipper(group, settings, client_ctx, config.name)
                 self._shippers.append(shipper)
@@ -242,6 +244,12 @@ class Node:
             handlers["failback"] = lambda r: self.failback(
                 str(r["group"]), float(r.get("timeout", 3600))
             )
+            handlers["reverse"] = lambda r: self._shipper(str(r["group"])).reverse_round(
+                float(r.get("timeout", 3600))
+            )
+            handlers["reclaim"] = lambda r: self._async(
+                lambda name: self._source_group(name).reclaim(), str(r["group"])
+            )
             handlers["resolve"] = lambda r: self.resolve(
                 str(r["group"]), str(r["survivor"]), float(r.get("timeout", 3600))
             )
@@ -332,7 +340,7 @@ class Node:
         group = self._source_group(name)
         if group.fence is not None:
             raise CheckpointError(f"group {name} is fenced already: {group.fence['reason']}")
-        shipper = next(s for s in self._shippers if s.group is group)
+        shipper = self._shipper(name)
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         # Marked with this process: a restart that finds it knows the failover
@@ -470,17 +478,17 @@ class Node:
         for volume in group.meta["volumes"]:
             self.views.remove_export(f"{group.name}/{volume['name']}")
 
+    def _shipper(self, name: str) -> Shipper:
+        group = self._source_group(name)
+        return next(s for s in self._shippers if s.group is group)
+
     async def failback(self, name: str, timeout: float = 3600) -> dict[str, Any]:
         """Bring production home after a failover (source node): see Shipper.failback."""
-        group = self._source_group(name)
-        shipper = next(s for s in self._shippers if s.group is group)
-        return await shipper.failback(timeout)
+        return await self._shipper(name).failback(timeout)
 
     async def resolve(self, name: str, survivor: str, timeout: float = 3600) -> dict[str, Any]:
         """End a split brain with the side that survives (source node): see Shipper.resolve."""
-        group = self._source_group(name)
-        shipper = next(s for s in self._shippers if s.group is group)
-        return await shipper.resolve(survivor, timeout)
+        return await self._shipper(name).resolve(survivor, timeout)
 
     async def promote(self, name: str, ref: str | None = None) -> dict[str, Any]:
         """Unplanned failover: the group's replica becomes the live copy (at its

@@ -505,6 +505,22 @@ class UndoLog:
             fsync_dir(self.directory)
         return dropped
 
+    def changed_between(self, first: int, last: int) -> list[list[tuple[int, int]]]:
+        """Per volume, the (offset, length) runs of blocks written in the epochs
+        from checkpoint seq ``first`` up to, not including, ``last``: what
+        changed between those two checkpoints (each block's first write in an
+        epoch saved it)."""
+        with self.lock:
+            keys = sorted(
+                {k for e, ks in self._epoch_keys.items() if first <= e < last for k in ks}
+            )
+        mask = (1 << _VOLUME_SHIFT) - 1
+        out: list[list[tuple[int, int]]] = [[] for _ in self.sizes]
+        for volume, block, count in _runs([(k >> _VOLUME_SHIFT, k & mask) for k in keys]):
+            end = min((block + count) * BLOCK, self.sizes[volume])
+            out[volume].append((block * BLOCK, end - block * BLOCK))
+        return out
+
     def _forget_before(self, seq: int) -> None:
         """Drop saved blocks of epochs before ``seq`` (lock held)."""
         for epoch in [e for e in self._epoch_keys if e < seq]:

@@ -16,6 +16,7 @@ import os
 import random
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zstandard
@@ -41,6 +42,7 @@ class ShipperSettings:
     batch_bytes: int = 4 << 20
     min_backoff: float = 0.05
     max_backoff: float = 5.0
+    reverse_interval: float = 0.0  # failed over: seconds between reverse rounds (0: off)
     connect_timeout: float = 10.0
     # A link that leaves sent batches unacknowledged this long is dead (a
     # partition sends no RST): drop it and reconnect.
@@ -113,6 +115,8 @@ class Shipper:
         self._writer: asyncio.StreamWriter | None = None  # of the session up now
         self._failover: asyncio.Future[dict] | None = None
         self._wake = asyncio.Event()  # a failback ended: connect again now
+        # Failback, split-brain resolution and reverse rounds: one at a time.
+        self._exclusive = asyncio.Lock()
 
     async def failback(self, timeout: float) -> dict:
         """Bring the data home from the promoted target: pull the blocks that
@@ -129,12 +133,13 @@ class Shipper:
                 f"group {group.name} is in a split brain: choose the surviving side first "
                 "(havend group resolve --survivor recovery|production)"
             )
-        reader, writer = await self._connect()
-        try:
-            return await asyncio.wait_for(self._failback(reader, writer, promoted), timeout)
-        finally:
-            writer.close()
-            self._wake.set()
+        async with self._exclusive:
+            reader, writer = await self._connect()
+            try:
+                return await asyncio.wait_for(self._failback(reader, writer, promoted), timeout)
+            finally:
+                writer.close()
+                self._wake.set()
 
     async def _failback(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, promoted: dict
@@ -193,49 +198,13 @@ class Shipper:
         snapshot = await loop.run_in_executor(
             None, group.snapshot_before_failback, promoted["generation"], regions
         )
-        request, pulled, wire_bytes = 0, 0, 0
-        for index, ranges in regions:
-            member = group.volumes[index]
-            # Many ranges per round trip: one HASH_REQ, then one READ_REQ.
-            for batch in _batches(_split(ranges, RESYNC_REGION), RESYNC_REGION):
-                ours = await loop.run_in_executor(
-                    None, hash_ranges, member.volume, batch, RESYNC_FINE
-                )
-                request += 1
-                frame = wire.encode_hash_request(
-                    wire.HashRequest(request, index, RESYNC_FINE, batch)
-                )
-                writer.write(frame)
-                await writer.drain()
-                reply = await read_frame(reader, decoder, 300)
-                if not isinstance(reply, wire.Hashes) or reply.request != request:
-                    raise RemoteProtocolError(f"expected HASHES {request}, got {reply!r}")
-                if len(reply.hashes) != len(ours):
-                    raise RemoteProtocolError("HASHES does not match the ranges asked")
-                wire_bytes += len(frame) + 4 + 8 * len(reply.hashes)
-                wanted, at = [], 0
-                for offset, length in batch:
-                    blocks = (length + RESYNC_FINE - 1) // RESYNC_FINE
-                    runs = differing_runs(
-                        ours[at : at + blocks], reply.hashes[at : at + blocks], RESYNC_FINE
-                    )
-                    wanted += [(offset + a, min(n, length - a)) for a, n in runs]
-                    at += blocks
-                if not wanted:
-                    continue
-                request += 1
-                writer.write(wire.encode_read_request(request, index, wanted))
-                await writer.drain()
-                while True:
-                    got = await read_frame(reader, decoder, 300)
-                    if isinstance(got, wire.SyncData):
-                        await loop.run_in_executor(None, member.volume.write, got.offset, got.data)
-                        pulled += len(got.data)
-                        wire_bytes += len(got.data) + 16
-                        continue
-                    if isinstance(got, wire.Control) and got.type == wire.FrameType.READ_DONE:
-                        break
-                    raise RemoteProtocolError(f"expected SYNC_DATA or READ_DONE, got {got!r}")
+        pulled, wire_bytes = await self._pull(
+            reader,
+            writer,
+            decoder,
+            regions,
+            lambda index, offset, data: group.volumes[index].volume.write(offset, data),
+        )
         # Equal now: the journal's unshipped records are superseded (never replayed).
         resume = group.journal.last_seq
         await loop.run_in_executor(None, group.finish_failback, resume)
@@ -267,6 +236,170 @@ class Shipper:
             "generation": done.body.get("generation"),
             "seconds": round(time.monotonic() - started, 3),
         }
+
+    async def _pull(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        decoder: wire.FrameDecoder,
+        regions: list[tuple[int, list[tuple[int, int]]]],
+        sink: Callable[[int, int, bytes], None],
+        *,
+        compare: bool = True,
+    ) -> tuple[int, int]:
+        """Get the target's blocks in ``regions`` ((volume, ranges)) that differ
+        from this side's (``compare``: xxh3 of 4 KiB blocks, many ranges per
+        round trip; else all of them), each given to ``sink(volume, offset,
+        data)`` in a worker thread; (bytes pulled, bytes on the wire)."""
+        group = self.group
+        loop = asyncio.get_running_loop()
+        request, pulled, wire_bytes = 0, 0, 0
+        for index, ranges in regions:
+            member = group.volumes[index]
+            for batch in _batches(_split(ranges, RESYNC_REGION), RESYNC_REGION):
+                wanted = batch
+                if compare:
+                    ours = await loop.run_in_executor(
+                        None, hash_ranges, member.volume, batch, RESYNC_FINE
+                    )
+                    request += 1
+                    frame = wire.encode_hash_request(
+                        wire.HashRequest(request, index, RESYNC_FINE, batch)
+                    )
+                    writer.write(frame)
+                    await writer.drain()
+                    reply = await read_frame(reader, decoder, 300)
+                    if not isinstance(reply, wire.Hashes) or reply.request != request:
+                        raise RemoteProtocolError(f"expected HASHES {request}, got {reply!r}")
+                    if len(reply.hashes) != len(ours):
+                        raise RemoteProtocolError("HASHES does not match the ranges asked")
+                    wire_bytes += len(frame) + 4 + 8 * len(reply.hashes)
+                    wanted, at = [], 0
+                    for offset, length in batch:
+                        blocks = (length + RESYNC_FINE - 1) // RESYNC_FINE
+                        runs = differing_runs(
+                            ours[at : at + blocks], reply.hashes[at : at + blocks], RESYNC_FINE
+                        )
+                        wanted += [(offset + a, min(n, length - a)) for a, n in runs]
+                        at += blocks
+                if not wanted:
+                    continue
+                request += 1
+                writer.write(wire.encode_read_request(request, index, wanted))
+                await writer.drain()
+                while True:
+                    got = await read_frame(reader, decoder, 300)
+                    if isinstance(got, wire.SyncData):
+                        await loop.run_in_executor(None, sink, index, got.offset, got.data)
+                        pulled += len(got.data)
+                        wire_bytes += len(got.data) + 16
+                        continue
+                    if isinstance(got, wire.Control) and got.type == wire.FrameType.READ_DONE:
+                        break
+                    raise RemoteProtocolError(f"expected SYNC_DATA or READ_DONE, got {got!r}")
+        return pulled, wire_bytes
+
+    async def reverse_round(self, timeout: float) -> dict:
+        """Reverse protection while failed over: pull what the recovery side
+        changed since the last round, as of a new checkpoint of it (staged,
+        then applied here), so losing that side too loses one round at most.
+        The first round also saves this side's unshipped writes (the
+        failback's snapshot) before the recovery side's data replaces them."""
+        group = self.group
+        fence = group.fence or {}
+        promoted = fence.get("promoted")
+        if not promoted:
+            raise CheckpointError(f"group {group.name} has not failed over: nothing to protect")
+        if fence.get("split_brain"):
+            raise CheckpointError(f"group {group.name} is in a split brain: resolve it first")
+        async with self._exclusive:
+            reader, writer = await self._connect()
+            try:
+                return await asyncio.wait_for(self._reverse(reader, writer, promoted), timeout)
+            finally:
+                writer.close()
+
+    async def _reverse(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, promoted: dict
+    ) -> dict:
+        group = self.group
+        loop = asyncio.get_running_loop()
+        decoder = wire.FrameDecoder()
+        started = time.monotonic()
+        base = ((group.fence or {}).get("reverse") or {}).get("checkpoint")
+        request = {"generation": promoted["generation"], "base": base}
+        writer.write(
+            wire.encode_control(wire.FrameType.HELLO, self._hello() | {"reverse": request})
+        )
+        await writer.drain()
+        welcome = await read_frame(reader, decoder, self.settings.connect_timeout)
+        if not isinstance(welcome, wire.Control) or not welcome.body.get("reverse"):
+            why = welcome.body.get("error") if isinstance(welcome, wire.Control) else welcome
+            raise CheckpointError(f"the target refused reverse protection: {why}")
+        checkpoint = welcome.body["checkpoint"]
+        incremental = bool(welcome.body["incremental"])
+        delta = DirtyRegions([v.size for v in group.volumes], reason="reverse protection")
+        regions: list[tuple[int, list[tuple[int, int]]]] = []
+        snapshot = None
+        if incremental:  # exactly the blocks written there since the last round
+            regions = [
+                (i, [(int(o), int(n)) for o, n in r]) for i, r in enumerate(welcome.body["changed"])
+            ]
+        else:  # the first round: what either side changed since the promotion
+            for index, ranges in enumerate(welcome.body["changed"]):
+                for offset, length in ranges:
+                    delta.mark(index, int(offset), int(length))
+            for index, offset, length in group.writes_after_extents(
+                int(welcome.body["applied_seq"])
+            ):
+                delta.mark(index, offset, length)
+            if group.overflow is not None:
+                delta.merge(group.overflow)
+            regions = [(i, delta.ranges(i)) for i in range(len(group.volumes))]
+            snapshot = await loop.run_in_executor(
+                None, group.snapshot_before_failback, promoted["generation"], regions
+            )
+        staging = group.reverse_staging()
+        try:
+            pulled, wire_bytes = await self._pull(
+                reader,
+                writer,
+                decoder,
+                regions,
+                lambda index, offset, data: group.stage(staging, index, offset, data),
+                compare=not incremental,
+            )
+        except BaseException:
+            staging.close()
+            raise
+        round_ = {
+            "checkpoint": checkpoint["id"],
+            "checkpoint_time": checkpoint["time"],
+            "incremental": incremental,
+            "compared_bytes": sum(n for _, ranges in regions for _, n in ranges),
+            "pulled_bytes": pulled,
+            "wire_bytes": wire_bytes,
+            "time": time.time(),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        await loop.run_in_executor(None, group.apply_reverse, staging, round_)
+        writer.write(
+            wire.encode_control(wire.FrameType.REVERSE_DONE, {"checkpoint": checkpoint["id"]})
+        )
+        await writer.drain()
+        done = await read_frame(reader, decoder, 300)
+        if not isinstance(done, wire.Control) or done.type != wire.FrameType.REVERSE_OK:
+            raise RemoteProtocolError(f"expected REVERSE_OK, got {done!r}")
+        log.info(
+            "group %s: reverse protection: the recovery side as of %s pulled (%d bytes, %s) "
+            "in %.2f s",
+            group.name,
+            checkpoint["id"],
+            pulled,
+            "incremental" if incremental else "first round",
+            round_["seconds"],
+        )
+        return {"group": group.name, "snapshot": snapshot} | round_
 
     async def resolve(self, survivor: str, timeout: float) -> dict:
         """End a split brain with the operator's choice of the copy that lives on.
@@ -330,6 +463,7 @@ class Shipper:
                 raise RemoteProtocolError(f"expected RESOLVED, got {answer!r}")
         result = dict(answer.body)
         chosen = result.get("survivor", survivor)
+        group.forget_reclaim()
         if chosen == "production":
             group.set_fence(None)
             log.warning(
@@ -384,8 +518,16 @@ class Shipper:
             except _FailedOver as exc:  # nothing to ship until failback: ask rarely
                 group.last_error = f"failed over: {exc}"
                 self._wake.clear()
+                every = self.settings.reverse_interval or self.settings.max_backoff * 6
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.settings.max_backoff * 6)
+                    await asyncio.wait_for(self._wake.wait(), every)
+                fence = group.fence or {}
+                if self.settings.reverse_interval and fence.get("promoted"):
+                    try:
+                        await self.reverse_round(timeout=max(300, 10 * every))
+                    except Exception as exc:  # the next round tries again
+                        group.last_error = f"reverse protection: {type(exc).__name__}: {exc}"
+                        log.warning("group %s: %s", group.name, group.last_error)
                 continue
             except _SplitBrain:
                 continue  # at once: the target must learn of it and fence itself too
@@ -453,6 +595,12 @@ class Shipper:
             raise _FailedOver("split brain: " + str(body.get("error")))
         fence = group.fence or {}
         known = (fence.get("promoted") or {}).get("generation") == promoted.get("generation")
+        reclaimed = group.reclaimed()
+        if not known and reclaimed and reclaimed.get("generation") == promoted.get("generation"):
+            # Production resumed here while that side was out of reach: both live.
+            offset = float(body.get("clock", received)) - (sent + received) / 2
+            group.split_brain(promoted, float(reclaimed["time"]), offset, received - sent)
+            raise _SplitBrain()
         if not known and "clock" in body and group.last_write_time is not None:
             offset = float(body["clock"]) - (sent + received) / 2
             since = float(promoted["time"]) - offset

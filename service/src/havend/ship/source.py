@@ -26,12 +26,13 @@ import errno
 import json
 import logging
 import os
+import struct
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from havend.bitmap import mark_range, set_runs
 from havend.cdp.checkpoint import Checkpoint
@@ -73,6 +74,9 @@ class GroupStatus:
     lost_checkpoints: list[str]
     fence: dict[str, Any] | None
 
+
+# A staged block of reverse protection: volume, offset, length.
+_STAGED = struct.Struct("<HQI")
 
 # Dirty-region tracking after a journal overflow works in chunks of this size.
 DIRTY_CHUNK = 64 << 10
@@ -421,6 +425,126 @@ class SourceGroup:
             if self.overflow is not None:
                 self.overflow = None
                 self.overflow_resolved()
+
+    # Reverse protection ---------------------------------------------------------
+    # While failed over, rounds pull the recovery side's changes into the
+    # volumes (fenced here), each as of one of its checkpoints: staged in a file
+    # first, so a crash mid-way leaves the volumes at the previous round's
+    # point, or finishes applying this one at the next start.
+
+    def _reverse_paths(self) -> tuple[str, str]:
+        assert self.state_dir is not None
+        return (
+            os.path.join(self.state_dir, "reverse.staging"),
+            os.path.join(self.state_dir, "reverse.staged"),
+        )
+
+    def reverse_staging(self) -> BinaryIO:
+        """An empty staging file for a round's blocks (see :meth:`stage`)."""
+        staging, marker = self._reverse_paths()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(marker)
+        return open(staging, "wb")  # the round closes it
+
+    @staticmethod
+    def stage(staging: BinaryIO, volume: int, offset: int, data: bytes) -> None:
+        staging.write(_STAGED.pack(volume, offset, len(data)))
+        staging.write(data)
+
+    def apply_reverse(self, staging: BinaryIO, round_: dict[str, Any]) -> None:
+        """Every block of a round is staged: make that durable, then write them
+        into the volumes and record the round in the fence."""
+        staging.flush()
+        os.fdatasync(staging.fileno())
+        staging.close()
+        _, marker = self._reverse_paths()
+        write_atomic(marker, json.dumps(round_).encode())
+        self._apply_staged(round_)
+
+    def recover_reverse(self) -> None:
+        """At start: finish applying a round that was staged whole before a crash."""
+        if not self.state_dir:
+            return
+        staging, marker = self._reverse_paths()
+        try:
+            with open(marker) as f:
+                round_ = json.load(f)
+        except FileNotFoundError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staging)  # a round cut short: the volumes never saw it
+            return
+        log.warning("group %s: finishing reverse round %s", self.name, round_.get("checkpoint"))
+        self._apply_staged(round_)
+
+    def _apply_staged(self, round_: dict[str, Any]) -> None:
+        staging, marker = self._reverse_paths()
+        with self.lock:
+            # The journal's records are superseded: never replayed over these blocks.
+            self._sync_volumes(self.journal.last_seq)
+            with open(staging, "rb") as f:
+                while header := f.read(_STAGED.size):
+                    volume, offset, length = _STAGED.unpack(header)
+                    self.volumes[volume].volume.write(offset, f.read(length))
+            for member in self.volumes:
+                member.volume.flush()
+        fence = dict(self.fence or {})
+        done = int((fence.get("reverse") or {}).get("rounds", 0))
+        fence["reverse"] = round_ | {"rounds": done + 1}
+        self.set_fence(fence)
+        os.unlink(marker)
+        os.unlink(staging)
+
+    def _reclaimed_path(self) -> str:
+        assert self.state_dir is not None
+        return os.path.join(self.state_dir, "reclaimed.json")
+
+    def reclaimed(self) -> dict[str, Any] | None:
+        if not self.state_dir:
+            return None
+        try:
+            with open(self._reclaimed_path()) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def reclaim(self) -> dict[str, Any]:
+        """The recovery side is lost while failed over: production resumes here,
+        from the last round of reverse protection. Its writes after that round
+        are not here; if it comes back, both sides took writes: a split brain,
+        reported, and resolved by an operator's choice."""
+        fence = self.fence or {}
+        promoted, reverse = fence.get("promoted"), fence.get("reverse")
+        if not promoted:
+            raise CheckpointError(f"group {self.name} has not failed over: nothing to reclaim")
+        if fence.get("split_brain"):
+            raise CheckpointError(f"group {self.name} is in a split brain: resolve it instead")
+        if not reverse:
+            raise CheckpointError(
+                f"group {self.name} has no round of reverse protection: these volumes hold "
+                "production as it was at the failover, not the recovery side's data"
+            )
+        record = {
+            "time": time.time(),
+            "generation": promoted["generation"],
+            "reverse": reverse,
+            "lag_seconds": round(time.time() - float(reverse["checkpoint_time"]), 3),
+        }
+        write_atomic(self._reclaimed_path(), json.dumps(record).encode())
+        self.set_fence(None)
+        log.error(
+            "group %s: RECLAIMED: production resumes here at reverse round %s (the recovery "
+            "side as of %.3f, %.1f s ago); its later writes are not here",
+            self.name,
+            reverse["checkpoint"],
+            float(reverse["checkpoint_time"]),
+            record["lag_seconds"],
+        )
+        return record
+
+    def forget_reclaim(self) -> None:
+        if self.state_dir:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._reclaimed_path())
 
     def _writes_after(self, seq: int, since: float | None = None) -> dict[str, Any]:
         """The journaled writes after ``seq`` (and at or after the time ``since``,

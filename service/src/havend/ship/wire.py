@@ -60,6 +60,13 @@ its HELLO; the target records it, fences its promoted volumes and answers
 answered ``RESOLVED`` at once; ``survivor: production`` with ``WELCOME``
 ``{"resolve": true, "changed"}``, then the source's ``RESOLVE_DONE`` (it holds
 those ranges as dirty, durably) and the target's ``RESOLVED`` (a replica again).
+
+Reverse protection, while failed over: a HELLO with ``"reverse": {"generation",
+"base"}`` (the round checkpoint the old source holds, or null) starts a round:
+``WELCOME`` ``{"reverse": true, "checkpoint", "incremental", "changed",
+"applied_seq"}``; ``HASH_REQ`` and ``READ_REQ`` then read the promoted volumes
+as of that checkpoint; ``REVERSE_DONE`` ``{"checkpoint"}`` (the old source
+holds it now) is answered ``REVERSE_OK``.
 """
 
 from __future__ import annotations
@@ -107,6 +114,8 @@ class FrameType(enum.IntEnum):
     FAILBACK_OK = 18
     RESOLVE_DONE = 19
     RESOLVED = 20
+    REVERSE_DONE = 21
+    REVERSE_OK = 22
 
 
 _JSON_FRAMES = {
@@ -124,6 +133,8 @@ _JSON_FRAMES = {
     FrameType.FAILBACK_OK,
     FrameType.RESOLVE_DONE,
     FrameType.RESOLVED,
+    FrameType.REVERSE_DONE,
+    FrameType.REVERSE_OK,
 }
 _HASH_REQ = struct.Struct("<IHII")
 _RANGE = struct.Struct("<QI")

@@ -85,6 +85,7 @@ class TargetGroup:
         self.refusing = ""  # why new links are refused for a moment (a promotion)
         self.changes: ChangeMap | None = None
         self._promoted_volumes: list[PromotedVolume] | None = None
+        self._reverse: UndoLog | None = None  # reverse protection's checkpoints
         self.connected = False
         self.applied_bytes = 0
         self.apply_lock = asyncio.Lock()  # held while the applier works; rollback waits
@@ -560,6 +561,7 @@ class TargetGroup:
                 )
             await loop.run_in_executor(None, self.checkpoint)  # replicas synced, marker written
             await loop.run_in_executor(None, self._drop_unapplied)
+            self._drop_reverse()  # rounds of an earlier promotion, if any
             self.meta["generation"] = str(uuid.uuid4())
             self.meta["promoted"] = {
                 "time": time.time(),
@@ -603,6 +605,10 @@ class TargetGroup:
                 PromotedVolume(self.volumes, i, v["name"], self.undo, self.changes, lock)
                 for i, v in enumerate(self.meta["volumes"])
             ]
+            if os.path.isdir(self._reverse_dir()):  # reverse protection ran before a restart
+                reverse = self._open_reverse()
+                for member in self._promoted_volumes:
+                    member.reverse = reverse
             self._pause_promoted(self.split_brain_reason())
         return self._promoted_volumes
 
@@ -627,6 +633,75 @@ class TargetGroup:
             f"group {self.name}: SPLIT BRAIN with the old source: writes refused until a "
             "survivor is chosen (havend group resolve on the source node)"
         )
+
+    # Reverse protection -------------------------------------------------------
+    # While failed over, the old source pulls what the promoted side changed,
+    # round after round, each as of a checkpoint of this side (a consistent
+    # point, read while writes go on: the reverse undo log saves what they
+    # overwrite), so a second disaster here loses at most one round.
+
+    def _reverse_dir(self) -> str:
+        return os.path.join(self.directory, "reverse")
+
+    def _open_reverse(self) -> UndoLog:
+        if self._reverse is None:
+            self._reverse = UndoLog(self._reverse_dir(), [v.size for v in self.volumes])
+        return self._reverse
+
+    def _drop_reverse(self) -> None:
+        if self._reverse is not None:
+            self._reverse.close()
+            self._reverse = None
+        shutil.rmtree(self._reverse_dir(), ignore_errors=True)
+
+    def _reverse_keep_from(self, reverse: UndoLog, seq: int) -> None:
+        """Forget the rounds' checkpoints before ``seq`` (the old source has it)."""
+        with reverse.lock:
+            keep = sum(1 for c in reverse.checkpoints if c.seq >= seq)
+        reverse.expire(max(1, keep))
+
+    def begin_reverse(
+        self, base_id: str | None
+    ) -> tuple[Checkpoint, bool, list[list[tuple[int, int]]], list[PointInTimeView]]:
+        """A round of reverse protection: a new checkpoint of the promoted
+        volumes; (it, whether the ranges are only those changed since the old
+        source's ``base_id`` checkpoint, else every range changed since the
+        promotion, the ranges, a read-only view of each volume at it)."""
+        volumes = self.promoted_volumes()
+        assert self.changes is not None
+        reverse = self._open_reverse()
+        with volumes[0]._lock:  # no write between the checkpoint and the next one's saving
+            newest = reverse.checkpoints[-1] if reverse.checkpoints else None
+            checkpoint = Checkpoint(
+                uuid.uuid4().hex,
+                newest.seq + 1 if newest else 1,
+                time.time(),
+                "reverse protection",
+                "crash",
+            )
+            reverse.add_checkpoint(checkpoint)
+            for member in volumes:
+                member.reverse = reverse
+        base = None
+        if base_id:
+            with contextlib.suppress(CheckpointError):
+                base = reverse.get(base_id)
+        if base is not None:
+            self._reverse_keep_from(reverse, base.seq)
+            changed = reverse.changed_between(base.seq, checkpoint.seq)
+        else:  # the old source has none of them: everything changed since the promotion
+            self._reverse_keep_from(reverse, checkpoint.seq)
+            changed = [self.changes.ranges(i) for i in range(len(volumes))]
+        views = [
+            PointInTimeView(reverse, self.volumes, i, checkpoint, name=f"reverse {i}")
+            for i in range(len(volumes))
+        ]
+        return checkpoint, base is not None, changed, views
+
+    def end_reverse(self, checkpoint_id: str) -> None:
+        """The old source holds the volumes as of that round's checkpoint."""
+        reverse = self._open_reverse()
+        self._reverse_keep_from(reverse, reverse.get(checkpoint_id).seq)
 
     # Split brain ---------------------------------------------------------------
 
@@ -795,6 +870,7 @@ class TargetGroup:
             self.changes = None
         self._promoted_volumes = None
         shutil.rmtree(os.path.join(self.directory, "changes"), ignore_errors=True)
+        self._drop_reverse()
         self._restart_sequence(resume_seq)
         self._set_sync("consistent", until=resume_seq)
         self._write_meta()
@@ -845,6 +921,8 @@ class TargetGroup:
             self.close_view(export)
         if self.changes is not None:
             self.changes.close()
+        if self._reverse is not None:
+            self._reverse.close()
         if self.synced_seq < self.applied_seq:
             self.checkpoint()
         self.undo.close()

@@ -35,6 +35,9 @@ class PromotedVolume:
         self.changes = changes
         self._lock = lock  # one per group: a change is tracked, saved, then made
         self.fenced = ""  # why writes are refused (a failback is taking the data home)
+        # Reverse protection: the rounds' checkpoints (the old source pulls the
+        # blocks changed between two of them, as of the newer).
+        self.reverse: UndoLog | None = None
 
     def read(self, offset: int, length: int) -> bytes:
         return self.volume.read(offset, length)
@@ -45,6 +48,8 @@ class PromotedVolume:
                 raise OSError(errno.EROFS, self.fenced)
             self.changes.mark(self.index, offset, length)  # durable before the change
             self.undo.preserve(self.volumes, None, [(self.index, offset, length)])
+            if self.reverse is not None:
+                self.reverse.preserve(self.volumes, None, [(self.index, offset, length)])
             do()
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:

@@ -8,7 +8,7 @@ import os
 import ssl
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from havend.blockhash import hash_ranges
@@ -102,6 +102,9 @@ class TargetNode:
             if isinstance(hello.body.get("resolve"), dict):
                 await self._resolve(group, hello.body, reader, writer, decoder)
                 return
+            if isinstance(hello.body.get("reverse"), dict):
+                await self._reverse(group, hello.body["reverse"], reader, writer, decoder)
+                return
             welcome = {
                 "node": self.name,
                 "durable_seq": group.journal.durable_seq,
@@ -178,6 +181,53 @@ class TargetNode:
         writer.write(wire.encode_control(wire.FrameType.RESOLVED, result))
         await writer.drain()
 
+    async def _reverse(
+        self,
+        group: TargetGroup,
+        request: dict,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        decoder: wire.FrameDecoder,
+    ) -> None:
+        """A round of reverse protection (see ``TargetGroup.begin_reverse``)."""
+        loop = asyncio.get_running_loop()
+        base = request.get("base")
+        checkpoint, incremental, changed, views = await loop.run_in_executor(
+            None, group.begin_reverse, str(base) if base else None
+        )
+        try:
+            assert group.promoted is not None
+            welcome = {
+                "node": self.name,
+                "reverse": True,
+                "checkpoint": checkpoint.to_dict(),
+                "incremental": incremental,
+                "changed": changed,
+                "applied_seq": group.promoted["applied_seq"],
+            }
+            writer.write(wire.encode_control(wire.FrameType.WELCOME, welcome))
+            await writer.drain()
+            while True:
+                frame = await read_frame(reader, decoder, timeout=300)
+                if isinstance(frame, wire.HashRequest):
+                    writer.write(await _hashes(views, frame))
+                elif isinstance(frame, wire.ReadRequest):
+                    await self._send_ranges(group, views, frame)
+                    done = {"request": frame.request}
+                    writer.write(wire.encode_control(wire.FrameType.READ_DONE, done))
+                elif isinstance(frame, wire.Control) and frame.type == wire.FrameType.REVERSE_DONE:
+                    await loop.run_in_executor(None, group.end_reverse, checkpoint.id)
+                    ok = {"checkpoint": checkpoint.id}
+                    writer.write(wire.encode_control(wire.FrameType.REVERSE_OK, ok))
+                    await writer.drain()
+                    return
+                else:
+                    raise RemoteProtocolError(f"unexpected frame in a reverse round: {frame!r}")
+                await writer.drain()
+        finally:
+            for view in views:
+                view.close()
+
     async def _handle(self, group: TargetGroup, frame: wire.Frame) -> bytes | None:
         """Carry out one frame of a session; the bytes to answer with."""
         loop = asyncio.get_running_loop()
@@ -190,15 +240,7 @@ class TargetNode:
             group.received.set()  # _commit_and_ack makes them durable and acknowledges
             return None
         if isinstance(frame, wire.HashRequest):
-            if frame.volume >= len(group.volumes):
-                raise RemoteProtocolError("HASH_REQ for an unknown volume")
-            try:
-                hashes = await loop.run_in_executor(
-                    None, hash_ranges, group.volumes[frame.volume], frame.ranges, frame.granularity
-                )
-            except ValueError as exc:
-                raise RemoteProtocolError(str(exc)) from None
-            return wire.encode_hashes(frame.request, hashes)
+            return await _hashes(group.volumes, frame)
         if isinstance(frame, wire.SyncData):
             await loop.run_in_executor(
                 None, group.write_block, frame.volume, frame.offset, frame.data
@@ -220,14 +262,9 @@ class TargetNode:
                 self.on_promoted(group)
             return wire.encode_control(wire.FrameType.PROMOTED, promoted)
         if isinstance(frame, wire.ReadRequest):
-            if frame.volume >= len(group.volumes) or not group.promoted:
+            if not group.promoted:
                 raise RemoteProtocolError("READ_REQ outside a failback")
-            volume = group.volumes[frame.volume]
-            for offset, length in frame.ranges:
-                if offset + length > volume.size or length > wire.MAX_FRAME // 2:
-                    raise RemoteProtocolError("READ_REQ outside the volume")
-                data = await loop.run_in_executor(None, volume.read, offset, length)
-                self._send_now(group, wire.encode_sync_data(frame.volume, offset, data))
+            await self._send_ranges(group, group.volumes, frame)
             return wire.encode_control(wire.FrameType.READ_DONE, {"request": frame.request})
         if isinstance(frame, wire.Control) and frame.type == wire.FrameType.FAILBACK_DONE:
             if not group.promoted:
@@ -296,6 +333,13 @@ class TargetNode:
             if not group.meta.get("split_brain"):
                 return group, f"group {group.name} is not in a split brain"
             return group, None
+        reverse = hello.get("reverse")
+        if isinstance(reverse, dict):
+            if not group.promoted or reverse.get("generation") != group.generation:
+                return group, f"group {group.name} is not promoted as generation " + str(
+                    reverse.get("generation")
+                )
+            return group, group.split_brain_reason() or None
         failback = hello.get("failback")
         if isinstance(failback, dict):
             if group.promoted:
@@ -320,6 +364,20 @@ class TargetNode:
             except (TypeError, ValueError):
                 return group, "malformed retention in HELLO"
         return group, None
+
+    async def _send_ranges(
+        self, group: TargetGroup, volumes: Sequence[Any], frame: wire.ReadRequest
+    ) -> None:
+        """SYNC_DATA frames with the bytes of every range a READ_REQ asks for."""
+        if frame.volume >= len(volumes):
+            raise RemoteProtocolError("READ_REQ for an unknown volume")
+        volume = volumes[frame.volume]
+        loop = asyncio.get_running_loop()
+        for offset, length in frame.ranges:
+            if offset + length > volume.size or length > wire.MAX_FRAME // 2:
+                raise RemoteProtocolError("READ_REQ outside the volume")
+            data = await loop.run_in_executor(None, volume.read, offset, length)
+            self._send_now(group, wire.encode_sync_data(frame.volume, offset, data))
 
     def _send_now(self, group: TargetGroup, frame: bytes) -> None:
         link = self._links.get(group.id)
@@ -346,6 +404,19 @@ class TargetNode:
         await asyncio.gather(*self._appliers, return_exceptions=True)
         for group in self.groups.values():
             group.close()
+
+
+async def _hashes(volumes: Sequence[Any], frame: wire.HashRequest) -> bytes:
+    """The HASHES answer to a HASH_REQ over ``volumes``."""
+    if frame.volume >= len(volumes):
+        raise RemoteProtocolError("HASH_REQ for an unknown volume")
+    try:
+        hashes = await asyncio.get_running_loop().run_in_executor(
+            None, hash_ranges, volumes[frame.volume], frame.ranges, frame.granularity
+        )
+    except ValueError as exc:
+        raise RemoteProtocolError(str(exc)) from None
+    return wire.encode_hashes(frame.request, hashes)
 
 
 def _report_crash(group: TargetGroup, task: asyncio.Task[None]) -> None:
