@@ -142,6 +142,7 @@ def wait_caught_up(source: NodeProcess, target: NodeProcess, timeout: float = 60
         tgt = {g["group"]: g for g in tgt_status["groups"]}
         if all(
             g["acked_seq"] == g["last_seq"]
+            and g["lag_bytes"] == 0  # no region waiting for a resync either
             and gid in tgt
             and tgt[gid]["applied_seq"] == g["last_seq"]
             and tgt[gid]["state"] == "consistent"

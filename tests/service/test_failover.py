@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from nodes import wait_caught_up
-from sites import EPERM, SIZES, WAIT, MiB, Sites
+from sites import EPERM, SIZES, VOLUMES, WAIT, MiB, Sites
 
 from havend import admin
 from havend.errors import NBDClientError
@@ -152,6 +152,9 @@ def test_failback_ships_only_the_changes_and_keeps_the_lost_writes(sites: Sites)
     replication resumes in the original direction without a full resync."""
     sites.write(300)
     promoted, expected = sites.failed_over_with_losses(lost=40, recovery=60, seed=9)
+    with pytest.raises(admin.AdminError, match="is failed over"):
+        sites.op(sites.source, "snapshots", group="app")
+    before = sites.volume_images()  # with the 40 writes the target never got
     result = sites.op(sites.source, "failback", group="app")
     changed = result["changed_on_target_bytes"] + result["unshipped_here_bytes"]
     assert result["unshipped_here_bytes"] == 40 * 4096
@@ -160,6 +163,20 @@ def test_failback_ships_only_the_changes_and_keeps_the_lost_writes(sites: Sites)
     assert result["pulled_bytes"] <= 1.1 * changed, result
     assert result["snapshot"]["bytes"] > 0
     assert sites.volume_images() == expected
+    # The snapshot gives the replaced production back, read-only over NBD.
+    [snapshot] = sites.op(sites.source, "snapshots", group="app")
+    assert snapshot["name"] == f"failback-{promoted['generation']}"
+    assert snapshot["checkpoint"]["label"] == "before failback"
+    for i, name in enumerate(VOLUMES):
+        view = sites.op(
+            sites.source, "snapshot_open", group="app", volume=name, snapshot=snapshot["name"]
+        )
+        with NBDClient.open(view["uri"]) as client:
+            assert client.read_only
+            assert client.read(0, client.size) == before[i]
+        sites.op(sites.source, "snapshot_close", export=view["export"])
+    with pytest.raises(admin.AdminError, match="no snapshot 'nope'"):
+        sites.op(sites.source, "snapshot_open", group="app", volume="db", snapshot="nope")
     sites.back_to_normal(seed=11, writes=30)
     [group] = sites.target.status()["groups"]
     assert not group["promoted"] and not group["hold"]
@@ -313,6 +330,7 @@ def test_split_brain_resolved_for_the_production_side(sites: Sites) -> None:
     side changed are resynced; every write of the source is on the replica."""
     sites.write(100)
     promoted = sites.split_brain(10, 15, seed=7)
+    recovery_side = sites.promoted_images(sites.target.address("views"))
     result = sites.op(sites.source, "resolve", group="app", survivor="production")
     assert result["survivor"] == "production" and result["snapshot"]["bytes"] > 0
     assert os.path.isdir(result["snapshot"]["directory"])
@@ -326,6 +344,20 @@ def test_split_brain_resolved_for_the_production_side(sites: Sites) -> None:
     report = check_prefix(sites.log, sites.replica_images())
     assert report.ok and report.seq == sites.log.last_seq, report
     assert sites.replica_images() == sites.volume_images()
+    # What the recovery side wrote is kept: a snapshot on the target, over NBD.
+    [snapshot] = sites.op(sites.target, "snapshots", group="app")
+    assert snapshot["kind"] == "split" and snapshot["bytes"] > 0
+    view = sites.op(
+        sites.target, "snapshot_open", group="app", volume="db", snapshot=snapshot["name"]
+    )
+    with NBDClient.open(view["uri"]) as client:
+        assert client.read(0, client.size) == recovery_side[0]
+    with pytest.raises(admin.AdminError, match="has open views"):
+        sites.op(sites.target, "snapshot_delete", group="app", snapshot=snapshot["name"])
+    sites.op(sites.target, "snapshot_close", export=view["export"])
+    freed = sites.op(sites.target, "snapshot_delete", group="app", snapshot=snapshot["name"])
+    assert freed["freed_bytes"] > 0
+    assert sites.op(sites.target, "snapshots", group="app") == []
     resync = sites.op(sites.source, "status")["groups"][0]["resync"]
     assert resync["reason"] == "split brain resolved for production"
     assert resync["total_bytes"] < sum(SIZES) // 2  # the changed regions, not everything

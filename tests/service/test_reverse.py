@@ -137,9 +137,7 @@ def test_failback_after_reverse_rounds_pulls_only_the_last_changes(sites: Sites)
     assert not group["promoted"]
 
 
-@pytest.mark.parametrize(
-    ("victim", "seed"), [(v, s) for v in ("source", "target") for s in (1, 2)]
-)
+@pytest.mark.parametrize(("victim", "seed"), [(v, s) for v in ("source", "target") for s in (1, 2)])
 def test_reverse_round_killed_at_random_moments(sites: Sites, victim: str, seed: int) -> None:
     """kill -9 of either side during a round: the old source's volumes are at
     the previous round or at this one, never in between; the next round

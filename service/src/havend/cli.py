@@ -163,6 +163,40 @@ def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:
     listing = actions.add_parser("list", help="open views")
     command(listing, lambda a: {"op": "views"})
 
+    snapshot = sub.add_parser(
+        "snapshot",
+        help="what a failback or a split-brain resolution replaced, kept as a snapshot",
+    )
+    actions = snapshot.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="the group's snapshots")
+    listing.add_argument("--group", required=True)
+    command(listing, lambda a: {"op": "snapshots", "group": a.group})
+    opening = actions.add_parser(
+        "open", help="export a volume read-only over NBD as the snapshot kept it"
+    )
+    opening.add_argument("--group", required=True)
+    opening.add_argument("--volume", required=True)
+    opening.add_argument("--snapshot", required=True, help="a name from snapshot list")
+    command(
+        opening,
+        lambda a: {
+            "op": "snapshot_open",
+            "group": a.group,
+            "volume": a.volume,
+            "snapshot": a.snapshot,
+        },
+    )
+    closing = actions.add_parser("close", help="stop exporting a snapshot view")
+    closing.add_argument("export")
+    command(closing, lambda a: {"op": "snapshot_close", "export": a.export})
+    deleting = actions.add_parser("delete", help="free a snapshot's space")
+    deleting.add_argument("--group", required=True)
+    deleting.add_argument("--snapshot", required=True)
+    command(
+        deleting,
+        lambda a: {"op": "snapshot_delete", "group": a.group, "snapshot": a.snapshot},
+    )
+
     group = sub.add_parser("group", help="failover of a consistency group")
     actions = group.add_subparsers(dest="action", required=True)
     failover = actions.add_parser(

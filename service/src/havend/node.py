@@ -24,6 +24,7 @@ from typing import Any
 from havend import __version__
 from havend.admin import SOCKET_NAME, AdminServer
 from havend.cdp.hooks import SSHTarget, app_consistent
+from havend.cdp.snapshot import Snapshots
 from havend.config import GroupConfig, NodeConfig
 from havend.errors import CheckpointError, ConfigError
 from havend.fsutil import write_atomic
@@ -107,6 +108,8 @@ class Node:
         self._view_count = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self._shippers: list[Shipper] = []
+        self._snapshots: dict[str, Snapshots] = {}  # per group name
+        self._snapshot_views: dict[str, tuple[Snapshots, Any]] = {}  # export -> (shelf, view)
         self._last_shipped: dict[str, tuple[float, int]] = {}
 
     async def start(self) -> None:
@@ -233,7 +236,17 @@ class Node:
         async def status(_: dict[str, Any]) -> Any:
             return self.status()
 
-        handlers: dict[str, Any] = {"status": status}
+        handlers: dict[str, Any] = {
+            "status": status,
+            "snapshots": lambda r: self._async(self.list_snapshots, str(r["group"])),
+            "snapshot_open": lambda r: self._async(
+                self.open_snapshot, str(r["group"]), str(r["volume"]), str(r["snapshot"])
+            ),
+            "snapshot_close": lambda r: self._async(self.close_snapshot, str(r["export"])),
+            "snapshot_delete": lambda r: self._async(
+                self.delete_snapshot, str(r["group"]), str(r["snapshot"])
+            ),
+        }
         if self.config.role == "source":
             handlers["checkpoint"] = lambda r: self.checkpoint(
                 str(r["group"]), str(r.get("label", "")), r.get("app")
@@ -481,6 +494,60 @@ class Node:
     def _shipper(self, name: str) -> Shipper:
         group = self._source_group(name)
         return next(s for s in self._shippers if s.group is group)
+
+    # Snapshots of a losing side (failback, split brain) ------------------------
+
+    def _shelf(self, name: str) -> tuple[Snapshots, NBDServer, str]:
+        """The group's snapshots, the NBD server and address that export them."""
+        if self.source_groups:
+            group = self._source_group(name)
+            if (group.fence or {}).get("promoted"):
+                raise CheckpointError(
+                    f"group {name} is failed over: its failback snapshot is still being made"
+                )
+            assert group.state_dir is not None and self.nbd is not None
+            directory, server, address = group.state_dir, self.nbd, self.addresses["nbd"]
+            names = [m.name for m in group.volumes]
+            volumes = [m.volume for m in group.volumes]
+        else:
+            group = self._target_group(name)
+            assert self.views is not None
+            directory, server, address = group.directory, self.views, self.addresses["views"]
+            names = [v["name"] for v in group.meta["volumes"]]
+            volumes = group.volumes
+        shelf = self._snapshots.get(name)
+        if shelf is None or shelf.directory != directory:
+            shelf = self._snapshots[name] = Snapshots(directory, names, volumes)
+        return shelf, server, address
+
+    def list_snapshots(self, name: str) -> list[dict[str, Any]]:
+        return self._shelf(name)[0].list()
+
+    def open_snapshot(self, name: str, volume: str, snapshot: str) -> dict[str, Any]:
+        """Export a volume as the failback or resolution found it (read-only)."""
+        shelf, server, address = self._shelf(name)
+        view = shelf.open(snapshot, volume)
+        self._view_count += 1
+        export = f"{name}/{volume}@{snapshot}.{self._view_count}"
+        server.add_export(export, view, f"{volume} of {name} before {snapshot}")
+        self._snapshot_views[export] = (shelf, view)
+        log.info("snapshot view %s opened", export)
+        return {"export": export, "uri": f"{address}/{export}", "size": view.size}
+
+    def close_snapshot(self, export: str) -> dict[str, Any]:
+        if export not in self._snapshot_views:
+            raise CheckpointError(f"no snapshot view {export!r} is open")
+        shelf, view = self._snapshot_views.pop(export)
+        server = self.nbd if self.source_groups else self.views
+        assert server is not None
+        server.remove_export(export)
+        shelf.close(view)
+        return {"export": export}
+
+    def delete_snapshot(self, name: str, snapshot: str) -> dict[str, Any]:
+        result = self._shelf(name)[0].delete(snapshot)
+        log.warning("group %s: snapshot %s deleted", name, snapshot)
+        return result
 
     async def failback(self, name: str, timeout: float = 3600) -> dict[str, Any]:
         """Bring production home after a failover (source node): see Shipper.failback."""

@@ -455,8 +455,14 @@ class Shipper:
                 for index, ranges in enumerate(answer.body["changed"]):
                     for offset, length in ranges:
                         overflow.mark(index, int(offset), int(length))
-            # Durable here (the overflow flag) before the target forgets its changes.
-            writer.write(wire.encode_control(wire.FrameType.RESOLVE_DONE, {}))
+                applied = int(answer.body.get("applied_seq", 0))
+                for index, offset, length in group.writes_after_extents(applied):
+                    overflow.mark(index, offset, length)
+                replaced = [overflow.ranges(i) for i in range(len(group.volumes))]
+            # Durable here (the overflow flag) before the target forgets its changes;
+            # it keeps what it has in every range the resync may replace.
+            done = {"ranges": replaced}
+            writer.write(wire.encode_control(wire.FrameType.RESOLVE_DONE, done))
             await writer.drain()
             answer = await read_frame(reader, decoder, 300)
             if not isinstance(answer, wire.Control) or answer.type != wire.FrameType.RESOLVED:

@@ -90,6 +90,7 @@ class DirtyRegions:
     ) -> None:
         self.sizes = sizes
         self.reason = reason  # why these regions need a resync (shown in the status)
+        self.since = time.monotonic()  # the oldest change they may hold
         fill = 0xFF if everything else 0
         self.bits = [bytearray([fill]) * ((s // DIRTY_CHUNK + 8) // 8) for s in sizes]
 
@@ -97,6 +98,7 @@ class DirtyRegions:
         mark_range(self.bits[volume], 0, offset, length, DIRTY_CHUNK)
 
     def merge(self, other: DirtyRegions) -> None:
+        self.since = min(self.since, other.since)
         for mine, theirs in zip(self.bits, other.bits, strict=True):
             for i, byte in enumerate(theirs):
                 mine[i] |= byte
@@ -738,6 +740,10 @@ class SourceGroup:
         if self.resync is not None:  # the replica is not current until the resync ends
             lag_seconds = max(lag_seconds, time.monotonic() - self.resync.started)
             lag_bytes += self.resync.total_bytes - self.resync.done_bytes
+        overflow = self.overflow
+        if overflow is not None:  # regions waiting for a resync: not on the replica yet
+            lag_seconds = max(lag_seconds, time.monotonic() - overflow.since)
+            lag_bytes += overflow.dirty_bytes()
         return GroupStatus(
             group=str(self.id),
             name=self.name,

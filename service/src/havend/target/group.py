@@ -775,10 +775,11 @@ class TargetGroup:
         log.warning("group %s: split brain resolved: this side survives, writes resume", self.name)
         return resolved
 
-    def keep_production(self) -> dict:
-        """Split brain resolved for the old source: what this side changed since
-        the promotion is saved (a snapshot, one checkpoint), then the group is a
-        replica again at its promotion's seq; the source resyncs those blocks."""
+    def keep_production(self, replaced: list) -> dict:
+        """Split brain resolved for the old source: what this side holds in the
+        ranges the source is about to resync (``replaced``, per volume: what it
+        changed since the promotion among them) is saved (a snapshot, one
+        checkpoint), then the group is a replica again at its promotion's seq."""
         assert self.promoted is not None and self.changes is not None
         generation = self.generation
         volumes = self.promoted_volumes()
@@ -793,7 +794,13 @@ class TargetGroup:
             os.path.join(self.directory, f"split-brain-{generation}"),
             self.volumes,
             checkpoint,
-            [(i, o, n) for i in range(len(volumes)) for o, n in self.changes.ranges(i)],
+            [(i, o, n) for i in range(len(volumes)) for o, n in self.changes.ranges(i)]
+            + [
+                (i, int(o), int(n))
+                for i, ranges in enumerate(replaced)
+                for o, n in ranges
+                if int(o) + int(n) <= self.volumes[i].size
+            ],
         )
         resolved = {
             "time": time.time(),

@@ -168,14 +168,22 @@ class TargetNode:
         elif request.get("survivor") == "recovery":
             result = group.keep_recovery()
         else:
-            changed = group.begin_failback()["changed"]  # paused: and the delta
-            welcome = {"node": self.name, "resolve": True, "changed": changed}
+            paused = group.begin_failback()  # writes paused; what changed, from where
+            welcome = {
+                "node": self.name,
+                "resolve": True,
+                "changed": paused["changed"],
+                "applied_seq": paused["applied_seq"],
+            }
             writer.write(wire.encode_control(wire.FrameType.WELCOME, welcome))
             await writer.drain()
             frame = await read_frame(reader, decoder, timeout=300)
             if not isinstance(frame, wire.Control) or frame.type != wire.FrameType.RESOLVE_DONE:
                 raise RemoteProtocolError(f"expected RESOLVE_DONE, got {frame!r}")
-            result = await loop.run_in_executor(None, group.keep_production)
+            replaced = frame.body.get("ranges")
+            if not isinstance(replaced, list) or len(replaced) != len(group.volumes):
+                raise RemoteProtocolError("RESOLVE_DONE without the ranges of every volume")
+            result = await loop.run_in_executor(None, group.keep_production, replaced)
             if self.on_demoted is not None:
                 self.on_demoted(group)
         writer.write(wire.encode_control(wire.FrameType.RESOLVED, result))
