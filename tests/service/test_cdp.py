@@ -540,22 +540,39 @@ def test_hooks_over_ssh_freeze_and_thaw_the_protected_server(
 
 
 @pytest.mark.parametrize(
-    ("checkpoints", "error"),
+    ("fields", "error"),
     [
-        ({"retain": 0}, r"checkpoints\.retain: at least 1"),
-        ({"interval_seconds": 0.5}, r"checkpoints\.interval_seconds: 0 \(off\) or at least 1"),
-        ({"max_age_seconds": -1}, r"checkpoints\.max_age_seconds: 0 \(no limit\) or more"),
-        ({"hooks": {"pre": ["true"]}}, r"checkpoints\.hooks\.post: pre and post go together"),
-        ({"hooks": {"pre": "fsfreeze -f /srv", "post": ["x"]}}, r"hooks\.pre: a command as a list"),
-        ({"hooks": {"pre": ["a"], "post": ["b"], "timeout_seconds": 0}}, r"timeout_seconds"),
+        ({"checkpoints": {"retain": 0}}, r"checkpoints\.retain: at least 1"),
         (
-            {"hooks": {"pre": ["a"], "post": ["b"], "ssh": {"host": "db1"}}},
+            {"checkpoints": {"interval_seconds": 0.5}},
+            r"checkpoints\.interval_seconds: 0 \(off\) or at least 1",
+        ),
+        (
+            {"checkpoints": {"max_age_seconds": -1}},
+            r"checkpoints\.max_age_seconds: 0 \(no limit\) or more",
+        ),
+        (
+            {"checkpoints": {"hooks": {"pre": ["true"]}}},
+            r"checkpoints\.hooks\.post: pre and post go together",
+        ),
+        (
+            {"checkpoints": {"hooks": {"pre": "fsfreeze -f /srv", "post": ["x"]}}},
+            r"hooks\.pre: a command as a list",
+        ),
+        (
+            {"checkpoints": {"hooks": {"pre": ["a"], "post": ["b"], "timeout_seconds": 0}}},
+            r"timeout_seconds",
+        ),
+        (
+            {"checkpoints": {"hooks": {"pre": ["a"], "post": ["b"], "ssh": {"host": "db1"}}}},
             r"ssh\.key_file: required",
         ),
+        ({"reverse_interval_seconds": 0.5}, r"groups\[0\]\.reverse_interval_seconds: 0 \(off\)"),
+        ({"reverse_interval_seconds": "often"}, r"groups\[0\]\.reverse_interval_seconds"),
     ],
 )
-def test_bad_checkpoint_policies_are_refused_naming_the_field(
-    checkpoints: dict[str, Any], error: str
+def test_bad_group_policies_are_refused_naming_the_field(
+    fields: dict[str, Any], error: str
 ) -> None:
     from havend import config
     from havend.errors import ConfigError
@@ -569,8 +586,8 @@ def test_bad_checkpoint_policies_are_refused_naming_the_field(
                 {
                     "name": "app",
                     "volumes": [{"name": "db", "path": "/x"}],
-                    "checkpoints": checkpoints,
                 }
+                | fields
             ],
         },
     }

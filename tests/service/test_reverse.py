@@ -180,26 +180,3 @@ def test_reverse_rounds_run_by_themselves(tmp_path: Path) -> None:
         assert sites.volume_images() == sites.promoted_images(sites.target.address("views"))
     finally:
         sites.close()
-
-
-@pytest.mark.parametrize("interval", [0.5, -1, "often"])
-def test_a_bad_reverse_interval_is_refused_naming_the_field(interval: object) -> None:
-    from havend import config
-    from havend.errors import ConfigError
-
-    node = {
-        "node": {"name": "src1", "role": "source", "state_dir": "/tmp/x"},
-        "insecure_plaintext": True,
-        "source": {
-            "target": {"host": "127.0.0.1", "port": 1},
-            "groups": [
-                {
-                    "name": "app",
-                    "volumes": [{"name": "db", "path": "/x"}],
-                    "reverse_interval_seconds": interval,
-                }
-            ],
-        },
-    }
-    with pytest.raises(ConfigError, match=r"groups\[0\]\.reverse_interval_seconds"):
-        config.parse(node)
