@@ -16,7 +16,7 @@ BENCHES := bench/nbd_ingest.py $(filter-out bench/nbd_ingest.py,\
 	$(shell grep -l '^if __name__ == .__main__.:' bench/*.py 2>/dev/null))
 
 .PHONY: test setup ruff service-tests units sanity lint changelog bench build build-check \
-	constraints clean distclean
+	constraints openapi clean distclean
 
 ## test: everything CI checks, in order, stopping at the first failure
 test: setup
@@ -80,6 +80,10 @@ build-check: build
 		.build/haven-dr-$$(sed -n 's/^version: *//p' galaxy.yml).tar.gz
 	test -f .build/installed/ansible_collections/haven/dr/MANIFEST.json
 	test -f .build/installed/ansible_collections/haven/dr/service/pyproject.toml
+
+## openapi: rewrite docs/api/openapi.json from the code (a test fails when it is stale)
+openapi: setup
+	$(VENV)/bin/havend api-schema >docs/api/openapi.json
 
 ## constraints: re-resolve requirements-dev.txt and rewrite constraints.txt
 constraints:

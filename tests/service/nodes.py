@@ -89,7 +89,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def target_node(tmp: Path, name: str = "tgt1", tls: dict | None = None) -> NodeProcess:
+def target_node(
+    tmp: Path, name: str = "tgt1", tls: dict | None = None, api: bool = False
+) -> NodeProcess:
     """A target on a fixed free port, so that it comes back where its source looks."""
     state = tmp / name
     listen = {"host": "127.0.0.1", "port": free_port()}
@@ -100,6 +102,8 @@ def target_node(tmp: Path, name: str = "tgt1", tls: dict | None = None) -> NodeP
         "status_period": 0.2,
     }
     config.update({"tls": tls} if tls else {"insecure_plaintext": True})
+    if api:
+        config["api"] = {"host": "127.0.0.1", "port": 0}
     return NodeProcess(name, write_config(tmp / f"{name}.yaml", config), state, tmp / f"{name}.log")
 
 
@@ -111,6 +115,7 @@ def source_node(
     tls: dict | None = None,
     nbd_port: int = 0,
     link_timeout: float = 30.0,
+    api: bool = False,
 ) -> NodeProcess:
     state = tmp / name
     config = {
@@ -125,7 +130,21 @@ def source_node(
         "status_period": 0.2,
     }
     config.update({"tls": tls} if tls else {"insecure_plaintext": True})
+    if api:
+        config["api"] = {"host": "127.0.0.1", "port": 0}
     return NodeProcess(name, write_config(tmp / f"{name}.yaml", config), state, tmp / f"{name}.log")
+
+
+def make_tls(tmp: Path) -> tuple[dict, dict]:
+    """Certificates of src1 and tgt1 from one test CA (the TLS config of each)."""
+    from havend.certs import init_ca, issue
+
+    ca = init_ca(tmp / "ca", "test-ca")
+    out = []
+    for name in ("src1", "tgt1"):
+        files = issue(tmp / "ca", tmp / "pki", name, ["127.0.0.1", "localhost", name])
+        out.append({"cert": str(files.cert), "key": str(files.key), "ca": str(ca.cert)})
+    return out[0], out[1]
 
 
 def wait_caught_up(source: NodeProcess, target: NodeProcess, timeout: float = 60) -> None:

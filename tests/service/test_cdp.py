@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 from conftest import require_tool
-from nodes import NodeProcess, free_port, source_node, target_node, wait_caught_up
+from nodes import NodeProcess, free_port, make_tls, source_node, target_node, wait_caught_up
 
 from havend import admin
-from havend.certs import init_ca, issue
 from havend.nbd.client import NBDClient
 from havend.stamp import StampWriter, WriteLog, check_prefix
 
@@ -30,15 +29,6 @@ MiB = 1 << 20
 VOLUMES = ["db", "log"]
 SIZES = [4 * MiB, 2 * MiB]
 WAIT = 60
-
-
-def make_tls(tmp: Path) -> tuple[dict, dict]:
-    ca = init_ca(tmp / "ca", "test-ca")
-    out = []
-    for name in ("src1", "tgt1"):
-        files = issue(tmp / "ca", tmp / "pki", name, ["127.0.0.1", "localhost", name])
-        out.append({"cert": str(files.cert), "key": str(files.key), "ca": str(ca.cert)})
-    return out[0], out[1]
 
 
 class Site:

@@ -291,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("HAVEND_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
     )
+    parser.add_argument(
+        "--log-format",
+        default=os.environ.get("HAVEND_LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="json: one object per line (time, level, logger, pid, message)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser(
@@ -329,16 +335,95 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(run=_run_node)
     add_certs_parser(sub)
     _add_admin_parsers(sub)
+    _add_token_parser(sub)
+    api_schema = sub.add_parser("api-schema", help="print the REST API's OpenAPI schema")
+    api_schema.set_defaults(run=_api_schema)
     return parser
+
+
+async def _api_schema(args: argparse.Namespace) -> None:
+    from havend.api.app import schema
+
+    print(json.dumps(schema(), indent=2, sort_keys=True))
+
+
+def _add_token_parser(sub: argparse._SubParsersAction) -> None:
+    token = sub.add_parser(
+        "token",
+        help="REST API bearer tokens of a node (read < operate < admin)",
+        description="Tokens are kept hashed in the node's database (<state_dir>/havend.db); "
+        "a new token's secret is printed once. Works while the node runs.",
+    )
+    actions = token.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="a new token (its secret printed once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--scope", required=True, choices=["read", "operate", "admin"])
+    listing = actions.add_parser("list", help="tokens, never their secrets")
+    revoke = actions.add_parser("revoke", help="revoke a token")
+    revoke.add_argument("id")
+    for parser in (create, listing, revoke):
+        parser.add_argument("--config", required=True, help="the node's config")
+        parser.set_defaults(run=_token)
+
+
+async def _token(args: argparse.Namespace) -> None:
+    from havend.api.server import DB_NAME
+    from havend.api.state import StateStore
+    from havend.config import load
+
+    config = load(args.config)
+    os.makedirs(config.state_dir, exist_ok=True)
+    store = StateStore(os.path.join(config.state_dir, DB_NAME))
+    try:
+        if args.action == "create":
+            made, secret = store.create_token(args.name, args.scope)
+            store.audit(
+                "cli", "token_create", made.name, {"scope": made.scope}, 201, {"id": made.id}
+            )
+            print(
+                json.dumps(
+                    {"id": made.id, "name": made.name, "scope": made.scope, "token": secret},
+                    indent=2,
+                )
+            )
+        elif args.action == "list":
+            print(json.dumps(store.tokens(), indent=2))
+        else:
+            if not store.revoke_token(args.id):
+                raise HavendError(f"no active token {args.id!r}")
+            store.audit("cli", "token_revoke", args.id, {}, 200, {"revoked": True})
+            print(json.dumps({"id": args.id, "revoked": True}))
+    finally:
+        store.close()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, pid, message (and the
+    exception, if any), for log pipelines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": round(record.created, 6),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s havend[%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if args.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s havend[%(process)d] %(levelname)s %(name)s: %(message)s")
+        )
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     try:
         with asyncio.Runner(loop_factory=_loop_factory(getattr(args, "loop", "auto"))) as runner:
             runner.run(args.run(args))

@@ -33,6 +33,8 @@ field (``source.groups[0].volumes[1].path: required``). Example::
             - {name: db, path: /srv/db.img}
             - {name: log, path: /srv/log.img}
 
+    api: {host: 0.0.0.0, port: 8443}  # the REST API over HTTPS (bearer tokens); optional
+
     # on the target node:
     node: {name: tgt1, role: target, state_dir: /var/lib/havend}
     target:
@@ -132,6 +134,7 @@ class NodeConfig:
     listen: Endpoint | None = None
     replica_dir: str | None = None
     views: Endpoint | None = None  # the target's NBD server for point-in-time views
+    api: Endpoint | None = None  # the REST API (HTTPS with the node's certificate); None: off
     link_timeout: float = 30.0  # unacknowledged batches this old mean a dead link
 
 
@@ -300,6 +303,7 @@ def parse(data: Any) -> NodeConfig:
         "insecure_plaintext": insecure,
         "status_interval": root.get("status_interval", float, 5.0),
         "status_period": root.get("status_period", float, 1.0),
+        "api": _endpoint(root.sub("api", required=False)),
     }
     if not 0.01 <= common["status_period"] <= 60:
         raise ConfigError("status_period: must be between 0.01 and 60 seconds")

@@ -104,6 +104,7 @@ class Node:
         self.nbd: NBDServer | None = None
         self.views: NBDServer | None = None  # target: point-in-time views
         self.admin: AdminServer | None = None
+        self.api: Any = None  # havend.api.server.ApiServer, when configured
         self.addresses: dict[str, str] = {}
         self._view_count = 0
         self._tasks: list[asyncio.Task[Any]] = []
@@ -168,6 +169,13 @@ class Node:
             os.path.join(config.state_dir, SOCKET_NAME), self._admin_handlers()
         )
         await self.admin.start()
+        if config.api is not None:
+            from havend.api.server import ApiServer
+
+            self.api = ApiServer(self)
+            host, port = await self.api.start(config.api.host, config.api.port)
+            scheme = "https" if config.tls else "http"
+            self.addresses["api"] = f"{scheme}://{host}:{port}"
         self._tasks.append(loop.create_task(self._report()))
         log.info(
             "havend %s node %s (%s) up: %s%s",
@@ -257,12 +265,10 @@ class Node:
             handlers["failback"] = lambda r: self.failback(
                 str(r["group"]), float(r.get("timeout", 3600))
             )
-            handlers["reverse"] = lambda r: self._shipper(str(r["group"])).reverse_round(
-                float(r.get("timeout", 3600))
+            handlers["reverse"] = lambda r: self.reverse(
+                str(r["group"]), float(r.get("timeout", 3600))
             )
-            handlers["reclaim"] = lambda r: self._async(
-                lambda name: self._source_group(name).reclaim(), str(r["group"])
-            )
+            handlers["reclaim"] = lambda r: self._async(self.reclaim, str(r["group"]))
             handlers["resolve"] = lambda r: self.resolve(
                 str(r["group"]), str(r["survivor"]), float(r.get("timeout", 3600))
             )
@@ -553,6 +559,14 @@ class Node:
         """Bring production home after a failover (source node): see Shipper.failback."""
         return await self._shipper(name).failback(timeout)
 
+    async def reverse(self, name: str, timeout: float = 3600) -> dict[str, Any]:
+        """A round of reverse protection now (source node, failed over)."""
+        return await self._shipper(name).reverse_round(timeout)
+
+    def reclaim(self, name: str) -> dict[str, Any]:
+        """Production resumes here at the last reverse round (source node)."""
+        return self._source_group(name).reclaim()
+
     async def resolve(self, name: str, survivor: str, timeout: float = 3600) -> dict[str, Any]:
         """End a split brain with the side that survives (source node): see Shipper.resolve."""
         return await self._shipper(name).resolve(survivor, timeout)
@@ -575,6 +589,8 @@ class Node:
         return result
 
     async def stop(self) -> None:
+        if self.api is not None:
+            await self.api.close()
         if self.admin is not None:
             await self.admin.close()
         for shipper in self._shippers:

@@ -1,0 +1,443 @@
+"""The node's REST API (FastAPI), served by havend's own event loop.
+
+Why FastAPI: the request and response bodies are pydantic models, so every
+bad body is a 422 naming the field, and the OpenAPI schema (``/openapi.json``,
+``docs/api/openapi.json``) is the code's own; uvicorn runs inside the node's
+asyncio loop (no second process, no thread), and the handlers call the same
+``Node`` methods as the admin socket.
+
+Every route needs a bearer token (401 without one, 403 when its scope is too
+narrow: read < operate < admin). Every request that changes state, allowed
+or not, lands in the audit log. Long operations (failover, failback...)
+answer 202 with an operation to poll, with progress (bytes, ETA).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from havend import __version__
+from havend.api import machine
+from havend.api.metrics import render_metrics
+from havend.api.state import SCOPES, StateStore, Token
+from havend.errors import HavendError
+
+if TYPE_CHECKING:
+    from havend.node import Node
+
+log = logging.getLogger("havend.api")
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CheckpointRequest(Strict):
+    label: str = Field("", max_length=200)
+    app: bool | None = Field(
+        None, description="true: freeze/thaw hooks required; false: crash-consistent"
+    )
+
+
+class ExportRequest(Strict):
+    group: str = Field(pattern=NAME)
+    volume: str = Field(pattern=NAME)
+    checkpoint: str = Field("latest", min_length=1, max_length=64)
+    writable: bool = False
+
+
+class OperationRequest(Strict):
+    checkpoint: str | None = Field(None, min_length=1, max_length=64)
+    survivor: Literal["recovery", "production"] | None = None
+    timeout: float = Field(3600, gt=0, le=86400)
+
+
+class TokenRequest(Strict):
+    name: str = Field(pattern=NAME)
+    scope: Literal["read", "operate", "admin"]
+
+
+class Problem(BaseModel):
+    detail: Any
+
+
+# Which node answers which operation, and what it needs.
+OPERATIONS: dict[str, dict[str, Any]] = {
+    "failover": {"role": "source", "summary": "planned failover: drain, promote the target"},
+    "failback": {"role": "source", "summary": "bring production home after a failover"},
+    "resolve": {"role": "source", "summary": "end a split brain (survivor required)"},
+    "reverse": {"role": "source", "summary": "a round of reverse protection now"},
+    "reclaim": {"role": "source", "summary": "resume production here after a second disaster"},
+    "promote": {"role": "target", "summary": "unplanned failover: promote the replica"},
+    "rollback": {"role": "target", "summary": "make a checkpoint the replica's latest point"},
+}
+
+
+def schema() -> dict[str, Any]:
+    """The OpenAPI schema (``havend api-schema``; docs/api/openapi.json)."""
+    return create_app(None, None).openapi()  # type: ignore[arg-type]
+
+
+def create_app(node: Node, store: StateStore) -> FastAPI:
+    app = FastAPI(
+        title="havend node API",
+        version=__version__,
+        description=__doc__,
+        responses={
+            400: {"model": Problem, "description": "not JSON"},
+            401: {"model": Problem, "description": "no valid bearer token"},
+            403: {"model": Problem, "description": "the token's scope is too narrow"},
+            404: {"model": Problem, "description": "no such group, export or operation"},
+            409: {"model": Problem, "description": "not possible in the group's state"},
+            422: {"model": Problem, "description": "invalid request: the fields named"},
+        },
+        openapi_url=None,  # served below, behind a token like every route
+        docs_url=None,
+        redoc_url=None,
+    )
+    bearer = HTTPBearer(auto_error=False)
+    tasks: set[asyncio.Task[Any]] = set()
+
+    def authorize(needed: str) -> Callable[..., Awaitable[Token]]:
+        async def check(
+            request: Request,
+            credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
+        ) -> Token:
+            token = store.check_token(credentials.credentials) if credentials else None
+            mutating = request.method not in ("GET", "HEAD")
+            if token is None:
+                if mutating:
+                    _audit_denied(request, "anonymous", 401)
+                raise HTTPException(
+                    401, "a valid bearer token is required", {"WWW-Authenticate": "Bearer"}
+                )
+            if not token.allows(needed):
+                if mutating:
+                    _audit_denied(request, _actor(token), 403)
+                raise HTTPException(403, f"this token's scope is {token.scope}, {needed} needed")
+            return token
+
+        return check
+
+    def _audit_denied(request: Request, actor: str, status: int) -> None:
+        store.audit(
+            actor,
+            f"{request.method} {request.url.path}",
+            request.url.path,
+            {},
+            status,
+            {"error": "denied"},
+        )
+
+    read, operate, admin = (Depends(authorize(s)) for s in SCOPES)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [
+            {"field": ".".join(str(p) for p in e["loc"] if p != "body"), "error": e["msg"]}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    def _group_status(name: str) -> dict[str, Any]:
+        for group in node.status()["groups"]:
+            if group["name"] == name:
+                return group
+        raise HTTPException(404, f"no group {name!r} on this node")
+
+    def _described(group: dict[str, Any]) -> dict[str, Any]:
+        state, reason = machine.state_of(node.config.role, group, _running(group["name"]))
+        store.record_state(group["name"], state, group.get("generation"), reason)
+        return group | {"state": state, "state_reason": reason}
+
+    running: dict[str, str] = {}  # group -> operation kind running on it
+
+    def _running(name: str) -> str | None:
+        return running.get(name)
+
+    async def _act(
+        token: Token,
+        action: str,
+        target: str,
+        body: Any,
+        fn: Callable[[], Awaitable[Any]],
+        status: int = 200,
+    ) -> Any:
+        """Run a state change, audited whatever its outcome."""
+        actor = _actor(token)
+        try:
+            result = await fn()
+        except HTTPException as exc:
+            store.audit(actor, action, target, body, exc.status_code, {"error": exc.detail})
+            raise
+        except HavendError as exc:
+            code = 404 if "no group" in str(exc) or "no view" in str(exc) else 409
+            store.audit(actor, action, target, body, code, {"error": str(exc)})
+            raise HTTPException(code, str(exc)) from None
+        store.audit(actor, action, target, body, status, _redact(result))
+        return result
+
+    # Node -------------------------------------------------------------------
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(_: Token = read) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/v1/node", summary="this node: version, role, health, capacity")
+    async def get_node(_: Token = read) -> dict[str, Any]:
+        status = node.status()
+        disk = shutil.disk_usage(node.config.state_dir)
+        groups = [_described(g) for g in status["groups"]]
+        unhealthy = [g["name"] for g in groups if g["state"] == "error"]
+        return {
+            "name": status["node"],
+            "role": status["role"],
+            "version": status["version"],
+            "uptime_s": status["uptime_s"],
+            "addresses": status["addresses"],
+            "health": "degraded" if unhealthy else "ok",
+            "unhealthy_groups": unhealthy,
+            "capacity": {"state_dir_total_bytes": disk.total, "state_dir_free_bytes": disk.free},
+            "groups": len(groups),
+        }
+
+    @app.get("/v1/groups", summary="consistency groups, their replication and failover state")
+    async def list_groups(_: Token = read) -> list[dict[str, Any]]:
+        return [_described(g) for g in node.status()["groups"]]
+
+    @app.get("/v1/groups/{group}", summary="one group", responses={404: {"model": Problem}})
+    async def get_group(group: str, _: Token = read) -> dict[str, Any]:
+        return _described(_group_status(group))
+
+    @app.get(
+        "/v1/groups/{group}/history",
+        summary="the group's failover states over time",
+        responses={404: {"model": Problem}},
+    )
+    async def group_history(group: str, _: Token = read) -> list[dict[str, Any]]:
+        _described(_group_status(group))
+        return store.state_history(group)
+
+    # Checkpoints and point-in-time exports -------------------------------------
+
+    @app.get(
+        "/v1/groups/{group}/checkpoints",
+        summary="retained checkpoints (target node)",
+        responses={404: {"model": Problem}, 409: {"model": Problem}},
+    )
+    async def list_checkpoints(group: str, _: Token = read) -> list[dict[str, Any]]:
+        _group_status(group)
+        if node.config.role != "target":
+            raise HTTPException(409, "checkpoints are kept on the target node: ask it")
+        return node.checkpoints(group)
+
+    @app.post(
+        "/v1/groups/{group}/checkpoints",
+        status_code=201,
+        summary="take a checkpoint (source node)",
+        responses={404: {"model": Problem}, 409: {"model": Problem}},
+    )
+    async def create_checkpoint(
+        group: str, body: CheckpointRequest, token: Token = operate
+    ) -> dict[str, Any]:
+        async def run() -> Any:
+            _group_status(group)
+            if node.config.role != "source":
+                raise HTTPException(409, "checkpoints are taken on the source node")
+            return await node.checkpoint(group, body.label, body.app)
+
+        return await _act(token, "checkpoint", group, body.model_dump(), run, 201)
+
+    @app.get("/v1/exports", summary="open point-in-time exports (target node)")
+    async def list_exports(_: Token = read) -> list[dict[str, Any]]:
+        return node.list_views() if node.config.role == "target" else []
+
+    @app.post(
+        "/v1/exports",
+        status_code=201,
+        summary="export a volume as of a checkpoint over NBD (target node)",
+        responses={404: {"model": Problem}, 409: {"model": Problem}},
+    )
+    async def open_export(body: ExportRequest, token: Token = operate) -> dict[str, Any]:
+        async def run() -> Any:
+            _group_status(body.group)
+            if node.config.role != "target":
+                raise HTTPException(409, "point-in-time exports are served by the target node")
+            return node.open_view(body.group, body.volume, body.checkpoint, body.writable)
+
+        return await _act(token, "export_open", body.group, body.model_dump(), run, 201)
+
+    @app.delete(
+        "/v1/exports/{export:path}",
+        summary="close an export (its writes are dropped)",
+        responses={404: {"model": Problem}},
+    )
+    async def close_export(export: str, token: Token = operate) -> dict[str, Any]:
+        async def run() -> Any:
+            if node.config.role != "target" or export not in {
+                v["export"] for v in node.list_views()
+            }:
+                raise HTTPException(404, f"no export {export!r} is open")
+            return node.close_view(export)
+
+        return await _act(token, "export_close", export, {}, run)
+
+    # Failover operations ----------------------------------------------------------
+
+    @app.post(
+        "/v1/groups/{group}/operations/{kind}",
+        status_code=202,
+        summary="start a failover operation; poll /v1/operations/{id}",
+        responses={404: {"model": Problem}, 409: {"model": Problem}},
+    )
+    async def start_operation(
+        group: str,
+        kind: Literal[
+            "failover", "failback", "resolve", "reverse", "reclaim", "promote", "rollback"
+        ],
+        body: OperationRequest,
+        token: Token = operate,
+    ) -> dict[str, Any]:
+        async def run() -> Any:
+            status = _described(_group_status(group))
+            wanted = OPERATIONS[kind]["role"]
+            if node.config.role != wanted:
+                raise HTTPException(409, f"{kind} runs on the {wanted} node of the group")
+            refusal = machine.refusal(kind, status["state"], status["state_reason"])
+            if refusal:
+                raise HTTPException(409, refusal)
+            if kind == "resolve" and body.survivor is None:
+                raise HTTPException(422, [{"field": "survivor", "error": "required for resolve"}])
+            if kind == "rollback" and body.checkpoint is None:
+                raise HTTPException(
+                    422, [{"field": "checkpoint", "error": "required for rollback"}]
+                )
+            if group in running:
+                raise HTTPException(409, f"{running[group]} is running on {group}")
+            op_id = store.start_operation(kind, group, _actor(token), body.model_dump())
+            running[group] = kind
+            task = asyncio.get_running_loop().create_task(_operate(op_id, kind, group, body))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            return {"id": op_id, "kind": kind, "group": group, "state": "running"}
+
+        return await _act(token, kind, group, body.model_dump(), run, 202)
+
+    async def _operate(op_id: str, kind: str, group: str, body: OperationRequest) -> None:
+        try:
+            if kind == "failover":
+                result = await node.failover(group, body.timeout)
+            elif kind == "failback":
+                result = await node.failback(group, body.timeout)
+            elif kind == "resolve":
+                assert body.survivor is not None
+                result = await node.resolve(group, body.survivor, body.timeout)
+            elif kind == "reverse":
+                result = await node.reverse(group, body.timeout)
+            elif kind == "reclaim":
+                result = node.reclaim(group)
+            elif kind == "promote":
+                result = await node.promote(group, body.checkpoint)
+            else:
+                assert body.checkpoint is not None
+                result = await node.rollback(group, body.checkpoint)
+        except Exception as exc:  # the operation failed: say why, keep serving
+            log.warning("operation %s (%s of %s) failed: %s", op_id, kind, group, exc)
+            store.finish_operation(op_id, error=f"{type(exc).__name__}: {exc}")
+        else:
+            store.finish_operation(op_id, result=result)
+        finally:
+            running.pop(group, None)
+
+    @app.get(
+        "/v1/operations/{op_id}",
+        summary="an operation: state, progress, result",
+        responses={404: {"model": Problem}},
+    )
+    async def get_operation(op_id: str, _: Token = read) -> dict[str, Any]:
+        op = store.operation(op_id)
+        if op is None:
+            raise HTTPException(404, f"no operation {op_id!r}")
+        if op["state"] == "running":
+            op["progress"] = _progress(op["target"])
+        return op
+
+    def _progress(name: str) -> dict[str, Any] | None:
+        group = next((g for g in node.status()["groups"] if g["name"] == name), None)
+        if group is None:
+            return None
+        resync = group.get("resync") or {}
+        if resync.get("running"):
+            return {
+                "bytes_done": resync["done_bytes"],
+                "bytes_total": resync["total_bytes"],
+                "eta_seconds": resync["eta_seconds"],
+            }
+        return {
+            "lag_bytes": group.get("lag_bytes"),
+            "lag_seconds": group.get("lag_seconds"),
+            "changed_bytes": group.get("changed_bytes"),
+        }
+
+    # Audit, tokens, metrics -------------------------------------------------------
+
+    @app.get("/v1/audit", summary="the audit log (append-only), oldest first")
+    async def audit(
+        after: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000), _: Token = admin
+    ) -> list[dict[str, Any]]:
+        return store.audit_entries(after, limit)
+
+    @app.get("/v1/tokens", summary="API tokens (never their secrets)")
+    async def list_tokens(_: Token = admin) -> list[dict[str, Any]]:
+        return store.tokens()
+
+    @app.post("/v1/tokens", status_code=201, summary="a new token; its secret is shown once")
+    async def create_token(body: TokenRequest, token: Token = admin) -> dict[str, Any]:
+        async def run() -> Any:
+            made, secret = store.create_token(body.name, body.scope)
+            return {"id": made.id, "name": made.name, "scope": made.scope, "token": secret}
+
+        return await _act(token, "token_create", body.name, body.model_dump(), run, 201)
+
+    @app.delete(
+        "/v1/tokens/{token_id}", summary="revoke a token", responses={404: {"model": Problem}}
+    )
+    async def revoke_token(token_id: str, token: Token = admin) -> dict[str, Any]:
+        async def run() -> Any:
+            if not store.revoke_token(token_id):
+                raise HTTPException(404, f"no active token {token_id!r}")
+            return {"id": token_id, "revoked": True}
+
+        return await _act(token, "token_revoke", token_id, {}, run)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    async def metrics(_: Token = read) -> PlainTextResponse:
+        content, media_type = render_metrics(node)
+        return PlainTextResponse(content, media_type=media_type)
+
+    app.state.started = time.time()
+    return app
+
+
+def _actor(token: Token) -> str:
+    return f"{token.name} ({token.id})"
+
+
+def _redact(result: Any) -> Any:
+    """What the audit log keeps of a result: never a token's secret."""
+    if isinstance(result, dict) and "token" in result:
+        return result | {"token": "(shown once to the caller)"}
+    return result

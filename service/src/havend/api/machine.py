@@ -1,0 +1,73 @@
+"""The failover state machine of a group, as the API shows it.
+
+The states are read from the data plane, which keeps them durably (the
+source's fence, the target's promotion and split-brain records), so the API
+can never disagree with what the node does; the state store records every
+change with its generation (``/v1/groups/{group}/history``).
+
+``protecting``   replicating (target: a replica)
+``testing``      target: point-in-time exports open (a drill), replication goes on
+``failing_over`` source: fenced, draining for a planned failover; target: promoting
+``failed_over``  source: fenced, the target promoted; target: promoted, live
+``failing_back`` a failback (or a split-brain resolution) is moving the data
+``paused``       reserved: replication stopped by an operator (not offered yet)
+``error``        a split brain (both sides took writes), or the applier stopped
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+STATES = ("protecting", "testing", "failing_over", "failed_over", "failing_back", "paused", "error")
+
+# Operation -> the states it may start from.
+ALLOWED: dict[str, tuple[str, ...]] = {
+    "failover": ("protecting",),
+    "failback": ("failed_over",),
+    "reverse": ("failed_over",),
+    "reclaim": ("failed_over",),
+    "resolve": ("error",),
+    "promote": ("protecting", "testing"),
+    "rollback": ("protecting",),
+}
+
+
+def state_of(role: str, group: dict[str, Any], running: str | None) -> tuple[str, str]:
+    """(state, why) of a group from its status and the operation running on it."""
+    if role == "source":
+        fence = group.get("fence") or {}
+        if fence.get("split_brain"):
+            return "error", "split brain: both sides took writes; resolve it"
+        if running in ("failback", "resolve"):
+            return "failing_back", f"{running} running"
+        if fence.get("promoted"):
+            return (
+                "failed_over",
+                f"the target was promoted (generation {fence['promoted'].get('generation')})",
+            )
+        if fence:
+            return "failing_over", str(fence.get("reason", "fenced"))
+        if running == "failover":
+            return "failing_over", "planned failover running"
+        return "protecting", "replicating" if group.get("connected") else "link down"
+    if group.get("split_brain"):
+        return "error", "split brain: both sides took writes; resolve it on the source node"
+    if running == "promote":
+        return "failing_over", "promotion running"
+    promoted = group.get("promoted")
+    if promoted:
+        return "failed_over", f"promoted (generation {promoted.get('generation')})"
+    if (group.get("cdp") or {}).get("views_open"):
+        return "testing", "point-in-time exports open"
+    return "protecting", group.get("state", "replica")
+
+
+def refusal(operation: str, state: str, why: str) -> str | None:
+    """Why ``operation`` may not start in ``state`` (None: it may)."""
+    allowed = ALLOWED[operation]
+    if state in allowed:
+        return None
+    return (
+        f"{operation} is not possible while the group is {state} ({why}); "
+        f"it starts from {' or '.join(allowed)}"
+    )

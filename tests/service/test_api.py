@@ -1,0 +1,349 @@
+"""The node REST API: real source and target processes over TLS, driven
+through HTTPS with bearer tokens: the lifecycle (checkpoint, point-in-time
+export, planned failover, failback), state, audit, metrics and bad input."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, settings
+from nodes import make_tls, source_node, target_node, wait_caught_up
+from schemathesis.checks import (
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from havend.nbd.client import NBDClient
+from havend.stamp import StampWriter, WriteLog, check_prefix
+
+MiB = 1 << 20
+VOLUMES = ["db", "log"]
+SIZES = [4 * MiB, 2 * MiB]
+WAIT = 60
+
+
+def make_token(node: Any, name: str, scope: str) -> str:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "havend",
+            "token",
+            "create",
+            "--config",
+            str(node.config_path),
+            "--name",
+            name,
+            "--scope",
+            scope,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return json.loads(out.stdout)["token"]
+
+
+class Api:
+    """A source and a target with the API on, and an HTTPS client per node."""
+
+    def __init__(self, tmp: Path) -> None:
+        src_tls, tgt_tls = make_tls(tmp)
+        self.target = target_node(tmp, tls=tgt_tls, api=True).start()
+        port = int(self.target.address("replication").rsplit(":", 1)[1])
+        paths = []
+        for name, size in zip(VOLUMES, SIZES, strict=True):
+            path = tmp / f"{name}.img"
+            with open(path, "wb") as f:
+                f.truncate(size)
+            paths.append(path)
+        group = {
+            "name": "app",
+            "volumes": [{"name": n, "path": str(p)} for n, p in zip(VOLUMES, paths, strict=True)],
+            "journal": {"segment_size": MiB, "max_segments": 64},
+        }
+        self.source = source_node(tmp, port, [group], tls=src_tls, api=True).start()
+        self.paths = paths
+        self.tls_ca = src_tls["ca"]
+        self.tls = ssl.create_default_context(cafile=self.tls_ca)
+        self.tokens = {
+            node: {
+                s: make_token(getattr(self, node), f"{s}-{node}", s)
+                for s in ("read", "operate", "admin")
+            }
+            for node in ("source", "target")
+        }
+        wait_caught_up(self.source, self.target, timeout=WAIT)
+        nbd = int(self.source.address("nbd").rsplit(":", 1)[1])
+        self.clients = {i: NBDClient.tcp("127.0.0.1", nbd, n) for i, n in enumerate(VOLUMES)}
+        self.log = WriteLog()
+        self.writer = StampWriter(self.clients, log=self.log, seed=3, flush_every=16)
+
+    def http(self, node: str, scope: str | None = "admin") -> httpx.Client:
+        process = getattr(self, node)
+        headers = {"Authorization": f"Bearer {self.tokens[node][scope]}"} if scope else {}
+        return httpx.Client(
+            base_url=process.address("api"), headers=headers, verify=self.tls, timeout=60
+        )
+
+    def write(self, count: int) -> None:
+        for _ in range(count):
+            self.writer.step()
+
+    def wait_operation(self, node: str, op: dict[str, Any]) -> dict[str, Any]:
+        with self.http(node, "read") as client:
+            deadline = time.monotonic() + WAIT
+            while True:
+                got = client.get(f"/v1/operations/{op['id']}").json()
+                if got["state"] != "running":
+                    return got
+                assert "progress" in got
+                assert time.monotonic() < deadline, got
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close(disconnect=False)
+        self.source.stop()
+        self.target.stop()
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    a = Api(tmp_path)
+    try:
+        yield a
+    finally:
+        a.close()
+
+
+def test_the_lifecycle_through_the_api(api: Api) -> None:
+    src, tgt = api.http("source"), api.http("target")
+    node = src.get("/v1/node").json()
+    assert node["role"] == "source" and node["health"] == "ok" and node["groups"] == 1
+    assert api.source.address("api").startswith("https://")
+    api.write(100)
+    # A checkpoint on the source, retained on the target, exported and verified.
+    cp = src.post("/v1/groups/app/checkpoints", json={"label": "api"})
+    assert cp.status_code == 201, cp.text
+    at_checkpoint = api.log.last_seq
+    api.write(50)
+    wait_caught_up(api.source, api.target, timeout=WAIT)
+    listed = tgt.get("/v1/groups/app/checkpoints").json()
+    assert cp.json()["id"] in [c["id"] for c in listed]
+    exports, images = [], {}
+    for i, volume in enumerate(VOLUMES):
+        export = tgt.post(
+            "/v1/exports",
+            json={"group": "app", "volume": volume, "checkpoint": cp.json()["id"]},
+        )
+        assert export.status_code == 201, export.text
+        exports.append(export.json()["export"])
+        with NBDClient.open(export.json()["uri"]) as view:
+            images[i] = view.read(0, view.size)
+    assert tgt.get("/v1/groups/app").json()["state"] == "testing"
+    report = check_prefix(api.log, images)
+    assert report.ok and report.min_seq <= at_checkpoint <= report.seq, report
+    for export in exports:
+        assert tgt.delete(f"/v1/exports/{export}").status_code == 200
+    assert tgt.get("/v1/groups/app").json()["state"] == "protecting"
+    # Planned failover: an operation to poll; RPO 0 by the seqs.
+    started = src.post("/v1/groups/app/operations/failover", json={"timeout": 60})
+    assert started.status_code == 202, started.text
+    done = api.wait_operation("source", started.json())
+    assert done["state"] == "succeeded", done
+    result = done["result"]
+    assert result["final_seq"] == result["last_acknowledged_seq"] == result["target_applied_seq"]
+    assert src.get("/v1/groups/app").json()["state"] == "failed_over"
+    assert tgt.get("/v1/groups/app").json()["state"] == "failed_over"
+    # Illegal transitions: 409 with the reason.
+    again = src.post("/v1/groups/app/operations/failover", json={})
+    assert again.status_code == 409 and "failed_over" in again.json()["detail"]
+    promote = tgt.post("/v1/groups/app/operations/promote", json={})
+    assert promote.status_code == 409
+    wrong_node = tgt.post("/v1/groups/app/operations/failback", json={})
+    assert wrong_node.status_code == 409 and "source node" in wrong_node.json()["detail"]
+    # Writes on the promoted side, then failback.
+    views_uri = api.target.address("views")
+    with NBDClient.open(f"{views_uri}/app/db") as client:
+        client.write(0, b"recovery" * 512)
+        client.flush()
+    back = src.post("/v1/groups/app/operations/failback", json={})
+    assert back.status_code == 202, back.text
+    done = api.wait_operation("source", back.json())
+    assert done["state"] == "succeeded", done
+    assert done["result"]["pulled_bytes"] >= 4096
+    assert src.get("/v1/groups/app").json()["state"] == "protecting"
+    assert api.paths[0].read_bytes()[:4096] == b"recovery" * 512
+    history = [h["state"] for h in src.get("/v1/groups/app/history").json()]
+    assert history[-1] == "protecting" and "failed_over" in history
+    # Every change is in the audit log, with who did it.
+    entries = src.get("/v1/audit").json()
+    actions = [(e["action"], e["status"]) for e in entries]
+    assert ("checkpoint", 201) in actions and ("failover", 202) in actions
+    assert ("failover", 409) in actions and ("failback", 202) in actions
+    assert all(
+        e["actor"].startswith("admin-source") for e in entries if e["action"] != "token_create"
+    )
+    target_actions = {e["action"] for e in tgt.get("/v1/audit").json()}
+    assert {"export_open", "export_close", "promote"} <= target_actions
+    # Metrics.
+    metrics = src.get("/metrics").text
+    assert 'havend_group_state{group="app",state="protecting"} 1.0' in metrics
+    assert 'havend_group_lag_seconds{group="app"}' in metrics
+    assert 'havend_journal_capacity_bytes{group="app"}' in metrics
+    assert 'havend_group_checkpoints{group="app"}' in tgt.get("/metrics").text
+
+
+def test_every_route_needs_a_token_of_the_right_scope(api: Api) -> None:
+    with api.http("source") as admin:
+        schema = admin.get("/openapi.json").json()
+    routes = [(m.upper(), p) for p, ops in schema["paths"].items() for m in ops]
+    routes.append(("GET", "/openapi.json"))
+    assert len(routes) > 12
+    with api.http("source", None) as anonymous:
+        for method, path in routes:
+            concrete = path.replace("{group}", "app").replace("{kind}", "failover")
+            concrete = concrete.replace("{op_id}", "x").replace("{token_id}", "x")
+            concrete = concrete.replace("{export}", "x")
+            answer = anonymous.request(method, concrete, json={})
+            assert answer.status_code == 401, (method, path, answer.text)
+        bogus = anonymous.get("/v1/node", headers={"Authorization": "Bearer hvn_x_nope"})
+        assert bogus.status_code == 401
+    with api.http("source", "read") as reader:
+        assert reader.get("/v1/groups").status_code == 200
+        denied = reader.post("/v1/groups/app/checkpoints", json={})
+        assert denied.status_code == 403 and "read" in denied.json()["detail"]
+        assert reader.get("/v1/audit").status_code == 403
+    with api.http("source", "operate") as operator:
+        assert operator.post("/v1/tokens", json={"name": "x", "scope": "admin"}).status_code == 403
+    with api.http("source") as admin:
+        entries = admin.get("/v1/audit").json()
+        denied_entries = [e for e in entries if e["status"] in (401, 403)]
+        assert any(e["actor"] == "anonymous" for e in denied_entries)
+        assert any(e["actor"].startswith("read-source") for e in denied_entries)
+        # A token made through the API works, and is never in the audit log in clear.
+        made = admin.post("/v1/tokens", json={"name": "ci", "scope": "read"}).json()
+        with httpx.Client(
+            base_url=api.source.address("api"),
+            verify=api.tls,
+            headers={"Authorization": f"Bearer {made['token']}"},
+        ) as ci:
+            assert ci.get("/v1/node").status_code == 200
+            assert admin.delete(f"/v1/tokens/{made['id']}").status_code == 200
+            assert ci.get("/v1/node").status_code == 401
+        assert made["token"] not in json.dumps(admin.get("/v1/audit").json())
+        assert made["token"] not in api.source.log()
+    database = api.source.state_dir / "havend.db"
+    assert made["token"] not in database.read_bytes().decode("latin-1")
+    # The audit log cannot be rewritten, even from SQL.
+    with sqlite3.connect(database) as db, pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("DELETE FROM audit")
+
+
+def test_bad_requests_are_refused_with_the_field_named(api: Api) -> None:
+    with api.http("source") as src, api.http("target") as tgt:
+        bad = src.post("/v1/groups/app/checkpoints", json={"label": 5, "colour": "red"})
+        assert bad.status_code == 422
+        fields = {d["field"] for d in bad.json()["detail"]}
+        assert {"label", "colour"} <= fields
+        assert src.post("/v1/groups/nope/checkpoints", json={}).status_code == 404
+        assert src.get("/v1/groups/nope").status_code == 404
+        assert src.get("/v1/operations/0123").status_code == 404
+        assert src.post("/v1/groups/app/operations/explode", json={}).status_code == 422
+        timeout = src.post("/v1/groups/app/operations/failover", json={"timeout": -1})
+        assert timeout.status_code == 422 and timeout.json()["detail"][0]["field"] == "timeout"
+        resolve = src.post("/v1/groups/app/operations/resolve", json={"survivor": "both"})
+        assert resolve.status_code == 422
+        not_now = src.post("/v1/groups/app/operations/resolve", json={"survivor": "production"})
+        assert not_now.status_code == 409 and "protecting" in not_now.json()["detail"]
+        export = tgt.post(
+            "/v1/exports", json={"group": "app", "volume": "db", "checkpoint": "f" * 32}
+        )
+        assert export.status_code == 409 and "retains no checkpoints" in export.json()["detail"]
+        assert tgt.post("/v1/exports", json={"group": "../x", "volume": "db"}).status_code == 422
+        assert tgt.delete("/v1/exports/app/db@nothing").status_code == 404
+        not_json = src.post(
+            "/v1/groups/app/checkpoints",
+            content=b"\xff{",
+            headers={"Content-Type": "application/json"},
+        )
+        assert not_json.status_code == 400, not_json.text  # not JSON at all: no field to name
+        assert src.get("/v1/node").status_code == 200  # still serving
+
+
+SCHEMA = Path(__file__).resolve().parents[2] / "docs" / "api" / "openapi.json"
+
+
+def test_the_published_schema_is_the_code_s() -> None:
+    from havend.api.app import schema
+
+    assert json.loads(SCHEMA.read_text()) == json.loads(json.dumps(schema())), (
+        "docs/api/openapi.json is stale: make openapi"
+    )
+
+
+@pytest.fixture(scope="module")
+def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    a = Api(tmp_path_factory.mktemp("fuzz"))
+    a.write(50)
+    try:
+        yield a
+    finally:
+        a.close()
+
+
+schema = schemathesis.openapi.from_path(str(SCHEMA))
+
+
+@schema.parametrize()
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    phases=[Phase.explicit, Phase.generate],
+)
+def test_no_request_makes_a_5xx_or_breaks_the_schema(case: Any, fuzzed: Api) -> None:
+    """Generated requests (bounded) with an admin token, to both nodes: never a
+    5xx, never an answer outside the schema, and the node keeps serving."""
+    for node in ("source", "target"):
+        process = getattr(fuzzed, node)
+        response = case.call(
+            base_url=process.address("api"),
+            headers={"Authorization": f"Bearer {fuzzed.tokens[node]['admin']}"},
+            verify=fuzzed.tls_ca,
+            timeout=60,
+        )
+        case.validate_response(
+            response,
+            checks=[not_a_server_error, status_code_conformance, response_schema_conformance],
+        )
+
+
+def test_json_logs(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("node: {name: x, role: source, state_dir: /tmp/x}\ninsecure_plaintext: true\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "havend", "--log-format", "json", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    entry = json.loads(line)
+    assert entry["level"] == "ERROR" and "source: required" in entry["message"]
+    assert {"time", "logger", "pid"} <= set(entry)
