@@ -10,13 +10,13 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Written by `make setup`; rebuilt when any of its inputs changes.
 STAMP := $(VENV)/.setup-stamp
 # Linted with havend's ruff config; $(wildcard) skips dirs that do not exist yet.
-RUFF_PATHS := $(wildcard service tests/service bench)
+RUFF_PATHS := $(wildcard service tests/service bench tools)
 # nbd_ingest.py first, then every other bench/*.py with a main guard.
 BENCHES := bench/nbd_ingest.py $(filter-out bench/nbd_ingest.py,\
 	$(shell grep -l '^if __name__ == .__main__.:' bench/*.py 2>/dev/null))
 
 .PHONY: test setup ruff service-tests units sanity lint changelog bench build build-check \
-	constraints openapi clean distclean
+	constraints openapi demo clean distclean
 
 ## test: everything CI checks, in order, stopping at the first failure
 test: setup
@@ -80,6 +80,10 @@ build-check: build
 		.build/haven-dr-$$(sed -n 's/^version: *//p' galaxy.yml).tar.gz
 	test -f .build/installed/ansible_collections/haven/dr/MANIFEST.json
 	test -f .build/installed/ansible_collections/haven/dr/service/pyproject.toml
+
+## demo: a protected site and a recovery site on this machine, through the REST API
+demo: setup
+	$(VENV)/bin/python tools/demo.py
 
 ## openapi: rewrite docs/api/openapi.json from the code (a test fails when it is stale)
 openapi: setup

@@ -171,9 +171,11 @@ class _Reader:
             return None
         return _Reader(self.data[key], self._path(key))
 
-    def items(self, key: str) -> list[_Reader]:
+    def items(self, key: str, *, may_be_empty: bool = False) -> list[_Reader]:
         value = self.data.get(key)
-        if not isinstance(value, list) or not value:
+        if may_be_empty and value is None:
+            return []
+        if not isinstance(value, list) or (not value and not may_be_empty):
             raise ConfigError(f"{self._path(key)}: must be a non-empty list")
         return [_Reader(v, f"{self._path(key)}[{i}]") for i, v in enumerate(value)]
 
@@ -231,6 +233,12 @@ def _group(reader: _Reader) -> GroupConfig:
         checkpoints=policy,
         reverse_interval_seconds=reverse,
     )
+
+
+def group_from_dict(data: Any, where: str = "group") -> GroupConfig:
+    """A group's settings as the config file would give them (the REST API's
+    group creation): a :class:`ConfigError` names the field."""
+    return _group(_Reader(data, where))
 
 
 def _argv(reader: _Reader, key: str) -> tuple[str, ...]:
@@ -310,7 +318,8 @@ def parse(data: Any) -> NodeConfig:
     if role == "source":
         source = root.sub("source")
         assert source is not None
-        groups = tuple(_group(g) for g in source.items("groups"))
+        # Groups may also be created later through the REST API.
+        groups = tuple(_group(g) for g in source.items("groups", may_be_empty=True))
         names = [g.name for g in groups]
         if len(set(names)) != len(names):
             raise ConfigError("source.groups: group names must be unique")

@@ -44,6 +44,10 @@ class CheckpointError(HavendError):
     group in the wrong state, a hook that failed)."""
 
 
+class ConflictError(CheckpointError):
+    """The request clashes with what exists (a name taken, a state that forbids it)."""
+
+
 class UndoCorruptError(HavendError):
     """The CDP undo log failed its checks: the history before the damage is dropped."""
 

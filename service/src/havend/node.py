@@ -25,8 +25,8 @@ from havend import __version__
 from havend.admin import SOCKET_NAME, AdminServer
 from havend.cdp.hooks import SSHTarget, app_consistent
 from havend.cdp.snapshot import Snapshots
-from havend.config import GroupConfig, NodeConfig
-from havend.errors import CheckpointError, ConfigError
+from havend.config import GroupConfig, NodeConfig, group_from_dict
+from havend.errors import CheckpointError, ConfigError, ConflictError
 from havend.fsutil import write_atomic
 from havend.journal import Journal
 from havend.nbd.server import NBDServer
@@ -112,36 +112,27 @@ class Node:
         self._snapshots: dict[str, Snapshots] = {}  # per group name
         self._snapshot_views: dict[str, tuple[Snapshots, Any]] = {}  # export -> (shelf, view)
         self._last_shipped: dict[str, tuple[float, int]] = {}
+        self.store: Any = None  # havend.api.state.StateStore, with the API
+        self._client_ctx: ssl.SSLContext | None = None
+        self._group_tasks: dict[str, list[asyncio.Task[Any]]] = {}
+        self._group_configs: dict[str, GroupConfig] = {}  # config file's and API's
+        self.api_groups: set[str] = set()  # created through the API (not the config file)
 
     async def start(self) -> None:
         config = self.config
         os.makedirs(config.state_dir, exist_ok=True)
         server_ctx, client_ctx = _ssl_contexts(config)
         loop = asyncio.get_running_loop()
+        if config.api is not None:
+            from havend.api.server import open_store
+
+            self.store = open_store(config.state_dir)
         if config.role == "source":
-            assert config.nbd is not None and config.target is not None
-            exports = {}
-            for group_config in config.groups:
-                group = open_source_group(config.state_dir, group_config)
-                group.bind(loop)
-                self.source_groups.append(group)
-                for member in group.volumes:
-                    exports[member.name] = member
-                settings = ShipperSettings(
-                    host=config.target.host,
-                    port=config.target.port,
-                    server_name=config.target.server_name,
-                    compression_level=group_config.compression_level,
-                    bandwidth_limit=group_config.bandwidth_limit,
-                    ack_timeout=config.link_timeout,
-                    reverse_interval=group_config.reverse_interval_seconds,
-                )
-                shipper = Shipper(group, settings, client_ctx, config.name)
-                self._shippers.append(shipper)
-                self._tasks.append(loop.create_task(shipper.run()))
-                if group_config.checkpoints.interval_seconds:
-                    self._tasks.append(loop.create_task(self._periodic(group, group_config)))
-            self.nbd = NBDServer(exports)  # type: ignore[arg-type]
+            assert config.nbd is not None
+            self._client_ctx = client_ctx
+            self.nbd = NBDServer({})
+            for group_config in self._configured_groups():
+                self._start_group(group_config)
             host, port = await self.nbd.listen_tcp(config.nbd.host, config.nbd.port)
             self.addresses["nbd"] = f"nbd://{host}:{port}"
         else:
@@ -186,6 +177,113 @@ class Node:
             "" if config.tls else " [insecure plaintext]",
         )
 
+    def _configured_groups(self) -> list[GroupConfig]:
+        """The config file's groups, then those created through the API."""
+        groups = list(self.config.groups)
+        if self.store is not None:
+            for data in self.store.groups():
+                try:
+                    group = group_from_dict(data)
+                except ConfigError as exc:  # written by an older havend? say it, serve the rest
+                    log.error("a group created through the API cannot be opened: %s", exc)
+                    continue
+                if any(g.name == group.name for g in groups):
+                    log.error("group %s is in the config file too: the file wins", group.name)
+                    continue
+                groups.append(group)
+                self.api_groups.add(group.name)
+        return groups
+
+    def _start_group(self, group_config: GroupConfig) -> SourceGroup:
+        """Open a source group, export its volumes and start shipping it."""
+        config = self.config
+        assert config.target is not None and self.nbd is not None
+        loop = asyncio.get_running_loop()
+        group = open_source_group(config.state_dir, group_config)
+        group.bind(loop)
+        settings = ShipperSettings(
+            host=config.target.host,
+            port=config.target.port,
+            server_name=config.target.server_name,
+            compression_level=group_config.compression_level,
+            bandwidth_limit=group_config.bandwidth_limit,
+            ack_timeout=config.link_timeout,
+            reverse_interval=group_config.reverse_interval_seconds,
+        )
+        shipper = Shipper(group, settings, self._client_ctx, config.name)
+        tasks = [loop.create_task(shipper.run())]
+        if group_config.checkpoints.interval_seconds:
+            tasks.append(loop.create_task(self._periodic(group, group_config)))
+        self.source_groups.append(group)
+        self._shippers.append(shipper)
+        self._group_tasks[group.name] = tasks
+        self._group_configs[group.name] = group_config
+        self._tasks.extend(tasks)
+        for member in group.volumes:
+            self.nbd.add_export(member.name, member, f"{member.name} of {group.name}")  # type: ignore[arg-type]
+        return group
+
+    async def create_group(self, data: dict[str, Any]) -> dict[str, Any]:
+        """A new source group from its settings (those of the config file's
+        groups; volumes with ``size`` are created, sparse, when missing),
+        replicated at once and kept across restarts (REST API)."""
+        if self.config.role != "source" or self.store is None:
+            raise CheckpointError("groups are created on a source node with the API on")
+        group_config = group_from_dict(data)
+        if any(g.name == group_config.name for g in self.source_groups):
+            raise ConflictError(f"group {group_config.name!r} exists already")
+        assert self.nbd is not None
+        for volume, spec in zip(group_config.volumes, data["volumes"], strict=True):
+            if volume.name in self.nbd.volumes:
+                raise ConflictError(f"volume name {volume.name!r} is taken on this node")
+            if not os.path.isabs(volume.path):
+                raise ConfigError(f"volumes: {volume.path!r} is not an absolute path")
+            size = spec.get("size")
+            if not os.path.exists(volume.path):
+                if not isinstance(size, int) or size <= 0 or size % 4096:
+                    raise ConfigError(
+                        f"volumes: {volume.path} does not exist; give its size (bytes, a "
+                        "multiple of 4096) to create it"
+                    )
+                os.makedirs(os.path.dirname(volume.path), exist_ok=True)
+                fd = os.open(volume.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+        group = self._start_group(group_config)
+        self.store.save_group(group_config.name, data)
+        self.api_groups.add(group_config.name)
+        log.info("group %s created with %d volumes", group.name, len(group.volumes))
+        return dataclasses.asdict(group.status())
+
+    async def delete_group(self, name: str) -> dict[str, Any]:
+        """Stop replicating a group created through the API and forget it (its
+        volumes and journal stay on disk)."""
+        group = self._source_group(name)
+        if name not in self.api_groups:
+            raise ConflictError(f"group {name} is defined in the config file: edit it there")
+        if group.fence is not None:
+            raise ConflictError(f"group {name} is fenced ({group.fence['reason']}): not now")
+        shipper = self._shipper(name)
+        shipper.stop()
+        for task in self._group_tasks.pop(name, []):
+            task.cancel()
+            self._tasks.remove(task)
+            with contextlib.suppress(BaseException):
+                await task
+        assert self.nbd is not None
+        for member in group.volumes:
+            self.nbd.remove_export(member.name)
+        self.source_groups.remove(group)
+        self._shippers.remove(shipper)
+        await asyncio.get_running_loop().run_in_executor(None, group.close)
+        self.store.delete_group(name)
+        self.api_groups.discard(name)
+        del self._group_configs[name]
+        log.warning("group %s deleted (its volumes and journal stay on disk)", name)
+        return {"group": name, "deleted": True}
+
     def status(self) -> dict[str, Any]:
         groups: list[dict[str, Any]] = []
         if self.source_groups:
@@ -201,6 +299,68 @@ class Node:
             "time": time.time(),
             "uptime_s": round(time.time() - self.started, 1),
             "groups": groups,
+        }
+
+    def volumes(self) -> list[dict[str, Any]]:
+        """Every volume of every group: size, file, and the NBD URI serving it."""
+        out: list[dict[str, Any]] = []
+        for group in self.source_groups:
+            for member in group.volumes:
+                out.append(
+                    {
+                        "name": member.name,
+                        "group": group.name,
+                        "size": member.size,
+                        "path": member.path,
+                        "uri": f"{self.addresses.get('nbd')}/{member.name}",
+                        "writable": group.fence is None,
+                    }
+                )
+        if self.target is not None:
+            for tgroup in self.target.groups.values():
+                for spec in tgroup.meta["volumes"]:
+                    promoted = tgroup.promoted is not None
+                    out.append(
+                        {
+                            "name": spec["name"],
+                            "group": tgroup.name,
+                            "size": spec["size"],
+                            "path": spec["path"],
+                            "uri": f"{self.addresses.get('views')}/{tgroup.name}/{spec['name']}"
+                            if promoted
+                            else None,
+                            "writable": promoted,
+                        }
+                    )
+        return out
+
+    def peers(self) -> dict[str, Any]:
+        """The replication peer(s) and this node's certificate."""
+        from havend import certs
+
+        config = self.config
+        identity = certs.describe(config.tls.cert) if config.tls else None
+        if self.target is None:
+            assert config.target is not None
+            peers = [
+                {
+                    "role": "target",
+                    "host": config.target.host,
+                    "port": config.target.port,
+                    "server_name": config.target.server_name or config.target.host,
+                    "groups": {g.name: g.connected for g in self.source_groups},
+                }
+            ]
+        else:
+            by_node: dict[str, dict[str, bool]] = {}
+            for tgroup in self.target.groups.values():
+                by_node.setdefault(tgroup.peer or "unknown", {})[tgroup.name] = tgroup.connected
+            peers = [{"role": "source", "node": n, "groups": g} for n, g in by_node.items()]
+        return {
+            "node": config.name,
+            "certificate": identity,
+            "tls": config.tls is not None,
+            "peers": peers,
         }
 
     async def _report(self) -> None:
@@ -300,7 +460,7 @@ class Node:
         raise CheckpointError(f"no group {name!r} on this node")
 
     def _group_config(self, name: str) -> GroupConfig:
-        return next(g for g in self.config.groups if g.name == name)
+        return self._group_configs[name]
 
     async def checkpoint(self, name: str, label: str = "", app: bool | None = None) -> Any:
         """Take a checkpoint of a source group: application-consistent through its

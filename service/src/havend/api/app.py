@@ -31,7 +31,7 @@ from havend import __version__
 from havend.api import machine
 from havend.api.metrics import render_metrics
 from havend.api.state import SCOPES, StateStore, Token
-from havend.errors import HavendError
+from havend.errors import ConfigError, HavendError
 
 if TYPE_CHECKING:
     from havend.node import Node
@@ -63,6 +63,41 @@ class OperationRequest(Strict):
     checkpoint: str | None = Field(None, min_length=1, max_length=64)
     survivor: Literal["recovery", "production"] | None = None
     timeout: float = Field(3600, gt=0, le=86400)
+
+
+class VolumeSpec(Strict):
+    name: str = Field(pattern=NAME)
+    path: str = Field(pattern=r"^/", min_length=2, max_length=4096)
+    size: int | None = Field(
+        None, gt=0, le=1 << 50, multiple_of=4096, description="create the file, sparse, if missing"
+    )
+
+
+class JournalSpec(Strict):
+    segment_size: int = Field(64 << 20, ge=256 << 10, le=1 << 32, multiple_of=4096)
+    max_segments: int = Field(16, ge=2, le=4096)
+    cache_bytes: int = Field(64 << 20, ge=0, le=1 << 34)
+
+
+class CheckpointPolicySpec(Strict):
+    interval_seconds: float = Field(0, ge=0, le=86400 * 365)
+    retain: int = Field(2048, ge=1, le=1 << 20)
+    max_age_seconds: float = Field(0, ge=0)
+
+
+class GroupRequest(Strict):
+    """A consistency group: one write order across its volumes. Freeze/thaw
+    hooks run commands, so they are set in the node's config file only."""
+
+    name: str = Field(pattern=NAME)
+    mode: Literal["async", "sync"] = "async"
+    rpo_seconds: float = Field(30, gt=0, le=86400)
+    compression_level: int = Field(3, ge=0, le=22)
+    bandwidth_limit: int = Field(0, ge=0, description="bytes/s on the wire, 0: unlimited")
+    journal: JournalSpec = Field(default_factory=JournalSpec)
+    checkpoints: CheckpointPolicySpec = Field(default_factory=CheckpointPolicySpec)
+    reverse_interval_seconds: float = Field(0, ge=0, le=86400)
+    volumes: list[VolumeSpec] = Field(min_length=1, max_length=64)
 
 
 class TokenRequest(Strict):
@@ -183,6 +218,11 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
         except HTTPException as exc:
             store.audit(actor, action, target, body, exc.status_code, {"error": exc.detail})
             raise
+        except ConfigError as exc:
+            store.audit(actor, action, target, body, 422, {"error": str(exc)})
+            raise HTTPException(
+                422, [{"field": str(exc).split(":")[0], "error": str(exc)}]
+            ) from None
         except HavendError as exc:
             code = 404 if "no group" in str(exc) or "no view" in str(exc) else 409
             store.audit(actor, action, target, body, code, {"error": str(exc)})
@@ -217,6 +257,45 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
     @app.get("/v1/groups", summary="consistency groups, their replication and failover state")
     async def list_groups(_: Token = read) -> list[dict[str, Any]]:
         return [_described(g) for g in node.status()["groups"]]
+
+    @app.post(
+        "/v1/groups",
+        status_code=201,
+        summary="create a consistency group and start replicating it (source node)",
+    )
+    async def create_group(body: GroupRequest, token: Token = admin) -> dict[str, Any]:
+        async def run() -> Any:
+            if node.config.role != "source":
+                raise HTTPException(
+                    409,
+                    "groups are created on the source node; the target "
+                    "makes its replica when the source connects",
+                )
+            return _described(await node.create_group(body.model_dump()))
+
+        return await _act(token, "group_create", body.name, body.model_dump(), run, 201)
+
+    @app.delete(
+        "/v1/groups/{group}",
+        summary="stop replicating a group made through the API",
+        responses={404: {"model": Problem}, 409: {"model": Problem}},
+    )
+    async def delete_group(group: str, token: Token = admin) -> dict[str, Any]:
+        async def run() -> Any:
+            _group_status(group)
+            if node.config.role != "source":
+                raise HTTPException(409, "groups are deleted on their source node")
+            return await node.delete_group(group)
+
+        return await _act(token, "group_delete", group, {}, run)
+
+    @app.get("/v1/volumes", summary="every volume of every group, and where it is served")
+    async def list_volumes(_: Token = read) -> list[dict[str, Any]]:
+        return node.volumes()
+
+    @app.get("/v1/peers", summary="the other side of replication, and this node's certificate")
+    async def list_peers(_: Token = read) -> dict[str, Any]:
+        return node.peers()
 
     @app.get("/v1/groups/{group}", summary="one group", responses={404: {"model": Problem}})
     async def get_group(group: str, _: Token = read) -> dict[str, Any]:
@@ -396,7 +475,9 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
 
     @app.get("/v1/audit", summary="the audit log (append-only), oldest first")
     async def audit(
-        after: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000), _: Token = admin
+        after: int = Query(0, ge=0, le=1 << 62),
+        limit: int = Query(100, ge=1, le=1000),
+        _: Token = admin,
     ) -> list[dict[str, Any]]:
         return store.audit_entries(after, limit)
 

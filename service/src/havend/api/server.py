@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 DB_NAME = "havend.db"
 
 
+def open_store(state_dir: str) -> StateStore:
+    """The node's state database (made and migrated on first use)."""
+    return StateStore(os.path.join(state_dir, DB_NAME))
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:  # havend handles SIGINT/SIGTERM itself
@@ -32,7 +37,8 @@ class _Server(uvicorn.Server):
 class ApiServer:
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.store = StateStore(os.path.join(node.config.state_dir, DB_NAME))
+        assert node.store is not None  # opened by the node first (its groups are in it)
+        self.store: StateStore = node.store
         abandoned = self.store.abandon_running()
         if abandoned:
             logging.getLogger("havend.api").warning(

@@ -78,6 +78,14 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX group_states_by_group ON group_states (grp, id);
     """,
+    # 2: groups created through the API (those of the config file are not here)
+    """
+    CREATE TABLE groups (
+        name TEXT PRIMARY KEY,
+        config TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+    """,
 ]
 
 
@@ -266,6 +274,25 @@ class StateStore:
                 (time.time(), "havend stopped while it ran: check the group's state"),
             )
             return cur.rowcount
+
+    # Groups created through the API ------------------------------------------------
+
+    def save_group(self, name: str, config: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO groups (name, config, created) VALUES (?, ?, ?)",
+                (name, json.dumps(config), time.time()),
+            )
+
+    def delete_group(self, name: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM groups WHERE name = ?", (name,)).rowcount == 1
+
+    def groups(self) -> list[dict[str, Any]]:
+        """The API's groups, oldest first (as they were created)."""
+        with self._lock:
+            rows = self._db.execute("SELECT config FROM groups ORDER BY created").fetchall()
+        return [json.loads(r["config"]) for r in rows]
 
     # Group states -------------------------------------------------------------
 

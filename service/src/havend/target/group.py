@@ -87,6 +87,7 @@ class TargetGroup:
         self._promoted_volumes: list[PromotedVolume] | None = None
         self._reverse: UndoLog | None = None  # reverse protection's checkpoints
         self.connected = False
+        self.peer = self.meta.get("source_node")  # the source node's name, from its HELLO
         self.applied_bytes = 0
         self.apply_lock = asyncio.Lock()  # held while the applier works; rollback waits
         self.new_records = asyncio.Event()  # durable records for the applier

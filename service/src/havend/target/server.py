@@ -99,6 +99,7 @@ class TargetNode:
                     await asyncio.sleep(0.05)
             self._links[group.id] = writer
             group.connected = True
+            group.peer = str(hello.body.get("node") or "") or group.peer
             if isinstance(hello.body.get("resolve"), dict):
                 await self._resolve(group, hello.body, reader, writer, decoder)
                 return
