@@ -257,6 +257,7 @@ class Demo:
                     "nbd": {"host": a["site"], "port": 0},
                     "target": {"host": repl_host, "port": int(repl_port), "server_name": "tgt1"},
                     "link_timeout": 10,
+                    "volume_dir": str(WORK / "site-disks"),
                 },
                 "api": {"host": a["site"], "port": 0},
                 "status_period": 0.2,
@@ -298,7 +299,8 @@ class Demo:
             ],
         }
         made = src.post("/v1/groups", json=body)
-        made.raise_for_status()
+        if made.status_code != 201:
+            raise RuntimeError(f"creating the group: {made.status_code} {made.text}")
         initial = {i: paths[n].read_bytes() for i, n in enumerate(VOLUMES)}
         self.wait(
             src,

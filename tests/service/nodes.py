@@ -109,7 +109,7 @@ def target_node(
 
 def source_node(
     tmp: Path,
-    target_port: int,
+    target_port: int | None,
     groups: list[dict[str, Any]],
     name: str = "src1",
     tls: dict | None = None,
@@ -125,6 +125,7 @@ def source_node(
             "target": {"host": "127.0.0.1", "port": target_port, "server_name": "tgt1"},
             "groups": groups,
             "link_timeout": link_timeout,
+            "volume_dir": str(tmp),  # volumes made through the API: in the test's directory
         },
         "status_interval": 1,
         "status_period": 0.2,
@@ -132,6 +133,8 @@ def source_node(
     config.update({"tls": tls} if tls else {"insecure_plaintext": True})
     if api:
         config["api"] = {"host": "127.0.0.1", "port": 0}
+    if target_port is None:  # paired later, through the API
+        del config["source"]["target"]
     return NodeProcess(name, write_config(tmp / f"{name}.yaml", config), state, tmp / f"{name}.log")
 
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
-from nodes import make_tls, source_node, target_node, wait_caught_up
+from nodes import free_port, make_tls, source_node, target_node, wait_caught_up
 from schemathesis.checks import (
     not_a_server_error,
     response_schema_conformance,
@@ -227,9 +227,23 @@ def test_groups_made_through_the_api(api: Api, tmp_path: Path) -> None:
     clash = src.post("/v1/groups", json=body | {"name": "web2"})
     assert clash.status_code == 409 and "www" in clash.json()["detail"]
     missing = src.post(
-        "/v1/groups", json={"name": "x", "volumes": [{"name": "x1", "path": "/nonexistent/x"}]}
+        "/v1/groups", json={"name": "x", "volumes": [{"name": "x1", "path": str(tmp_path / "x")}]}
     )
     assert missing.status_code == 422 and "give its size" in json.dumps(missing.json())
+    huge = src.post(
+        "/v1/groups",
+        json={"name": "x", "volumes": [{"name": "x1", "path": "huge.img", "size": 1 << 50}]},
+    )  # found by fuzzing: was a 500
+    assert huge.status_code == 409 and "cannot be created" in huge.json()["detail"]
+    assert not (tmp_path / "huge.img").exists()
+    nul = src.post("/v1/groups", json={"name": "x", "volumes": [{"name": "x1", "path": "a\x00b"}]})
+    assert nul.status_code == 422  # found by fuzzing: was a 500
+    for outside in ("/etc/passwd", "../../x.img", str(tmp_path) + "/../x.img"):
+        escape = src.post(
+            "/v1/groups",
+            json={"name": "x", "volumes": [{"name": "x1", "path": outside, "size": 4096}]},
+        )
+        assert escape.status_code == 422 and "outside" in json.dumps(escape.json()), outside
     hooks = src.post("/v1/groups", json=body | {"name": "y", "checkpoints": {"hooks": {}}})
     assert hooks.status_code == 422  # commands are for the config file only
     volumes = {v["name"]: v for v in src.get("/v1/volumes").json()}
@@ -257,6 +271,104 @@ def test_groups_made_through_the_api(api: Api, tmp_path: Path) -> None:
     assert tgt.post("/v1/groups", json=body | {"name": "z"}).status_code == 409
     actions = [e["action"] for e in src.get("/v1/audit").json()]
     assert "group_create" in actions and "group_delete" in actions
+
+
+def test_pairing_pausing_and_changing_settings(tmp_path: Path) -> None:
+    """A source node without a target pairs through the API (the TLS handshake
+    must succeed first), a group made through the API then replicates; pause
+    stops shipping and resume catches up; settings change in place; all of
+    it is kept across a restart."""
+    src_tls, tgt_tls = make_tls(tmp_path)
+    target = target_node(tmp_path, tls=tgt_tls, api=True).start()
+    source = source_node(tmp_path, None, [], tls=src_tls, api=True).start()
+    verify = ssl.create_default_context(cafile=src_tls["ca"])
+    try:
+        src = httpx.Client(
+            base_url=source.address("api"),
+            verify=verify,
+            timeout=60,
+            headers={"Authorization": f"Bearer {make_token(source, 'a', 'admin')}"},
+        )
+        tgt = httpx.Client(
+            base_url=target.address("api"),
+            verify=verify,
+            timeout=60,
+            headers={"Authorization": f"Bearer {make_token(target, 'a', 'admin')}"},
+        )
+        assert src.get("/v1/peers").json()["peers"] == []
+        path = tmp_path / "v.img"
+        made = src.post(
+            "/v1/groups",
+            json={"name": "g", "volumes": [{"name": "v", "path": str(path), "size": 4 * MiB}]},
+        )
+        assert made.status_code == 201, made.text
+        assert made.json()["last_error"] in ("", "no target paired")
+        port = int(target.address("replication").rsplit(":", 1)[1])
+        closed = src.post("/v1/peers", json={"host": "127.0.0.1", "port": free_port()})
+        assert closed.status_code == 409 and "cannot pair" in closed.json()["detail"]
+        stranger = src.post(
+            "/v1/peers", json={"host": "127.0.0.1", "port": port, "server_name": "not-tgt1"}
+        )
+        assert stranger.status_code == 409 and "certificate" in stranger.json()["detail"].lower()
+        paired = src.post(
+            "/v1/peers", json={"host": "127.0.0.1", "port": port, "server_name": "tgt1"}
+        )
+        assert paired.status_code == 200, paired.text
+        assert paired.json()["certificate"]["subject_cn"] == "tgt1"
+        nbd = source.address("nbd")
+        with NBDClient.open(f"{nbd}/v") as client:
+            client.write(0, b"a" * 8192)
+            client.flush()
+            wait_caught_up(source, target, timeout=WAIT)
+            replica = target.state_dir / "rep" / "g" / "v.img"
+            assert replica.read_bytes() == path.read_bytes()
+            # Pause: writes go on, nothing ships; resume: it catches up.
+            paused = src.post("/v1/groups/g/pause")
+            assert paused.status_code == 200 and paused.json()["state"] == "paused"
+            assert src.post("/v1/groups/g/pause").status_code == 409
+            client.write(8192, b"b" * 8192)
+            client.flush()
+            time.sleep(1)
+            group = src.get("/v1/groups/g").json()
+            assert group["lag_bytes"] >= 8192 and group["acked_seq"] < group["last_seq"]
+            assert replica.read_bytes() != path.read_bytes()
+            metrics = src.get("/metrics").text
+            assert 'havend_group_state{group="g",state="paused"} 1.0' in metrics
+        # Kept across a restart: the pairing, the group, the pause.
+        source.stop()
+        source.start()
+        src = httpx.Client(
+            base_url=source.address("api"), verify=verify, timeout=60, headers=src.headers
+        )
+        assert src.get("/v1/groups/g").json()["state"] == "paused"
+        assert src.get("/v1/peers").json()["peers"][0]["port"] == port
+        resumed = src.post("/v1/groups/g/resume")
+        assert resumed.status_code == 200 and resumed.json()["state"] == "protecting"
+        wait_caught_up(source, target, timeout=WAIT)
+        assert replica.read_bytes() == path.read_bytes()
+        # Settings in place: RPO, sync mode, periodic checkpoints.
+        changed = src.patch(
+            "/v1/groups/g",
+            json={"rpo_seconds": 2, "mode": "sync", "checkpoints": {"interval_seconds": 1}},
+        )
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["rpo_seconds"] == 2 and changed.json()["mode"] == "sync"
+        deadline = time.monotonic() + WAIT
+        while len(tgt.get("/v1/groups/g/checkpoints").json()) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        bad = src.patch("/v1/groups/g", json={"rpo_seconds": 0, "volumes": []})
+        assert bad.status_code == 422
+        assert {d["field"] for d in bad.json()["detail"]} == {"rpo_seconds", "volumes"}
+        source.stop()
+        source.start()
+        src = httpx.Client(
+            base_url=source.address("api"), verify=verify, timeout=60, headers=src.headers
+        )
+        assert src.get("/v1/groups/g").json()["rpo_seconds"] == 2
+    finally:
+        source.stop()
+        target.stop()
 
 
 def test_every_route_needs_a_token_of_the_right_scope(api: Api) -> None:
@@ -358,7 +470,8 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         a.close()
 
 
-schema = schemathesis.openapi.from_path(str(SCHEMA))
+# Pairing dials whatever host it is given: tested by hand above, never fuzzed.
+schema = schemathesis.openapi.from_path(str(SCHEMA)).exclude(path="/v1/peers", method="POST")
 
 
 @schema.parametrize()

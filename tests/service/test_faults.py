@@ -809,6 +809,17 @@ def test_damaged_journal_record_of_a_stopped_source_is_refused(
     if where == "behind_head_hint":
         assert c.source.stop() == 0
     else:
+        # The hint is where the newest segment began: write on until that segment
+        # holds enough records (the writes may have just rolled into a new one).
+        for burst in range(10):
+            block = read_superblock(str(journal / "superblock"))
+            hint = (journal / f"seg-{block.head_segment:016x}.log", block.head_offset)
+            if sum(1 for r in journal_records(journal) if (r[0], r[1]) >= hint) > 40:
+                break
+            writer = c.writer(301 + burst, flush_every=16)
+            time.sleep(0.2)
+            writer.stop()
+            assert writer.error is None, writer.error
         c.source.kill()
     applied = applied_seq(c.target.state_dir / "groups" / c.group_id())
     block = read_superblock(str(journal / "superblock"))

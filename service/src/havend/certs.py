@@ -306,7 +306,15 @@ def describe(cert_path: StrPath) -> CertificateInfo:
     ``openssl x509 -fingerprint -sha256`` prints it. Raises
     :class:`CertificateError` if the file is missing or not a certificate.
     """
-    cert = _load_cert(Path(cert_path))
+    return _describe(_load_cert(Path(cert_path)))
+
+
+def describe_der(der: bytes) -> CertificateInfo:
+    """:func:`describe` of a DER certificate (a TLS peer's, as the handshake gave it)."""
+    return _describe(x509.load_der_x509_certificate(der))
+
+
+def _describe(cert: x509.Certificate) -> CertificateInfo:
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         san_list = [str(entry.value) for entry in sans]

@@ -9,6 +9,8 @@ field (``source.groups[0].volumes[1].path: required``). Example::
       nbd: {host: 127.0.0.1, port: 10809}
       target: {host: 10.0.0.2, port: 7788, server_name: tgt1}
       link_timeout: 30           # seconds without an ACK for sent data: reconnect
+      volume_dir: /srv/havend    # volumes of groups made through the API stay in here
+                                 # (default: <state_dir>/volumes)
       groups:
         - name: app1
           mode: async            # or sync: FLUSH waits for the target (RPO 0)
@@ -48,6 +50,7 @@ set (tests and benchmarks on one machine).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,6 +138,7 @@ class NodeConfig:
     replica_dir: str | None = None
     views: Endpoint | None = None  # the target's NBD server for point-in-time views
     api: Endpoint | None = None  # the REST API (HTTPS with the node's certificate); None: off
+    volume_dir: str | None = None  # source: where volumes made through the API live
     link_timeout: float = 30.0  # unacknowledged batches this old mean a dead link
 
 
@@ -329,9 +333,11 @@ def parse(data: Any) -> NodeConfig:
         return NodeConfig(
             **common,
             nbd=_endpoint(source.sub("nbd", required=False)) or Endpoint("127.0.0.1", 10809),
-            target=_endpoint(source.sub("target")),
+            # Or paired later through the REST API (POST /v1/peers).
+            target=_endpoint(source.sub("target", required=False)),
             groups=groups,
             link_timeout=source.get("link_timeout", float, 30.0),
+            volume_dir=source.get("volume_dir", str, os.path.join(common["state_dir"], "volumes")),
         )
     target = root.sub("target")
     assert target is not None

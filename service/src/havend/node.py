@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import ssl
 import time
 import uuid
@@ -25,8 +26,8 @@ from havend import __version__
 from havend.admin import SOCKET_NAME, AdminServer
 from havend.cdp.hooks import SSHTarget, app_consistent
 from havend.cdp.snapshot import Snapshots
-from havend.config import GroupConfig, NodeConfig, group_from_dict
-from havend.errors import CheckpointError, ConfigError, ConflictError
+from havend.config import Endpoint, GroupConfig, NodeConfig, group_from_dict
+from havend.errors import CheckpointError, ConfigError, ConflictError, HavendError
 from havend.fsutil import write_atomic
 from havend.journal import Journal
 from havend.nbd.server import NBDServer
@@ -117,6 +118,7 @@ class Node:
         self._group_tasks: dict[str, list[asyncio.Task[Any]]] = {}
         self._group_configs: dict[str, GroupConfig] = {}  # config file's and API's
         self.api_groups: set[str] = set()  # created through the API (not the config file)
+        self.target_endpoint: Endpoint | None = None  # where sources ship (config or paired)
 
     async def start(self) -> None:
         config = self.config
@@ -130,6 +132,8 @@ class Node:
         if config.role == "source":
             assert config.nbd is not None
             self._client_ctx = client_ctx
+            paired = self.store.setting("target") if self.store is not None else None
+            self.target_endpoint = Endpoint(**paired) if paired else config.target
             self.nbd = NBDServer({})
             for group_config in self._configured_groups():
                 self._start_group(group_config)
@@ -197,20 +201,24 @@ class Node:
     def _start_group(self, group_config: GroupConfig) -> SourceGroup:
         """Open a source group, export its volumes and start shipping it."""
         config = self.config
-        assert config.target is not None and self.nbd is not None
+        assert self.nbd is not None
         loop = asyncio.get_running_loop()
         group = open_source_group(config.state_dir, group_config)
         group.bind(loop)
+        target = self.target_endpoint or Endpoint("", 0)  # none yet: waits to be paired
         settings = ShipperSettings(
-            host=config.target.host,
-            port=config.target.port,
-            server_name=config.target.server_name,
+            host=target.host,
+            port=target.port,
+            server_name=target.server_name,
             compression_level=group_config.compression_level,
             bandwidth_limit=group_config.bandwidth_limit,
             ack_timeout=config.link_timeout,
             reverse_interval=group_config.reverse_interval_seconds,
         )
         shipper = Shipper(group, settings, self._client_ctx, config.name)
+        if self.store is not None and self.store.setting(f"paused:{group.name}"):
+            shipper.paused = True
+            group.paused = True
         tasks = [loop.create_task(shipper.run())]
         if group_config.checkpoints.interval_seconds:
             tasks.append(loop.create_task(self._periodic(group, group_config)))
@@ -229,32 +237,180 @@ class Node:
         replicated at once and kept across restarts (REST API)."""
         if self.config.role != "source" or self.store is None:
             raise CheckpointError("groups are created on a source node with the API on")
+        # A token must not make havend serve or write files outside its volume
+        # directory: paths are taken inside it.
+        assert self.config.volume_dir is not None
+        home = os.path.realpath(self.config.volume_dir)
+        data = dict(data)
+        data["volumes"] = [dict(v) for v in data.get("volumes") or []]
+        for i, spec in enumerate(data["volumes"]):
+            given = str(spec.get("path", ""))
+            if "\x00" in given:
+                raise ConfigError(f"volumes[{i}].path: a NUL byte in a path")
+            path = os.path.realpath(os.path.join(home, given))
+            if not path.startswith(home + os.sep):
+                raise ConfigError(
+                    f"volumes[{i}].path: {spec.get('path')!r} is outside this node's "
+                    f"volume_dir ({home})"
+                )
+            spec["path"] = path
         group_config = group_from_dict(data)
         if any(g.name == group_config.name for g in self.source_groups):
             raise ConflictError(f"group {group_config.name!r} exists already")
         assert self.nbd is not None
-        for volume, spec in zip(group_config.volumes, data["volumes"], strict=True):
-            if volume.name in self.nbd.volumes:
-                raise ConflictError(f"volume name {volume.name!r} is taken on this node")
-            if not os.path.isabs(volume.path):
-                raise ConfigError(f"volumes: {volume.path!r} is not an absolute path")
+        names = [v.name for v in group_config.volumes]
+        taken = [n for n in names if n in self.nbd.volumes]
+        if taken:
+            raise ConflictError(f"volume name {taken[0]!r} is taken on this node")
+        for i, (volume, spec) in enumerate(zip(group_config.volumes, data["volumes"], strict=True)):
             size = spec.get("size")
-            if not os.path.exists(volume.path):
-                if not isinstance(size, int) or size <= 0 or size % 4096:
-                    raise ConfigError(
-                        f"volumes: {volume.path} does not exist; give its size (bytes, a "
-                        "multiple of 4096) to create it"
+            if not os.path.exists(volume.path) and (
+                not isinstance(size, int) or size <= 0 or size % 4096
+            ):
+                raise ConfigError(
+                    f"volumes[{i}].path: {volume.path} does not exist; give its size (bytes, "
+                    "a multiple of 4096) to create it"
+                )
+        state = os.path.join(self.config.state_dir, "group-ids", group_config.name)
+        had_state = os.path.exists(state)
+        made: list[str] = []
+        try:
+            for volume, spec in zip(group_config.volumes, data["volumes"], strict=True):
+                if not os.path.exists(volume.path):
+                    os.makedirs(os.path.dirname(volume.path), exist_ok=True)
+                    fd = os.open(volume.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                    made.append(volume.path)
+                    try:
+                        os.ftruncate(fd, int(spec["size"]))
+                    finally:
+                        os.close(fd)
+            group = self._start_group(group_config)
+        except (OSError, HavendError) as exc:  # nothing of it is left behind
+            for path in made:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            if not had_state:
+                with contextlib.suppress(OSError, ValueError):
+                    shutil.rmtree(
+                        group_dir(
+                            self.config.state_dir,
+                            _source_group_id(self.config.state_dir, group_config.name),
+                        ),
+                        ignore_errors=True,
                     )
-                os.makedirs(os.path.dirname(volume.path), exist_ok=True)
-                fd = os.open(volume.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    os.ftruncate(fd, size)
-                finally:
-                    os.close(fd)
-        group = self._start_group(group_config)
+                    os.unlink(state)
+            if isinstance(exc, HavendError):
+                raise
+            raise ConflictError(
+                f"group {group_config.name} cannot be created: {exc.strerror or exc}"
+            ) from None
         self.store.save_group(group_config.name, data)
         self.api_groups.add(group_config.name)
         log.info("group %s created with %d volumes", group.name, len(group.volumes))
+        return dataclasses.asdict(group.status())
+
+    async def pair(
+        self, host: str, port: int, server_name: str | None, timeout: float = 10
+    ) -> dict[str, Any]:
+        """Make ``host:port`` this source node's target: a TLS handshake with it
+        first (its certificate must come from the deployment CA and name
+        ``server_name``), then every group ships there; kept across restarts."""
+        if self.config.role != "source" or self.store is None:
+            raise CheckpointError("a source node pairs with its target, with the API on")
+        ctx = self._client_ctx
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    host, port, ssl=ctx, server_hostname=(server_name or host) if ctx else None
+                ),
+                timeout,
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            raise ConflictError(
+                f"cannot pair with {host}:{port}: {type(exc).__name__}: {exc}"
+            ) from None
+        identity = None
+        if ctx is not None:
+            from havend import certs
+
+            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            identity = certs.describe_der(der)
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+        endpoint = {"host": host, "port": port, "server_name": server_name}
+        self.store.set_setting("target", endpoint)
+        self.target_endpoint = Endpoint(**endpoint)
+        for shipper in self._shippers:
+            shipper.reconfigure(host=host, port=port, server_name=server_name)
+        log.warning(
+            "paired with the target %s:%d (%s)",
+            host,
+            port,
+            (identity or {}).get("subject_cn", "no TLS"),
+        )
+        return {
+            "host": host,
+            "port": port,
+            "server_name": server_name or host,
+            "certificate": identity,
+        }
+
+    async def update_group(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change a group's settings in place (REST API; groups made through it):
+        mode, RPO, compression, bandwidth cap, checkpoint policy, reverse
+        protection. Retention reaches the target at the next connection."""
+        group = self._source_group(name)
+        if name not in self.api_groups:
+            raise ConflictError(f"group {name} is defined in the config file: edit it there")
+        assert self.store is not None
+        current = next(c for c in self.store.groups() if c["name"] == name)
+        merged = current | {k: v for k, v in changes.items() if k != "checkpoints"}
+        if "checkpoints" in changes:
+            merged["checkpoints"] = (current.get("checkpoints") or {}) | changes["checkpoints"]
+        new = group_from_dict(merged)
+        old = self._group_configs[name]
+        group.mode = new.mode
+        group.rpo_seconds = new.rpo_seconds
+        policy = new.checkpoints
+        group.retention = {"count": policy.retain, "max_age_seconds": policy.max_age_seconds}
+        self._shipper(name).reconfigure(
+            compression_level=new.compression_level,
+            bandwidth_limit=new.bandwidth_limit,
+            reverse_interval=new.reverse_interval_seconds,
+        )
+        if policy.interval_seconds != old.checkpoints.interval_seconds:
+            tasks = self._group_tasks[name]
+            for task in tasks[1:]:  # the periodic checkpoints
+                task.cancel()
+                self._tasks.remove(task)
+            del tasks[1:]
+            if policy.interval_seconds:
+                task = asyncio.get_running_loop().create_task(self._periodic(group, new))
+                tasks.append(task)
+                self._tasks.append(task)
+        self._group_configs[name] = new
+        self.store.update_group(name, merged)
+        log.info("group %s: settings changed: %s", name, ", ".join(sorted(changes)))
+        return dataclasses.asdict(group.status())
+
+    def pause(self, name: str) -> dict[str, Any]:
+        """Stop shipping a group (its writes are still journaled) until resumed."""
+        group = self._source_group(name)
+        self._shipper(name).pause()
+        group.paused = True
+        if self.store is not None:
+            self.store.set_setting(f"paused:{name}", True)
+        log.warning("group %s: replication paused by an operator", name)
+        return dataclasses.asdict(group.status())
+
+    def resume(self, name: str) -> dict[str, Any]:
+        group = self._source_group(name)
+        self._shipper(name).resume()
+        group.paused = False
+        if self.store is not None:
+            self.store.set_setting(f"paused:{name}", None)
+        log.warning("group %s: replication resumed", name)
         return dataclasses.asdict(group.status())
 
     async def delete_group(self, name: str) -> dict[str, Any]:
@@ -341,16 +497,20 @@ class Node:
         config = self.config
         identity = certs.describe(config.tls.cert) if config.tls else None
         if self.target is None:
-            assert config.target is not None
-            peers = [
-                {
-                    "role": "target",
-                    "host": config.target.host,
-                    "port": config.target.port,
-                    "server_name": config.target.server_name or config.target.host,
-                    "groups": {g.name: g.connected for g in self.source_groups},
-                }
-            ]
+            target = self.target_endpoint
+            peers = (
+                [
+                    {
+                        "role": "target",
+                        "host": target.host,
+                        "port": target.port,
+                        "server_name": target.server_name or target.host,
+                        "groups": {g.name: g.connected for g in self.source_groups},
+                    }
+                ]
+                if target is not None
+                else []
+            )
         else:
             by_node: dict[str, dict[str, bool]] = {}
             for tgroup in self.target.groups.values():

@@ -67,7 +67,12 @@ class OperationRequest(Strict):
 
 class VolumeSpec(Strict):
     name: str = Field(pattern=NAME)
-    path: str = Field(pattern=r"^/", min_length=2, max_length=4096)
+    path: str = Field(
+        min_length=1,
+        max_length=4096,
+        pattern=r"^[^\x00]+$",
+        description="inside the node's volume_dir (relative to it, or absolute within it)",
+    )
     size: int | None = Field(
         None, gt=0, le=1 << 50, multiple_of=4096, description="create the file, sparse, if missing"
     )
@@ -98,6 +103,31 @@ class GroupRequest(Strict):
     checkpoints: CheckpointPolicySpec = Field(default_factory=CheckpointPolicySpec)
     reverse_interval_seconds: float = Field(0, ge=0, le=86400)
     volumes: list[VolumeSpec] = Field(min_length=1, max_length=64)
+
+
+class CheckpointPolicyUpdate(Strict):
+    interval_seconds: float | None = Field(None, ge=0, le=86400 * 365)
+    retain: int | None = Field(None, ge=1, le=1 << 20)
+    max_age_seconds: float | None = Field(None, ge=0)
+
+
+class GroupUpdate(Strict):
+    """Settings changed in place (the fields given; volumes and journal stay)."""
+
+    mode: Literal["async", "sync"] | None = None
+    rpo_seconds: float | None = Field(None, gt=0, le=86400)
+    compression_level: int | None = Field(None, ge=0, le=22)
+    bandwidth_limit: int | None = Field(None, ge=0)
+    checkpoints: CheckpointPolicyUpdate | None = None
+    reverse_interval_seconds: float | None = Field(None, ge=0, le=86400)
+
+
+class PeerRequest(Strict):
+    host: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:\-\[\]]+$")
+    port: int = Field(ge=1, le=65535)
+    server_name: str | None = Field(
+        None, min_length=1, max_length=253, description="the name its certificate must carry"
+    )
 
 
 class TokenRequest(Strict):
@@ -288,6 +318,64 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
             return await node.delete_group(group)
 
         return await _act(token, "group_delete", group, {}, run)
+
+    @app.patch(
+        "/v1/groups/{group}",
+        summary="change a group's settings in place (source node)",
+        responses={404: {"model": Problem}, 409: {"model": Problem}},
+    )
+    async def update_group(group: str, body: GroupUpdate, token: Token = admin) -> dict[str, Any]:
+        changes = body.model_dump(exclude_none=True)
+        if "checkpoints" in changes:
+            changes["checkpoints"] = {
+                k: v for k, v in changes["checkpoints"].items() if v is not None
+            }
+
+        async def run() -> Any:
+            _group_status(group)
+            if node.config.role != "source":
+                raise HTTPException(409, "a group's settings are changed on its source node")
+            return _described(await node.update_group(group, changes))
+
+        return await _act(token, "group_update", group, changes, run)
+
+    @app.post(
+        "/v1/groups/{group}/pause",
+        summary="stop shipping (writes are still journaled)",
+        responses={404: {"model": Problem}, 409: {"model": Problem}},
+    )
+    async def pause_group(group: str, token: Token = operate) -> dict[str, Any]:
+        return await _act(token, "pause", group, {}, lambda: _toggle(group, "pause"))
+
+    @app.post(
+        "/v1/groups/{group}/resume",
+        summary="ship again what was journaled meanwhile",
+        responses={404: {"model": Problem}, 409: {"model": Problem}},
+    )
+    async def resume_group(group: str, token: Token = operate) -> dict[str, Any]:
+        return await _act(token, "resume", group, {}, lambda: _toggle(group, "resume"))
+
+    async def _toggle(group: str, kind: str) -> dict[str, Any]:
+        status = _described(_group_status(group))
+        if node.config.role != "source":
+            raise HTTPException(409, f"{kind} acts on the source node of the group")
+        refusal = machine.refusal(kind, status["state"], status["state_reason"])
+        if refusal:
+            raise HTTPException(409, refusal)
+        return _described(node.pause(group) if kind == "pause" else node.resume(group))
+
+    @app.post(
+        "/v1/peers",
+        summary="pair this source node with its target (TLS checked first)",
+        responses={409: {"model": Problem}},
+    )
+    async def pair(body: PeerRequest, token: Token = admin) -> dict[str, Any]:
+        async def run() -> Any:
+            if node.config.role != "source":
+                raise HTTPException(409, "the source node pairs with its target, not the reverse")
+            return await node.pair(body.host, body.port, body.server_name)
+
+        return await _act(token, "pair", f"{body.host}:{body.port}", body.model_dump(), run)
 
     @app.get("/v1/volumes", summary="every volume of every group, and where it is served")
     async def list_volumes(_: Token = read) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ change with its generation (``/v1/groups/{group}/history``).
 ``failing_over`` source: fenced, draining for a planned failover; target: promoting
 ``failed_over``  source: fenced, the target promoted; target: promoted, live
 ``failing_back`` a failback (or a split-brain resolution) is moving the data
-``paused``       reserved: replication stopped by an operator (not offered yet)
+``paused``       source: shipping stopped by an operator (writes still journaled)
 ``error``        a split brain (both sides took writes), or the applier stopped
 """
 
@@ -29,6 +29,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "resolve": ("error",),
     "promote": ("protecting", "testing"),
     "rollback": ("protecting",),
+    "pause": ("protecting",),
+    "resume": ("paused",),
 }
 
 
@@ -49,6 +51,8 @@ def state_of(role: str, group: dict[str, Any], running: str | None) -> tuple[str
             return "failing_over", str(fence.get("reason", "fenced"))
         if running == "failover":
             return "failing_over", "planned failover running"
+        if group.get("paused"):
+            return "paused", "shipping stopped by an operator; writes are journaled"
         return "protecting", "replicating" if group.get("connected") else "link down"
     if group.get("split_brain"):
         return "error", "split brain: both sides took writes; resolve it on the source node"

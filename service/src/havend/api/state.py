@@ -86,6 +86,14 @@ MIGRATIONS: list[str] = [
         created REAL NOT NULL
     );
     """,
+    # 3: node settings made through the API (the paired target, paused groups)
+    """
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated REAL NOT NULL
+    );
+    """,
 ]
 
 
@@ -287,6 +295,28 @@ class StateStore:
     def delete_group(self, name: str) -> bool:
         with self._tx() as db:
             return db.execute("DELETE FROM groups WHERE name = ?", (name,)).rowcount == 1
+
+    def update_group(self, name: str, config: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE groups SET config = ? WHERE name = ?", (json.dumps(config), name))
+
+    def setting(self, key: str) -> Any:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return json.loads(row["value"]) if row else None
+
+    def set_setting(self, key: str, value: Any) -> None:
+        """Set (None: remove) a node setting."""
+        with self._tx() as db:
+            if value is None:
+                db.execute("DELETE FROM settings WHERE key = ?", (key,))
+            else:
+                db.execute(
+                    "INSERT INTO settings (key, value, updated) VALUES (?, ?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+                    "updated = excluded.updated",
+                    (key, json.dumps(value), time.time()),
+                )
 
     def groups(self) -> list[dict[str, Any]]:
         """The API's groups, oldest first (as they were created)."""

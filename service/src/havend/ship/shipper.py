@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -18,6 +19,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import zstandard
 
@@ -117,6 +119,37 @@ class Shipper:
         self._wake = asyncio.Event()  # a failback ended: connect again now
         # Failback, split-brain resolution and reverse rounds: one at a time.
         self._exclusive = asyncio.Lock()
+        self.paused = False  # an operator stopped shipping (writes are still journaled)
+
+    def reconfigure(self, **changes: Any) -> None:
+        """New settings (a new target, compression, bandwidth cap...); a new
+        target drops the current link, the next one goes there."""
+        old = self.settings
+        self.settings = dataclasses.replace(old, **changes)
+        level = self.settings.compression_level
+        self._compressor = zstandard.ZstdCompressor(level=level) if level > 0 else None
+        self._bucket = TokenBucket(self.settings.bandwidth_limit)
+        if (old.host, old.port, old.server_name) != (
+            self.settings.host,
+            self.settings.port,
+            self.settings.server_name,
+        ):
+            self._drop_link()
+        self._wake.set()
+
+    def pause(self) -> None:
+        """Stop shipping until :meth:`resume` (the journal keeps every write; a
+        full journal switches to region tracking as during an outage)."""
+        self.paused = True
+        self._drop_link()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._wake.set()
+
+    def _drop_link(self) -> None:
+        if self._writer is not None:
+            self._writer.transport.abort()
 
     async def failback(self, timeout: float) -> dict:
         """Bring the data home from the promoted target: pull the blocks that
@@ -508,6 +541,11 @@ class Shipper:
         backoff = self.settings.min_backoff
         group = self.group
         while not self._stopping:
+            if self.paused or not self.settings.host:  # until resumed, or paired
+                group.last_error = "paused by an operator" if self.paused else "no target paired"
+                self._wake.clear()
+                await self._wake.wait()
+                continue
             started = time.monotonic()
             try:
                 await self._session()

@@ -73,6 +73,7 @@ class GroupStatus:
     last_checkpoint: dict[str, Any] | None
     lost_checkpoints: list[str]
     fence: dict[str, Any] | None
+    paused: bool
 
 
 # A staged block of reverse protection: volume, offset, length.
@@ -159,6 +160,7 @@ class SourceGroup:
         # This clock's time of the newest write accepted (journaled or not): a
         # promoted target compares it with its promotion to tell a split brain.
         self.last_write_time: float | None = None
+        self.paused = False  # shipping stopped by an operator
         # How many checkpoints the target keeps, and for how long (0: no limit).
         self.retention: dict[str, float] = {"count": 2048, "max_age_seconds": 0}
 
@@ -766,6 +768,7 @@ class SourceGroup:
             last_checkpoint=self.last_checkpoint.to_dict() if self.last_checkpoint else None,
             fence=self.fence,
             lost_checkpoints=list(self.lost_checkpoints),
+            paused=self.paused,
         )
 
     def _resync_status(self) -> dict[str, Any] | None:
