@@ -253,9 +253,8 @@ class Demo:
             {
                 "node": {"name": "src1", "role": "source", "state_dir": str(WORK / "src1")},
                 "tls": tls["src1"],
-                "source": {
+                "source": {  # no target: it is paired through the API below
                     "nbd": {"host": a["site"], "port": 0},
-                    "target": {"host": repl_host, "port": int(repl_port), "server_name": "tgt1"},
                     "link_timeout": 10,
                     "volume_dir": str(WORK / "site-disks"),
                 },
@@ -278,7 +277,18 @@ class Demo:
             headers={"Authorization": f"Bearer {target.token()}"},
             timeout=120,
         )
-        self.step("two sites", started, f"{how}; TLS 1.3 between the nodes and on both APIs")
+        paired = src.post(
+            "/v1/peers", json={"host": repl_host, "port": int(repl_port), "server_name": "tgt1"}
+        )
+        if paired.status_code != 200:
+            raise RuntimeError(f"pairing: {paired.status_code} {paired.text}")
+        fingerprint = paired.json()["certificate"]["fingerprint_sha256"]
+        self.step(
+            "two sites, paired",
+            started,
+            f"{how}; TLS 1.3 between the nodes (target certificate {fingerprint[:23]}...) "
+            "and on both APIs",
+        )
 
         # A group of two volumes; the database already holds data.
         started = time.monotonic()
@@ -391,7 +401,9 @@ class Demo:
             started,
             f"RPO 0: final seq {result['final_seq']} = last acknowledged = applied on the "
             f"target, all {len(log)} writes there (drain {result['drain_seconds']:.2f} s, promote "
-            f"{result['promote_seconds']:.2f} s)",
+            f"{result['promote_seconds']:.2f} s); both sides "
+            f"{src.get('/v1/groups/app').json()['state']}/"
+            f"{tgt.get('/v1/groups/app').json()['state']}",
         )
 
         # Recovery servers write on the promoted volumes.

@@ -11,6 +11,7 @@ every ``status_interval`` seconds (lag in seconds and bytes, throughput).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -112,7 +113,8 @@ class Node:
         self._shippers: list[Shipper] = []
         self._snapshots: dict[str, Snapshots] = {}  # per group name
         self._snapshot_views: dict[str, tuple[Snapshots, Any]] = {}  # export -> (shelf, view)
-        self._last_shipped: dict[str, tuple[float, int]] = {}
+        # (monotonic time, bytes) samples of each group's shipped or applied bytes
+        self._rates: dict[str, collections.deque[tuple[float, int]]] = {}
         self.store: Any = None  # havend.api.state.StateStore, with the API
         self._client_ctx: ssl.SSLContext | None = None
         self._group_tasks: dict[str, list[asyncio.Task[Any]]] = {}
@@ -446,6 +448,9 @@ class Node:
             groups = [dataclasses.asdict(g.status()) for g in self.source_groups]
         elif self.target is not None:
             groups = [dataclasses.asdict(g.status()) for g in self.target.groups.values()]
+        for group in groups:
+            moved = group.get("shipped_bytes", group.get("applied_bytes", 0))
+            group["throughput_bytes_per_s"] = round(self._throughput(group["group"], moved))
         return {
             "node": self.config.name,
             "role": self.config.role,
@@ -456,6 +461,16 @@ class Node:
             "uptime_s": round(time.time() - self.started, 1),
             "groups": groups,
         }
+
+    def _throughput(self, key: str, total: int, window: float = 5.0) -> float:
+        """Bytes per second over about the last ``window`` seconds."""
+        samples = self._rates.setdefault(key, collections.deque())
+        now = time.monotonic()
+        samples.append((now, total))
+        while len(samples) > 2 and now - samples[1][0] >= window:
+            samples.popleft()
+        then, before = samples[0]
+        return (total - before) / (now - then) if now > then and total >= before else 0.0
 
     def volumes(self) -> list[dict[str, Any]]:
         """Every volume of every group: size, file, and the NBD URI serving it."""
@@ -533,22 +548,26 @@ class Node:
                 write_atomic(path, json.dumps(status, indent=1).encode(), durable=False)
             except OSError as exc:  # a full disk must not stop the reports for good
                 log.error("cannot write %s: %s", path, exc)
+            if self.api is not None:  # every change of a group's state, in its history
+                try:
+                    self.api.observe(status["groups"])
+                except Exception as exc:  # the database is full or gone: say it, go on
+                    log.error("cannot record group states: %s", exc)
             now = time.monotonic()
             if now - last_line >= self.config.status_interval:
                 last_line = now
                 for group in status["groups"]:
-                    log.info("%s", self._progress_line(group, now))
+                    log.info("%s", self._progress_line(group))
             await asyncio.sleep(self.config.status_period)
 
-    def _progress_line(self, group: dict[str, Any], now: float) -> str:
+    @staticmethod
+    def _progress_line(group: dict[str, Any]) -> str:
         if "lag_seconds" not in group:  # target
             return (
                 f"group {group['name']}: received seq {group['received_seq']}, applied "
                 f"{group['applied_seq']}, {'connected' if group['connected'] else 'waiting'}"
             )
-        then, shipped = self._last_shipped.get(group["group"], (now, group["shipped_bytes"]))
-        rate = (group["shipped_bytes"] - shipped) / (now - then) if now > then else 0.0
-        self._last_shipped[group["group"]] = (now, group["shipped_bytes"])
+        rate = group["throughput_bytes_per_s"]
         eta = group["lag_bytes"] / rate if rate > 0 else None
         return (
             f"group {group['name']}: seq {group['last_seq']} acked {group['acked_seq']}, "

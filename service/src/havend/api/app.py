@@ -598,6 +598,7 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
         return PlainTextResponse(content, media_type=media_type)
 
     app.state.started = time.time()
+    app.state.describe = _described  # the node records states with it as they change
     return app
 
 

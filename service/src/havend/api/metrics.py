@@ -59,6 +59,11 @@ class NodeCollector(Collector):
             "applied_seq": GaugeMetricFamily(
                 "havend_group_applied_seq", "Last seq applied to the replica", labels=["group"]
             ),
+            "throughput": GaugeMetricFamily(
+                "havend_group_throughput_bytes_per_second",
+                "Bytes shipped (source) or applied (target) per second, last 5 s",
+                labels=["group"],
+            ),
             "errors": GaugeMetricFamily(
                 "havend_group_errors",
                 "1 while the group reports an error (link, apply)",
@@ -97,6 +102,7 @@ class NodeCollector(Collector):
                 gauges["errors"].add_metric(name, 1.0 if cdp.get("damaged") else 0.0)
                 applied.add_metric(name, group["applied_bytes"])
             gauges["connected"].add_metric(name, 1.0 if group["connected"] else 0.0)
+            gauges["throughput"].add_metric(name, group.get("throughput_bytes_per_s", 0))
         yield from (g for g in gauges.values() if g.samples)
         yield from (m for m in (shipped, applied, state) if m.samples)
 

@@ -77,6 +77,12 @@ class ApiServer:
         bound = sock.getsockname()
         return bound[0], bound[1]
 
+    def observe(self, groups: list[dict]) -> None:
+        """Record the state of each group when it changed (the node calls this
+        with every status it makes)."""
+        for group in groups:
+            self.app.state.describe(group)
+
     async def close(self) -> None:
         if self._server is not None and self._task is not None:
             self._server.should_exit = True

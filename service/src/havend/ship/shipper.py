@@ -803,6 +803,7 @@ class Shipper:
             # the target (it just welcomed us as its source): writes resume here.
             log.warning("group %s: an interrupted planned failover is called off", group.name)
             group.set_fence(None)
+        group.generation = welcome.body.get("generation") or group.generation
         cursor = int(welcome.body["durable_seq"])
         journal = group.journal
         lost = cursor + 1 < journal.tail_seq  # released before the target had them

@@ -74,6 +74,7 @@ class GroupStatus:
     lost_checkpoints: list[str]
     fence: dict[str, Any] | None
     paused: bool
+    generation: str | None  # the replica's (as its target said), or the promoted one
 
 
 # A staged block of reverse protection: volume, offset, length.
@@ -161,6 +162,7 @@ class SourceGroup:
         # promoted target compares it with its promotion to tell a split brain.
         self.last_write_time: float | None = None
         self.paused = False  # shipping stopped by an operator
+        self.generation: str | None = None  # the target's generation of this group
         # How many checkpoints the target keeps, and for how long (0: no limit).
         self.retention: dict[str, float] = {"count": 2048, "max_age_seconds": 0}
 
@@ -769,6 +771,8 @@ class SourceGroup:
             fence=self.fence,
             lost_checkpoints=list(self.lost_checkpoints),
             paused=self.paused,
+            generation=((self.fence or {}).get("promoted") or {}).get("generation")
+            or self.generation,
         )
 
     def _resync_status(self) -> dict[str, Any] | None:
