@@ -17,7 +17,7 @@ import os
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,13 +166,27 @@ class Shipper:
                 f"group {group.name} is in a split brain: choose the surviving side first "
                 "(havend group resolve --survivor recovery|production)"
             )
+        return await self._exclusive_session(
+            lambda reader, writer: self._failback(reader, writer, promoted), timeout
+        )
+
+    async def _exclusive_session(
+        self,
+        run: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[dict]],
+        timeout: float,
+        *,
+        wake: bool = True,
+    ) -> dict:
+        """A session of its own (failback, resolution, reverse round), one at a
+        time; ``wake``: the shipping loop reconnects at once afterwards."""
         async with self._exclusive:
             reader, writer = await self._connect()
             try:
-                return await asyncio.wait_for(self._failback(reader, writer, promoted), timeout)
+                return await asyncio.wait_for(run(reader, writer), timeout)
             finally:
                 writer.close()
-                self._wake.set()
+                if wake:
+                    self._wake.set()
 
     async def _failback(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, promoted: dict
@@ -345,12 +359,9 @@ class Shipper:
             raise CheckpointError(f"group {group.name} has not failed over: nothing to protect")
         if fence.get("split_brain"):
             raise CheckpointError(f"group {group.name} is in a split brain: resolve it first")
-        async with self._exclusive:
-            reader, writer = await self._connect()
-            try:
-                return await asyncio.wait_for(self._reverse(reader, writer, promoted), timeout)
-            finally:
-                writer.close()
+        return await self._exclusive_session(
+            lambda reader, writer: self._reverse(reader, writer, promoted), timeout, wake=False
+        )
 
     async def _reverse(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, promoted: dict
@@ -450,12 +461,9 @@ class Shipper:
             raise CheckpointError(f"group {group.name} is not in a split brain")
         if survivor not in ("recovery", "production"):
             raise CheckpointError(f"survivor must be recovery or production, not {survivor!r}")
-        reader, writer = await self._connect()
-        try:
-            return await asyncio.wait_for(self._resolve(reader, writer, fence, survivor), timeout)
-        finally:
-            writer.close()
-            self._wake.set()
+        return await self._exclusive_session(
+            lambda reader, writer: self._resolve(reader, writer, fence, survivor), timeout
+        )
 
     async def _resolve(
         self,
