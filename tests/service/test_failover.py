@@ -163,6 +163,11 @@ def test_failback_ships_only_the_changes_and_keeps_the_lost_writes(sites: Sites)
     assert result["pulled_bytes"] <= 1.1 * changed, result
     assert result["snapshot"]["bytes"] > 0
     assert sites.volume_images() == expected
+    # Its progress was in the status (bytes done of the delta, ETA), as for a resync.
+    progress = sites.op(sites.source, "status")["groups"][0]["resync"]
+    assert progress["reason"] == "failback" and not progress["running"]
+    assert progress["done_bytes"] == progress["total_bytes"] == result["compared_bytes"]
+    assert progress["sent_bytes"] == result["pulled_bytes"]
     # The snapshot gives the replaced production back, read-only over NBD.
     [snapshot] = sites.op(sites.source, "snapshots", group="app")
     assert snapshot["name"] == f"failback-{promoted['generation']}"

@@ -293,57 +293,87 @@ class Shipper:
         sink: Callable[[int, int, bytes], None],
         *,
         compare: bool = True,
+        reason: str = "failback",
     ) -> tuple[int, int]:
         """Get the target's blocks in ``regions`` ((volume, ranges)) that differ
         from this side's (``compare``: xxh3 of 4 KiB blocks, many ranges per
         round trip; else all of them), each given to ``sink(volume, offset,
         data)`` in a worker thread; (bytes pulled, bytes on the wire)."""
         group = self.group
+        total = sum(n for _, ranges in regions for _, n in ranges)
+        progress = ResyncProgress(reason, total, started=time.monotonic())
+        group.resync = progress
+        try:
+            return await self._pull_regions(
+                reader, writer, decoder, regions, sink, compare, progress
+            )
+        finally:
+            group.resync = None
+            group.last_resync = progress
+
+    async def _pull_regions(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        decoder: wire.FrameDecoder,
+        regions: list[tuple[int, list[tuple[int, int]]]],
+        sink: Callable[[int, int, bytes], None],
+        compare: bool,
+        progress: ResyncProgress,
+    ) -> tuple[int, int]:
+        group = self.group
         loop = asyncio.get_running_loop()
         request, pulled, wire_bytes = 0, 0, 0
         for index, ranges in regions:
             member = group.volumes[index]
             for batch in _batches(_split(ranges, RESYNC_REGION), RESYNC_REGION):
-                wanted = batch
-                if compare:
-                    ours = await loop.run_in_executor(
-                        None, hash_ranges, member.volume, batch, RESYNC_FINE
-                    )
-                    request += 1
-                    frame = wire.encode_hash_request(
-                        wire.HashRequest(request, index, RESYNC_FINE, batch)
-                    )
-                    writer.write(frame)
-                    await writer.drain()
-                    reply = await read_frame(reader, decoder, 300)
-                    if not isinstance(reply, wire.Hashes) or reply.request != request:
-                        raise RemoteProtocolError(f"expected HASHES {request}, got {reply!r}")
-                    if len(reply.hashes) != len(ours):
-                        raise RemoteProtocolError("HASHES does not match the ranges asked")
-                    wire_bytes += len(frame) + 4 + 8 * len(reply.hashes)
-                    wanted, at = [], 0
-                    for offset, length in batch:
-                        blocks = (length + RESYNC_FINE - 1) // RESYNC_FINE
-                        runs = differing_runs(
-                            ours[at : at + blocks], reply.hashes[at : at + blocks], RESYNC_FINE
+                size = sum(n for _, n in batch)
+                try:
+                    wanted = batch
+                    if compare:
+                        ours = await loop.run_in_executor(
+                            None, hash_ranges, member.volume, batch, RESYNC_FINE
                         )
-                        wanted += [(offset + a, min(n, length - a)) for a, n in runs]
-                        at += blocks
-                if not wanted:
-                    continue
-                request += 1
-                writer.write(wire.encode_read_request(request, index, wanted))
-                await writer.drain()
-                while True:
-                    got = await read_frame(reader, decoder, 300)
-                    if isinstance(got, wire.SyncData):
-                        await loop.run_in_executor(None, sink, index, got.offset, got.data)
-                        pulled += len(got.data)
-                        wire_bytes += len(got.data) + 16
+                        request += 1
+                        frame = wire.encode_hash_request(
+                            wire.HashRequest(request, index, RESYNC_FINE, batch)
+                        )
+                        writer.write(frame)
+                        await writer.drain()
+                        reply = await read_frame(reader, decoder, 300)
+                        if not isinstance(reply, wire.Hashes) or reply.request != request:
+                            raise RemoteProtocolError(f"expected HASHES {request}, got {reply!r}")
+                        if len(reply.hashes) != len(ours):
+                            raise RemoteProtocolError("HASHES does not match the ranges asked")
+                        wire_bytes += len(frame) + 4 + 8 * len(reply.hashes)
+                        wanted, at = [], 0
+                        for offset, length in batch:
+                            blocks = (length + RESYNC_FINE - 1) // RESYNC_FINE
+                            runs = differing_runs(
+                                ours[at : at + blocks], reply.hashes[at : at + blocks], RESYNC_FINE
+                            )
+                            wanted += [(offset + a, min(n, length - a)) for a, n in runs]
+                            at += blocks
+                    if not wanted:
                         continue
-                    if isinstance(got, wire.Control) and got.type == wire.FrameType.READ_DONE:
-                        break
-                    raise RemoteProtocolError(f"expected SYNC_DATA or READ_DONE, got {got!r}")
+                    request += 1
+                    writer.write(wire.encode_read_request(request, index, wanted))
+                    await writer.drain()
+                    while True:
+                        got = await read_frame(reader, decoder, 300)
+                        if isinstance(got, wire.SyncData):
+                            await loop.run_in_executor(None, sink, index, got.offset, got.data)
+                            pulled += len(got.data)
+                            wire_bytes += len(got.data) + 16
+                            continue
+                        if isinstance(got, wire.Control) and got.type == wire.FrameType.READ_DONE:
+                            break
+                        raise RemoteProtocolError(f"expected SYNC_DATA or READ_DONE, got {got!r}")
+                finally:  # progress: bytes done and ETA, in the status and the API
+                    progress.done_bytes += size
+                    progress.sent_bytes = pulled
+                    progress.wire_bytes = wire_bytes
+
         return pulled, wire_bytes
 
     async def reverse_round(self, timeout: float) -> dict:
@@ -412,6 +442,7 @@ class Shipper:
                 regions,
                 lambda index, offset, data: group.stage(staging, index, offset, data),
                 compare=not incremental,
+                reason="reverse protection",
             )
         except BaseException:
             staging.close()
