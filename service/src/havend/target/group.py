@@ -136,7 +136,12 @@ class TargetGroup:
     def open(cls, directory: str) -> TargetGroup:
         with open(os.path.join(directory, "group.json")) as f:
             meta = json.load(f)
-        journal = Journal.open(os.path.join(directory, "journal"))
+        path = os.path.join(directory, "journal")
+        if not os.path.exists(path):  # a crash between the renames of _fresh_journal
+            os.rename(path + ".new" if os.path.exists(path + ".new") else path + ".old", path)
+        for leftover in (path + ".new", path + ".old"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        journal = Journal.open(path)
         return cls(directory, meta, journal)
 
     def _read_applied(self) -> int:
@@ -212,12 +217,7 @@ class TargetGroup:
     def _restart_sequence(self, resume_seq: int) -> None:
         if self.journal.last_seq != resume_seq:
             # Records are about to start elsewhere in the sequence: a fresh journal.
-            directory = self.journal.directory
-            self.journal.close()
-            shutil.rmtree(directory)
-            self.journal = Journal.create(
-                directory, self.id, first_seq=resume_seq + 1, max_segments=TARGET_SEGMENTS
-            )
+            self._fresh_journal(resume_seq + 1)
         self.applied_seq = self.synced_seq = resume_seq
         write_atomic(os.path.join(self.directory, "applied"), f"{resume_seq}\n".encode())
 
@@ -886,13 +886,24 @@ class TargetGroup:
     def _drop_unapplied(self) -> None:
         """Records received after the rollback point belong to the abandoned timeline."""
         applied = self.applied_seq
-        directory = self.journal.directory
-        self.journal.close()
-        shutil.rmtree(directory)
-        self.journal = Journal.create(
-            directory, self.id, first_seq=applied + 1, max_segments=TARGET_SEGMENTS
-        )
+        self._fresh_journal(applied + 1)
         self.synced_seq = applied
+
+    def _fresh_journal(self, first_seq: int) -> None:
+        """Replace the journal with an empty one starting at ``first_seq``, so
+        that a crash at any moment leaves one whole journal (see :meth:`open`):
+        the new one is made aside, then swapped in by renames."""
+        directory = self.journal.directory
+        fresh, old = directory + ".new", directory + ".old"
+        shutil.rmtree(fresh, ignore_errors=True)
+        Journal.create(fresh, self.id, first_seq=first_seq, max_segments=TARGET_SEGMENTS).close()
+        self.journal.close()
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(directory, old)
+        os.rename(fresh, directory)
+        fsync_dir(os.path.dirname(directory))
+        shutil.rmtree(old, ignore_errors=True)
+        self.journal = Journal.open(directory)
 
     def checkpoint(self) -> None:
         """Sync the replicas, record the applied seq, free the journal behind it.
