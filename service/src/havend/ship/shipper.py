@@ -228,17 +228,9 @@ class Shipper:
             raise CheckpointError(f"the target refused the failback: {why}")
         applied = int(welcome.body["applied_seq"])
         # The delta: what either side changed since the promotion.
-        delta = DirtyRegions([v.size for v in group.volumes], reason="failback")
-        changed_there = 0
-        for index, ranges in enumerate(welcome.body["changed"]):
-            for offset, length in ranges:
-                delta.mark(index, int(offset), int(length))
-                changed_there += int(length)
-        lost = group.writes_after_extents(applied)
-        for index, offset, length in lost:
-            delta.mark(index, offset, length)
-        if group.overflow is not None:
-            delta.merge(group.overflow)
+        delta, changed_there, unshipped = group.promotion_delta(
+            welcome.body["changed"], applied, "failback"
+        )
         regions = [(i, delta.ranges(i)) for i in range(len(group.volumes))]
         delta_bytes = sum(n for _, ranges in regions for _, n in ranges)
         # Keep what only this side has before overwriting it: a recoverable snapshot.
@@ -267,7 +259,7 @@ class Shipper:
             "seq %d; replication back to normal",
             group.name,
             pulled,
-            changed_there + sum(n for _, _, n in lost),
+            changed_there + unshipped,
             delta_bytes,
             resume,
         )
@@ -275,7 +267,7 @@ class Shipper:
             "group": group.name,
             "resume_seq": resume,
             "changed_on_target_bytes": changed_there,
-            "unshipped_here_bytes": sum(n for _, _, n in lost),
+            "unshipped_here_bytes": unshipped,
             "compared_bytes": delta_bytes,
             "pulled_bytes": pulled,
             "wire_bytes": wire_bytes,
@@ -412,7 +404,6 @@ class Shipper:
             raise CheckpointError(f"the target refused reverse protection: {why}")
         checkpoint = welcome.body["checkpoint"]
         incremental = bool(welcome.body["incremental"])
-        delta = DirtyRegions([v.size for v in group.volumes], reason="reverse protection")
         regions: list[tuple[int, list[tuple[int, int]]]] = []
         snapshot = None
         if incremental:  # exactly the blocks written there since the last round
@@ -420,15 +411,9 @@ class Shipper:
                 (i, [(int(o), int(n)) for o, n in r]) for i, r in enumerate(welcome.body["changed"])
             ]
         else:  # the first round: what either side changed since the promotion
-            for index, ranges in enumerate(welcome.body["changed"]):
-                for offset, length in ranges:
-                    delta.mark(index, int(offset), int(length))
-            for index, offset, length in group.writes_after_extents(
-                int(welcome.body["applied_seq"])
-            ):
-                delta.mark(index, offset, length)
-            if group.overflow is not None:
-                delta.merge(group.overflow)
+            delta, _, _ = group.promotion_delta(
+                welcome.body["changed"], int(welcome.body["applied_seq"]), "reverse protection"
+            )
             regions = [(i, delta.ranges(i)) for i in range(len(group.volumes))]
             snapshot = await loop.run_in_executor(
                 None, group.snapshot_before_failback, promoted["generation"], regions
@@ -524,12 +509,10 @@ class Shipper:
                     group.enter_overflow(reason="split brain resolved for production")
                 overflow = group.overflow
                 assert overflow is not None
-                for index, ranges in enumerate(answer.body["changed"]):
-                    for offset, length in ranges:
-                        overflow.mark(index, int(offset), int(length))
-                applied = int(answer.body.get("applied_seq", 0))
-                for index, offset, length in group.writes_after_extents(applied):
-                    overflow.mark(index, offset, length)
+                delta, _, _ = group.promotion_delta(
+                    answer.body["changed"], int(answer.body.get("applied_seq", 0)), overflow.reason
+                )
+                overflow.merge(delta)
                 replaced = [overflow.ranges(i) for i in range(len(group.volumes))]
             # Durable here (the overflow flag) before the target forgets its changes;
             # it keeps what it has in every range the resync may replace.

@@ -401,6 +401,27 @@ class SourceGroup:
             if r.kind != Kind.CHECKPOINT
         ]
 
+    def promotion_delta(
+        self, changed: list, applied: int, reason: str
+    ) -> tuple[DirtyRegions, int, int]:
+        """What either side changed since a promotion at seq ``applied``: the
+        target's ``changed`` ranges (per volume), this side's journaled writes
+        after it, and the regions written while its journal was full; (those
+        regions, bytes changed there, bytes of this side's unshipped writes)."""
+        delta = DirtyRegions([v.size for v in self.volumes], reason=reason)
+        changed_there = 0
+        for index, ranges in enumerate(changed):
+            for offset, length in ranges:
+                delta.mark(index, int(offset), int(length))
+                changed_there += int(length)
+        unshipped = 0
+        for index, offset, length in self.writes_after_extents(applied):
+            delta.mark(index, offset, length)
+            unshipped += length
+        if self.overflow is not None:
+            delta.merge(self.overflow)
+        return delta, changed_there, unshipped
+
     def snapshot_before_failback(
         self, generation: str, regions: list[tuple[int, list[tuple[int, int]]]]
     ) -> dict[str, Any]:
