@@ -235,6 +235,53 @@ def test_group_commit_from_another_thread(tmp_path: Path) -> None:
     assert all(r.data == payload(r.seq, 500) for r in records)
 
 
+def test_a_release_waits_for_a_sync_that_holds_its_segments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FLUSH's sync and a release after an ACK run in two threads: the
+    release must not close a segment's descriptor the sync is about to
+    fdatasync (that failed the FLUSH with EBADF, or synced another file)."""
+    journal = new_journal(tmp_path, max_segments=8)
+    fill(journal, 200, sync=False)  # several dirty segments
+    assert len(list(tmp_path.glob("seg-*.log"))) > 2
+    entered, go_on = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:
+        if threading.current_thread() is syncing:  # the release's own syncs go on
+            entered.set()
+            assert go_on.wait(10)
+        real(fd)
+
+    errors: list[BaseException] = []
+
+    def flush() -> None:
+        try:
+            journal.sync()
+        except BaseException as exc:  # the test reports it
+            errors.append(exc)
+
+    syncing = threading.Thread(target=flush)
+    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+
+    syncing.start()
+    assert entered.wait(10)
+    releasing = threading.Thread(target=journal.release_through, args=(150,))
+    releasing.start()
+    releasing.join(0.3)
+    assert releasing.is_alive()  # waits for the sync instead of closing its files
+    go_on.set()
+    syncing.join(10)
+    releasing.join(10)
+    monkeypatch.setattr(os, "fdatasync", real)
+    assert not errors, errors
+    assert journal.durable_seq == 200
+    assert journal.tail_seq > 1  # the release happened once the sync was done
+    journal.close()
+    with Journal.open(tmp_path) as again:
+        assert [r.seq for r in all_records(again, again.tail_seq - 1)][-1] == 200
+
+
 @pytest.mark.parametrize("seed", range(60))
 def test_random_crashes_never_lose_a_durable_record(tmp_path: Path, seed: int) -> None:
     """Crash at a random moment: bytes past the last fdatasync may be lost, torn or

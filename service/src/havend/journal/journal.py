@@ -406,9 +406,12 @@ class Journal:
             self._write_block(tail_segment=new_tail, tail_seq=self.tail_seq, **hint)
             gone = [self._segments.pop(i) for i in drop]
             self._forget_through(self.tail_seq - 1)
-        for segment in gone:
-            os.close(segment.fd)
-            os.unlink(segment.path)
+        # A sync in flight may be about to fdatasync these descriptors: close
+        # them once it is done (an EBADF, or another file's number, otherwise).
+        with self._sync_lock:
+            for segment in gone:
+                os.close(segment.fd)
+                os.unlink(segment.path)
         fsync_dir(self.directory)
         return len(gone) * self.segment_size
 
