@@ -17,7 +17,12 @@ before anything is measured. Three measurements, each checked byte for byte:
    period; the bracket is kept). Peer: the same nbdcopy into ``qemu-nbd -f raw
    -t --cache=writeback`` on a zero-filled file on the same disk, no
    replication. ``--runs`` alternating runs each (havend, qemu-nbd, ...),
-   median; ``sync`` before each.
+   median; ``sync`` before each. After each qemu-nbd run, the *floor*: the
+   design's essential work at C speed (bench/floor.py: the same nbdcopy into
+   qemu-nbd, the bytes appended to a source journal, sent over TLS 1.3 and
+   appended to a target journal synced per 32 MiB; no protocol), until the
+   target journal is durable: ``throughput_floor_ratio`` is the most any
+   implementation of the design can reach on this machine.
 2. Replication lag under a paced 50 MB/s writer (havend's blocking NBD client,
    1 MiB writes on a fixed schedule, no flushes, for ``--lag-seconds``). Each
    write carries a stamp (run nonce, write index) in its first bytes; a thread
@@ -41,7 +46,8 @@ before anything is measured. Three measurements, each checked byte for byte:
    both read cold. ``--resync-runs`` runs (other blocks each time), median.
 
 Reading ``bench/results/replication.json``: ``throughput_ratio`` is havend's
-MB/s over qemu-nbd's (higher is better), ``lag_p50_s``/``lag_p99_s`` the lag,
+MB/s over qemu-nbd's (higher is better; ``throughput_floor_ratio`` the
+floor's), ``lag_p50_s``/``lag_p99_s`` the lag,
 ``resync_bytes_ratio`` havend's resync wire bytes over the changed bytes
 (1.0 = only the changed blocks), ``resync_time_ratio`` havend's resync time
 over rsync's (lower is better). Targets: throughput >= 0.7, lag p99 <= 1 s,
@@ -90,6 +96,7 @@ from _common import (
     stop,
     sync,
 )
+from floor import floor_copy
 from nbd_ingest import (
     Server,
     assert_same,
@@ -348,6 +355,8 @@ class Throughput:
     peer_cpu_s: list[float] = field(default_factory=list)
     peer_disk: list[int] = field(default_factory=list)
     commands: dict[str, str] = field(default_factory=dict)
+    floor: list[float] = field(default_factory=list)  # MB/s, essential work only, durable
+    floor_with_apply: list[float] = field(default_factory=list)  # same, replica written too
 
 
 def nbdcopy_argv(source: Path, uri: str) -> list[str]:
@@ -441,6 +450,25 @@ def peer_copy(server: Server, source: Path, size: int, result: Throughput) -> No
     result.peer_disk.append(disk_write_bytes(server.proc.pid) - disk)
 
 
+def floor_copies(
+    pair: Pair, work: Path, source: Path, size: int, uri: str, result: Throughput
+) -> None:
+    """The essential work of the design at C speed (bench/floor.py), beside the
+    same nbdcopy into qemu-nbd: an upper bound for any implementation here."""
+    tls = (pair.source.config["tls"], pair.target.config["tls"])
+    argv = [arg for arg in nbdcopy_argv(source, uri) if arg != "--flush"]
+    replica = work / "floor-replica.img"
+    write_zeroes(replica, size)
+    try:
+        sync()
+        result.floor.append(size / floor_copy(work, tls, argv, size)["durable_s"] / 1e6)
+        sync()
+        applied = floor_copy(work, tls, argv, size, replica=replica)
+        result.floor_with_apply.append(size / applied["durable_s"] / 1e6)
+    finally:
+        replica.unlink(missing_ok=True)
+
+
 def bench_throughput(
     pair: Pair, work: Path, source: Path, size: int, runs: int
 ) -> tuple[Throughput, str]:
@@ -467,6 +495,12 @@ def bench_throughput(
             )
             if i == 0:
                 assert_same(peer_volume, source, "qemu-nbd's volume after the first copy")
+            floor_copies(pair, work, source, size, qemu.uri, result)
+            print(
+                f"  throughput run {i + 1}/{runs}  floor    {result.floor[-1]:8.1f} MB/s "
+                f"(with the replica written too {result.floor_with_apply[-1]:.1f})",
+                flush=True,
+            )
             pair.wait_caught_up()
         qemu_command = shlex.join(qemu.command)
     peer_volume.unlink()
@@ -731,8 +765,10 @@ def report(
     machine: dict[str, object],
 ) -> dict[str, Any]:
     ours, peer = statistics.median(tput.ours), statistics.median(tput.peer)
+    floor = statistics.median(tput.floor)
     ratios = {
         "throughput_ratio": round(ours / peer, 3),
+        "throughput_floor_ratio": round(floor / peer, 3),
         "lag_p50_s": round(percentile(lag.lags, 0.5), 4),
         "lag_p99_s": round(percentile(lag.lags, 0.99), 4),
         "resync_bytes_ratio": round(
@@ -778,6 +814,19 @@ def report(
             "commands": tput.commands | {"qemu-nbd server": qemu_command},
             "correctness": "after the first run the replica, the source volume and qemu-nbd's "
             "volume were compared with the source file byte for byte: identical",
+            "floor": {
+                "what": "the least work of the design (volume write by qemu-nbd from the same "
+                "nbdcopy, no flush; the bytes appended to a source journal synced at the end; "
+                "sent over TLS 1.3 with the same certificates; appended to a target journal "
+                "with one fdatasync per 32 MiB in its own thread) at C speed, no protocol, "
+                "ordering, CRC or compression: bench/floor.py. MB/s until the target journal "
+                "is durable. throughput_floor_ratio = its median / qemu-nbd's: no "
+                "implementation of the design reaches more on this machine",
+                "MBps": round(floor, 1),
+                "runs": _r(tput.floor),
+                "with_replica_written_runs": _r(tput.floor_with_apply),
+                "havend_share_of_floor": round(ours / floor, 3),
+            },
         },
         "lag": {
             "method": "direct: each 1 MiB write stamped (nonce, index) in its first bytes; "
@@ -887,6 +936,10 @@ def print_table(result: dict[str, Any]) -> None:
         f"{'replicated write MB/s':<30}{t['havend']:>12.1f}{t['qemu-nbd']:>12.1f}  "
         f"{'qemu-nbd':<10}{result['throughput_ratio']:>9.3f}  "
         f"{tg['throughput_ratio']} {ok['throughput_ratio']}"
+    )
+    print(
+        f"{'  essential work at C speed':<30}{t['floor']['MBps']:>12.1f}{t['qemu-nbd']:>12.1f}  "
+        f"{'qemu-nbd':<10}{result['throughput_floor_ratio']:>9.3f}  (an upper bound here)"
     )
     rate = f"lag at {lag['rate_achieved_MBps']:.0f} MB/s p50 s"
     print(f"{rate:<30}{lag['p50_s']:>12.4f}{'':>12}  {'':<10}{result['lag_p50_s']:>9.4f}")

@@ -5,12 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from conftest import RawClient, require_tool
 from nodes import NodeProcess, source_node, target_node, wait_caught_up
+
+from havend.journal import Journal
+from havend.ship.source import SourceGroup
+from havend.volume import FileVolume
 
 MiB = 1 << 20
 
@@ -83,6 +89,45 @@ def test_writes_reach_the_target_byte_for_byte(pair, tmp_path: Path) -> None:
     assert replica(target, "app1", "log").read_bytes() == logv.read_bytes()
     [status] = source.status()["groups"]
     assert status["lag_records"] == 0 and status["rpo_ok"] and status["connected"]
+
+
+@pytest.mark.parametrize("every", [256 << 10, 0])
+def test_the_journal_is_synced_in_the_background_as_writes_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every: int
+) -> None:
+    """Past ``journal.background_sync_bytes`` of appends, a thread of the group
+    syncs the journal: records become durable with no FLUSH at all, so the
+    FLUSH that comes finds little left to write; ``0`` leaves it to FLUSH."""
+    syncs: list[str] = []
+    real = os.fdatasync
+
+    def traced(fd: int) -> None:
+        syncs.append(threading.current_thread().name)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", traced)
+    journal = Journal.create(tmp_path / "journal", uuid.uuid4(), segment_size=4 * MiB)
+    volume = FileVolume(str(make_volume(tmp_path / "v.img", 4 * MiB)))
+    group = SourceGroup(uuid.uuid4(), "g", [("v", volume)], journal, background_sync_bytes=every)
+    syncs.clear()
+    member = group.volumes[0]
+    for i in range(16):  # 1 MiB in 64 KiB writes, no FLUSH
+        member.write(i * 65536, bytes([i + 1]) * 65536)
+    for _ in range(500):  # bounded: until the background sync in flight is done
+        if group._background_sync is None or group._background_sync.done():
+            break
+        time.sleep(0.01)
+    in_background = [name for name in syncs if name.startswith("havend-sync-g")]
+    if every:
+        assert in_background, syncs
+        assert journal.durable_seq >= 4  # at least what the first 256 KiB appended
+    else:
+        assert not in_background and journal.durable_seq == 0
+    member.flush()  # the FLUSH: everything, either way
+    assert journal.durable_seq == journal.last_seq == 16
+    group.close()
+    with Journal.open(tmp_path / "journal") as again:
+        assert again.last_seq == 16
 
 
 def test_target_killed_and_restarted_converges(pair, tmp_path: Path) -> None:

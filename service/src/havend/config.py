@@ -118,6 +118,7 @@ class GroupConfig:
     segment_size: int = 64 << 20
     max_segments: int = 16
     cache_bytes: int = 64 << 20  # newest journal records also kept in memory
+    background_sync_bytes: int = 32 << 20  # journal synced in the background this often
     checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     reverse_interval_seconds: float = 0.0  # reverse protection rounds while failed over
 
@@ -217,6 +218,9 @@ def _group(reader: _Reader) -> GroupConfig:
     cache_bytes = journal.get("cache_bytes", int, 64 << 20)
     if cache_bytes < 0:
         raise ConfigError(f"{journal._path('cache_bytes')}: 0 (off) or more bytes")
+    background_sync = journal.get("background_sync_bytes", int, 32 << 20)
+    if background_sync < 0:
+        raise ConfigError(f"{journal._path('background_sync_bytes')}: 0 (off) or more bytes")
     policy = _checkpoints(reader.sub("checkpoints", required=False))
     reverse = reader.get("reverse_interval_seconds", float, 0.0)
     if reverse != 0 and reverse < 1:
@@ -234,6 +238,7 @@ def _group(reader: _Reader) -> GroupConfig:
         segment_size=segment_size,
         max_segments=max_segments,
         cache_bytes=cache_bytes,
+        background_sync_bytes=background_sync,
         checkpoints=policy,
         reverse_interval_seconds=reverse,
     )

@@ -85,6 +85,7 @@ def open_source_group(state_dir: str, config: GroupConfig) -> SourceGroup:
         journal,
         mode=config.mode,
         rpo_seconds=config.rpo_seconds,
+        background_sync_bytes=config.background_sync_bytes,
     )
     policy = config.checkpoints
     group.retention = {"count": policy.retain, "max_age_seconds": policy.max_age_seconds}

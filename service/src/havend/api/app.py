@@ -82,6 +82,7 @@ class JournalSpec(Strict):
     segment_size: int = Field(64 << 20, ge=256 << 10, le=1 << 32, multiple_of=4096)
     max_segments: int = Field(16, ge=2, le=4096)
     cache_bytes: int = Field(64 << 20, ge=0, le=1 << 34)
+    background_sync_bytes: int = Field(32 << 20, ge=0, le=1 << 34)
 
 
 class CheckpointPolicySpec(Strict):
