@@ -110,7 +110,7 @@ class Node:
         self.api: Any = None  # havend.api.server.ApiServer, when configured
         self.addresses: dict[str, str] = {}
         self._view_count = 0
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks: list[asyncio.Future[Any]] = []
         self._shippers: list[Shipper] = []
         self._snapshots: dict[str, Snapshots] = {}  # per group name
         self._snapshot_views: dict[str, tuple[Snapshots, Any]] = {}  # export -> (shelf, view)
@@ -118,7 +118,7 @@ class Node:
         self._rates: dict[str, collections.deque[tuple[float, int]]] = {}
         self.store: Any = None  # havend.api.state.StateStore, with the API
         self._client_ctx: ssl.SSLContext | None = None
-        self._group_tasks: dict[str, list[asyncio.Task[Any]]] = {}
+        self._group_tasks: dict[str, list[asyncio.Future[Any]]] = {}
         self._group_configs: dict[str, GroupConfig] = {}  # config file's and API's
         self.api_groups: set[str] = set()  # created through the API (not the config file)
         self.target_endpoint: Endpoint | None = None  # where sources ship (config or paired)
@@ -222,7 +222,7 @@ class Node:
         if self.store is not None and self.store.setting(f"paused:{group.name}"):
             shipper.paused = True
             group.paused = True
-        tasks = [loop.create_task(shipper.run())]
+        tasks: list[asyncio.Future[Any]] = [shipper.start_thread()]
         if group_config.checkpoints.interval_seconds:
             tasks.append(loop.create_task(self._periodic(group, group_config)))
         self.source_groups.append(group)
@@ -431,6 +431,7 @@ class Node:
             self._tasks.remove(task)
             with contextlib.suppress(BaseException):
                 await task
+        await shipper.join()
         assert self.nbd is not None
         for member in group.volumes:
             self.nbd.remove_export(member.name)
@@ -942,6 +943,8 @@ class Node:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for shipper in self._shippers:  # before the groups close under them
+            await shipper.join()
         loop = asyncio.get_running_loop()
         for group in self.source_groups:
             await loop.run_in_executor(None, group.close)

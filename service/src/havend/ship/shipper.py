@@ -16,10 +16,11 @@ import logging
 import os
 import random
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import zstandard
 
@@ -31,6 +32,8 @@ from havend.ship.source import DirtyRegions, SourceGroup
 from havend.ship.stream import STREAM_LIMIT, read_frame
 
 log = logging.getLogger("havend.ship")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +123,78 @@ class Shipper:
         # Failback, split-brain resolution and reverse rounds: one at a time.
         self._exclusive = asyncio.Lock()
         self.paused = False  # an operator stopped shipping (writes are still journaled)
+        # The loop run() runs in; everything that touches the link happens there.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # A thread of its own --------------------------------------------------------
+
+    def start_thread(self) -> asyncio.Future[None]:
+        """Run :meth:`run` in a thread with an event loop of its own (of the
+        caller's loop's kind); the future, in the caller's loop, ends with it.
+        Cancelling it stops the shipper; :meth:`join` waits for the thread.
+
+        Why: the node's loop serves NBD. Sharing it, the shipper got a turn per
+        loop iteration and fell gigabytes behind while a client wrote at full
+        speed (then read its records back from the segment files). In its own
+        loop it keeps pace: the TLS encryption and the socket writes release
+        the GIL, so they run while the node's loop serves the next writes."""
+        main = asyncio.get_running_loop()
+        own = type(main)()  # uvloop.Loop or asyncio's selector loop
+        self._loop = own
+        self.group.bind_shipper(own)
+
+        def loop_thread() -> None:
+            asyncio.set_event_loop(own)
+            try:
+                own.run_forever()
+                own.run_until_complete(own.shutdown_default_executor())
+            finally:
+                own.close()
+
+        self._thread = threading.Thread(
+            target=loop_thread, name=f"havend-ship-{self.group.name}", daemon=True
+        )
+        self._thread.start()
+        running = asyncio.run_coroutine_threadsafe(self.run(), own)
+        running.add_done_callback(lambda _: own.call_soon_threadsafe(own.stop))
+        return asyncio.wrap_future(running, loop=main)
+
+    async def join(self, timeout: float = 30.0) -> None:
+        """Wait until the shipper's thread ended (after :meth:`stop` and the
+        cancellation of :meth:`start_thread`'s future)."""
+        thread = self._thread
+        if thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, timeout)
+            if thread.is_alive():
+                log.error("group %s: the shipper's thread did not end", self.group.name)
+
+    def _here(self) -> bool:
+        """Whether the caller runs in the shipper's loop (or it has none yet)."""
+        if self._loop is None:
+            return True
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:  # no loop: a plain thread
+            return False
+
+    def _soon(self, fn: Callable[[], None]) -> None:
+        """``fn()`` in the shipper's loop: now if this is it."""
+        if self._here():
+            fn()
+        else:
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nothing to do
+                self._loop.call_soon_threadsafe(fn)
+
+    async def _there(self, work: Awaitable[T]) -> T:
+        """Await ``work`` (a coroutine) in the shipper's loop."""
+        if self._here():
+            return await work
+        assert self._loop is not None
+        return await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(work, self._loop)  # type: ignore[arg-type]
+        )
 
     def reconfigure(self, **changes: Any) -> None:
         """New settings (a new target, compression, bandwidth cap...); a new
@@ -134,18 +209,18 @@ class Shipper:
             self.settings.port,
             self.settings.server_name,
         ):
-            self._drop_link()
-        self._wake.set()
+            self._soon(self._drop_link)
+        self._soon(self._wake.set)
 
     def pause(self) -> None:
         """Stop shipping until :meth:`resume` (the journal keeps every write; a
         full journal switches to region tracking as during an outage)."""
         self.paused = True
-        self._drop_link()
+        self._soon(self._drop_link)
 
     def resume(self) -> None:
         self.paused = False
-        self._wake.set()
+        self._soon(self._wake.set)
 
     def _drop_link(self) -> None:
         if self._writer is not None:
@@ -179,6 +254,14 @@ class Shipper:
     ) -> dict:
         """A session of its own (failback, resolution, reverse round), one at a
         time; ``wake``: the shipping loop reconnects at once afterwards."""
+        return await self._there(self._exclusive_here(run, timeout, wake))
+
+    async def _exclusive_here(
+        self,
+        run: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[dict]],
+        timeout: float,
+        wake: bool,
+    ) -> dict:
         async with self._exclusive:
             reader, writer = await self._connect()
             try:
@@ -550,6 +633,9 @@ class Shipper:
     async def request_failover(self, final_seq: int, timeout: float) -> dict:
         """Planned failover, once the group is fenced and drained to ``final_seq``:
         ask the target to promote itself there; its promotion record."""
+        return await self._there(self._request_failover(final_seq, timeout))
+
+    async def _request_failover(self, final_seq: int, timeout: float) -> dict:
         group = self.group
         if not group.connected or self._writer is None or group.acked_seq < final_seq:
             raise RemoteProtocolError(f"group {group.name}: the link to the target is down")
@@ -560,6 +646,7 @@ class Shipper:
 
     async def run(self) -> None:
         """Connect, ship, and on any failure back off and reconnect."""
+        self._loop = asyncio.get_running_loop()
         backoff = self.settings.min_backoff
         group = self.group
         while not self._stopping:
@@ -626,6 +713,7 @@ class Shipper:
 
     def stop(self) -> None:
         self._stopping = True
+        self._soon(self._wake.set)
 
     def _hello(self) -> dict:
         group = self.group

@@ -150,6 +150,7 @@ class SourceGroup:
         self._unacked_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
+        self._ship_loop: asyncio.AbstractEventLoop | None = None
         self.appended = asyncio.Event()  # new records (or an overflow): the shipper has work
         self.acked = asyncio.Event()  # the acked seq moved: sync-mode flushes wait on it
         self._release_task: asyncio.Task[None] | None = None
@@ -245,8 +246,7 @@ class SourceGroup:
             "journal full" if reason == "journal overflow" else reason,
             self._unacked_bytes,
         )
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self.appended.set)
+        self._wake_shipper()
 
     def take_overflow(self) -> tuple[DirtyRegions, int]:
         """Leave overflow for a resync: (regions to resync, seq the journal resumes
@@ -337,8 +337,30 @@ class SourceGroup:
         return count
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The node's loop (the caller's): NBD, sync-mode FLUSH waiting for
+        ``acked``, releases after an ACK."""
         self._loop = loop
         self._loop_thread = threading.get_ident()
+        self._ship_loop = loop
+
+    def bind_shipper(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The shipper's loop, when it has one of its own: ``appended`` is its."""
+        self._ship_loop = loop
+
+    def _wake_shipper(self) -> None:
+        """Set ``appended`` (any thread): the shipper has work."""
+        loop = self._ship_loop
+        if loop is None:
+            return
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if here:
+            self.appended.set()
+        elif not self.appended.is_set():  # set: the shipper looks at the journal again anyway
+            with contextlib.suppress(RuntimeError):  # closed: the node is stopping
+                loop.call_soon_threadsafe(self.appended.set)
 
     # Called by ReplicatedVolume under self.lock -----------------------------
 
@@ -690,10 +712,7 @@ class SourceGroup:
         self._unsynced_bytes += size
         if self.background_sync_bytes and self._unsynced_bytes >= self.background_sync_bytes:
             self._start_background_sync()
-        if threading.get_ident() == self._loop_thread:
-            self.appended.set()
-        elif self._loop is not None:
-            self._loop.call_soon_threadsafe(self.appended.set)
+        self._wake_shipper()
 
     def _start_background_sync(self) -> None:
         """Sync the journal in a thread of its own once ``background_sync_bytes``
@@ -764,7 +783,12 @@ class SourceGroup:
             await self.acked.wait()
 
     def on_ack(self, seq: int) -> None:
-        """The target has everything up to ``seq`` durably (loop thread)."""
+        """The target has everything up to ``seq`` durably (from any thread:
+        it runs in the node's loop, after what that loop was asked before)."""
+        if self._loop is not None and threading.get_ident() != self._loop_thread:
+            with contextlib.suppress(RuntimeError):  # closed: the node is stopping
+                self._loop.call_soon_threadsafe(self.on_ack, seq)
+            return
         if seq <= self.acked_seq:
             return
         self.acked_seq = seq
