@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -11,10 +13,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+import uvloop
 from conftest import RawClient, require_tool
 from nodes import NodeProcess, source_node, target_node, wait_caught_up
 
 from havend.journal import Journal
+from havend.ship.shipper import Shipper, ShipperSettings
 from havend.ship.source import SourceGroup
 from havend.volume import FileVolume
 
@@ -128,6 +132,43 @@ def test_the_journal_is_synced_in_the_background_as_writes_go_on(
     group.close()
     with Journal.open(tmp_path / "journal") as again:
         assert again.last_seq == 16
+
+
+def test_the_shipper_runs_in_a_thread_of_its_own_and_stops_with_the_node(
+    tmp_path: Path,
+) -> None:
+    """The shipper has its own thread and loop (the node's serves NBD); the
+    node's calls reach it there, appends wake it from any thread, and a stop
+    ends the thread before the group closes under it."""
+
+    async def scenario() -> tuple[bool, bool, int, bool]:
+        journal = Journal.create(tmp_path / "journal", uuid.uuid4(), segment_size=4 * MiB)
+        group = SourceGroup(
+            uuid.uuid4(), "g", [("v", FileVolume(str(make_volume(tmp_path / "v.img"))))], journal
+        )
+        group.bind(asyncio.get_running_loop())
+        shipper = Shipper(group, ShipperSettings("", 0), None, "src")  # not paired yet
+        running = shipper.start_thread()
+        await asyncio.sleep(0.2)
+        thread = shipper._thread
+        assert thread is not None
+        separate = thread.is_alive() and thread is not threading.current_thread()
+        waiting = not running.done() and group.last_error == "no target paired"
+        shipper.pause()  # from the node's loop: carried out in the shipper's
+        shipper.resume()
+        group.volumes[0].write(0, b"x" * 4096)  # wakes the shipper (which waits for a pairing)
+        shipper.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(running, 10)
+        await shipper.join()
+        group.close()
+        return separate, waiting, journal.last_seq, thread.is_alive()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        separate, waiting, last, alive = runner.run(scenario())
+    assert separate and waiting
+    assert last == 1
+    assert not alive
 
 
 def test_target_killed_and_restarted_converges(pair, tmp_path: Path) -> None:

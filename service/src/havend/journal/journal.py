@@ -147,7 +147,19 @@ class Journal:
         finally:
             os.close(fd)
         fsync_dir(directory)
-        return cls.open(directory)
+        # Nothing to recover in a journal made just now (a recovery would read
+        # and scan its whole first segment for records: twice 64 MiB of zeroes).
+        empty = Recovered(first_seq - 1, 0, SEGMENT_HEADER_SIZE, 0, 0, ())
+        return cls(directory, block, empty)
+
+    def moved_to(self, directory: str | os.PathLike[str]) -> None:
+        """The journal's directory was renamed to ``directory`` (its open
+        files stay valid): name its files there from now on."""
+        directory = os.fspath(directory)
+        with self._lock:
+            self.directory = directory
+            for segment in self._segments.values():
+                segment.path = os.path.join(directory, os.path.basename(segment.path))
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str]) -> Journal:

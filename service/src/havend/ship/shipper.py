@@ -10,6 +10,7 @@ as soon as they are appended (see ``ship.source`` for why that is safe).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -30,6 +31,7 @@ from havend.journal.record import Record
 from havend.ship import wire
 from havend.ship.source import DirtyRegions, SourceGroup
 from havend.ship.stream import STREAM_LIMIT, read_frame
+from havend.volume import FileVolume
 
 log = logging.getLogger("havend.ship")
 
@@ -58,6 +60,7 @@ class ShipperSettings:
 RESYNC_REGION = 8 << 20
 RESYNC_COARSE = 64 << 10
 RESYNC_FINE = 4096
+RESYNC_FINE_AHEAD = 4  # regions whose fine hashes may be awaited at once (8 MiB each)
 SYNC_DATA_MAX = 4 << 20
 
 
@@ -757,7 +760,12 @@ class Shipper:
             raise _SplitBrain()
         if not known and "clock" in body and group.last_write_time is not None:
             offset = float(body["clock"]) - (sent + received) / 2
-            since = float(promoted["time"]) - offset
+            # The latest the promotion can have been on this clock: the target
+            # read its clock anywhere within the round trip (it may have been
+            # busy before answering), so the midpoint is off by up to half of
+            # it. A write before this is an ordinary loss (kept at failback);
+            # only one certainly after the promotion makes a split brain.
+            since = float(promoted["time"]) - offset + (received - sent) / 2
             if group.last_write_time >= since:
                 group.split_brain(promoted, since, offset, received - sent)
                 raise _SplitBrain()  # report it to the target at once
@@ -818,51 +826,90 @@ class Shipper:
             if not isinstance(frame, wire.Control) or frame.type != answer:
                 raise RemoteProtocolError(f"expected {answer.name}, got {frame!r}")
 
-        async def hashes(request: wire.HashRequest) -> list[int]:
-            frame = wire.encode_hash_request(request)
+        # The target answers in order; replies that come before the one awaited
+        # (a look-ahead request's) wait here.
+        answered: dict[int, list[int]] = {}
+        pending: set[int] = set()
+        request = 0
+
+        async def ask_hashes(volume: int, block: int, ranges: list[tuple[int, int]]) -> int:
+            nonlocal request
+            request += 1
+            frame = wire.encode_hash_request(wire.HashRequest(request, volume, block, ranges))
+            pending.add(request)
             writer.write(frame)
             await writer.drain()
-            reply = await read_frame(reader, decoder, 300)
-            if not isinstance(reply, wire.Hashes) or reply.request != request.request:
-                raise RemoteProtocolError(f"expected HASHES {request.request}, got {reply!r}")
-            progress.wire_bytes += len(frame) + 4 + 8 * len(reply.hashes)
-            return reply.hashes
+            progress.wire_bytes += len(frame)
+            return request
+
+        async def hashes_of(asked: int) -> list[int]:
+            while asked not in answered:
+                reply = await read_frame(reader, decoder, 300)
+                if not isinstance(reply, wire.Hashes) or reply.request not in pending:
+                    raise RemoteProtocolError(f"expected HASHES {asked}, got {reply!r}")
+                pending.discard(reply.request)
+                answered[reply.request] = reply.hashes
+                progress.wire_bytes += 4 + 8 * len(reply.hashes)
+            return answered.pop(asked)
+
+        def read_and_hash(volume: FileVolume, offset: int, length: int) -> tuple[bytes, list[int]]:
+            data = volume.read(offset, length)
+            return data, block_hashes(data, RESYNC_COARSE)
+
+        # Regions whose fine hashes were asked for: (volume, its data, first
+        # byte, the ranges asked, request). Answered later, a few regions on.
+        fine: collections.deque[tuple[int, bytes, int, list[tuple[int, int]], int]]
+        fine = collections.deque()
+
+        async def send_differing() -> None:
+            """The oldest region waiting for its fine hashes: send its blocks
+            that differ."""
+            index, data, offset, ranges, asked = fine.popleft()
+            theirs_fine = await hashes_of(asked)
+            pos = 0
+            for start, size in ranges:
+                part = memoryview(data)[start - offset : start - offset + size]
+                ours_fine = block_hashes(part, RESYNC_FINE)
+                count = len(ours_fine)
+                runs = differing_runs(ours_fine, theirs_fine[pos : pos + count], RESYNC_FINE)
+                pos += count
+                for run_start, run_len in runs:
+                    await self._send_sync_data(
+                        writer, index, start + run_start, part[run_start : run_start + run_len]
+                    )
 
         await ask(wire.FrameType.SYNC_BEGIN, {"resume_seq": resume_seq}, wire.FrameType.SYNC_READY)
-        request = 0
         for index, ranges in plan:
             member = group.volumes[index]
-            for offset, length in _split(ranges, RESYNC_REGION):
-                data = await loop.run_in_executor(None, member.volume.read, offset, length)
-                ours = await loop.run_in_executor(None, block_hashes, data, RESYNC_COARSE)
-                request += 1
-                theirs = await hashes(
-                    wire.HashRequest(request, index, RESYNC_COARSE, [(offset, length)])
-                )
+            pieces = _split(ranges, RESYNC_REGION)
+            # Pipelined, so that no round trip waits for another: the target
+            # hashes its copy of a region (and of the next one) while this side
+            # reads and hashes its own, the next region is read here while this
+            # one is compared, and the fine hashes of a region are answered
+            # while the next regions are compared.
+            coarse: dict[int, int] = {}  # piece -> request
+            mine: asyncio.Future[tuple[bytes, list[int]]] | None = None
+            for i, (offset, length) in enumerate(pieces):
+                for ahead in range(i, min(i + 2, len(pieces))):
+                    if ahead not in coarse:
+                        coarse[ahead] = await ask_hashes(index, RESYNC_COARSE, [pieces[ahead]])
+                if mine is None:
+                    mine = loop.run_in_executor(None, read_and_hash, member.volume, offset, length)
+                data, ours = await mine
+                mine = None
+                if i + 1 < len(pieces):
+                    mine = loop.run_in_executor(None, read_and_hash, member.volume, *pieces[i + 1])
+                theirs = await hashes_of(coarse.pop(i))
                 chunks = differing_runs(ours, theirs, RESYNC_COARSE)
                 if chunks:
                     ranges = [(offset + s, min(n, length - s)) for s, n in chunks]
-                    request += 1
-                    theirs_fine = await hashes(
-                        wire.HashRequest(request, index, RESYNC_FINE, ranges)
-                    )
-                    pos = 0
-                    for start, size in ranges:
-                        part = memoryview(data)[start - offset : start - offset + size]
-                        ours_fine = block_hashes(part, RESYNC_FINE)
-                        count = len(ours_fine)
-                        runs = differing_runs(
-                            ours_fine, theirs_fine[pos : pos + count], RESYNC_FINE
-                        )
-                        pos += count
-                        for run_start, run_len in runs:
-                            await self._send_sync_data(
-                                writer,
-                                index,
-                                start + run_start,
-                                part[run_start : run_start + run_len],
-                            )
+                    asked = await ask_hashes(index, RESYNC_FINE, ranges)
+                    fine.append((index, data, offset, ranges, asked))
+                    if len(fine) > RESYNC_FINE_AHEAD:
+                        await send_differing()
                 progress.done_bytes += length
+        while fine:
+            await send_differing()
         await ask(
             wire.FrameType.SYNC_END, {"high_seq": group.journal.last_seq}, wire.FrameType.SYNC_DONE
         )

@@ -266,10 +266,12 @@ class SourceGroup:
             self.overflow = None
             self._sync_volumes(resume)
         self.journal.release_through(resume)
-        self.acked_seq = max(self.acked_seq, resume)
-        self._unacked.clear()
-        self._unacked_bytes = 0
-        self.acked.set()  # sync-mode flushes waiting on these records: they are covered
+        with self.lock:
+            self.acked_seq = max(self.acked_seq, resume)
+            self._unacked.clear()
+            self._unacked_bytes = 0
+        # Sync-mode flushes waiting on these records: they are covered.
+        self._in_node_loop(self.acked.set)
         return regions, resume
 
     def give_back_overflow(self, regions: DirtyRegions) -> None:
@@ -783,17 +785,28 @@ class SourceGroup:
             await self.acked.wait()
 
     def on_ack(self, seq: int) -> None:
-        """The target has everything up to ``seq`` durably (from any thread:
-        it runs in the node's loop, after what that loop was asked before)."""
-        if self._loop is not None and threading.get_ident() != self._loop_thread:
+        """The target has everything up to ``seq`` durably (any thread: the
+        shipper's). ``acked_seq`` moves at once; what waits for it (sync-mode
+        flushes, journal releases) is told in the node's loop."""
+        with self.lock:  # the counters are shared with the appending threads
+            if seq <= self.acked_seq:
+                return
+            self.acked_seq = seq
+            while self._unacked and self._unacked[0][0] <= seq:
+                self._unacked_bytes -= self._unacked.popleft()[2]
+        self._in_node_loop(self._acked_moved, seq)
+
+    def _in_node_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """``fn(*args)`` in the node's loop (now, if this is its thread)."""
+        if self._loop is None or threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
             with contextlib.suppress(RuntimeError):  # closed: the node is stopping
-                self._loop.call_soon_threadsafe(self.on_ack, seq)
-            return
-        if seq <= self.acked_seq:
-            return
-        self.acked_seq = seq
-        while self._unacked and self._unacked[0][0] <= seq:
-            self._unacked_bytes -= self._unacked.popleft()[2]
+                self._loop.call_soon_threadsafe(fn, *args)
+
+    def _acked_moved(self, seq: int) -> None:
+        """(Node's loop.) Wake what waits for acknowledgements; release the
+        journal behind ``seq`` when it is time."""
         self.acked.set()
         # Releasing costs an fdatasync of every volume: do it when the journal is
         # half full, or once the link has caught up (the disk is idle then).
@@ -817,7 +830,8 @@ class SourceGroup:
     # Status ---------------------------------------------------------------
 
     def status(self) -> GroupStatus:
-        lag_seconds = time.monotonic() - self._unacked[0][1] if self._unacked else 0.0
+        oldest = next(iter(self._unacked), None)  # acknowledgements pop it meanwhile
+        lag_seconds = time.monotonic() - oldest[1] if oldest else 0.0
         lag_bytes = max(0, self._unacked_bytes)
         if self.resync is not None:  # the replica is not current until the resync ends
             lag_seconds = max(lag_seconds, time.monotonic() - self.resync.started)

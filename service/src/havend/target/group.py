@@ -896,14 +896,15 @@ class TargetGroup:
         directory = self.journal.directory
         fresh, old = directory + ".new", directory + ".old"
         shutil.rmtree(fresh, ignore_errors=True)
-        Journal.create(fresh, self.id, first_seq=first_seq, max_segments=TARGET_SEGMENTS).close()
+        journal = Journal.create(fresh, self.id, first_seq=first_seq, max_segments=TARGET_SEGMENTS)
         self.journal.close()
         shutil.rmtree(old, ignore_errors=True)
         os.rename(directory, old)
         os.rename(fresh, directory)
         fsync_dir(os.path.dirname(directory))
+        journal.moved_to(directory)
         shutil.rmtree(old, ignore_errors=True)
-        self.journal = Journal.open(directory)
+        self.journal = journal
 
     def checkpoint(self) -> None:
         """Sync the replicas, record the applied seq, free the journal behind it.
