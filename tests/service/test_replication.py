@@ -171,6 +171,36 @@ def test_the_shipper_runs_in_a_thread_of_its_own_and_stops_with_the_node(
     assert not alive
 
 
+def test_volumes_synced_marker_is_written_by_one_thread_at_a_time(tmp_path: Path) -> None:
+    """A release after an ACK (node's executor) and the shipper leaving an
+    overflow (its thread) both sync the volumes and rewrite the marker: at
+    the same moment, one rename found the other's temporary file gone, the
+    overflow's regions were dropped and its checkpoints declared lost."""
+    journal = Journal.create(tmp_path / "journal", uuid.uuid4(), segment_size=4 * MiB)
+    volume = FileVolume(str(make_volume(tmp_path / "v.img", MiB)))
+    group = SourceGroup(uuid.uuid4(), "g", [("v", volume)], journal)
+    state = tmp_path / "state"
+    state.mkdir()
+    group.attach_state(str(state))
+    errors: list[BaseException] = []
+
+    def sync_often(base: int) -> None:
+        try:
+            for i in range(300):
+                group._sync_volumes(base + i)
+        except BaseException as exc:  # the test reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sync_often, args=(n * 1000,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors[:1]
+    assert int((state / "volumes_synced").read_text()) in (299, 1299, 2299)
+    group.close()
+
+
 def test_target_killed_and_restarted_converges(pair, tmp_path: Path) -> None:
     source, target, db, _ = pair
     port = nbd_port(source)

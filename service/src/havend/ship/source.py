@@ -154,6 +154,7 @@ class SourceGroup:
         self.appended = asyncio.Event()  # new records (or an overflow): the shipper has work
         self.acked = asyncio.Event()  # the acked seq moved: sync-mode flushes wait on it
         self._release_task: asyncio.Task[None] | None = None
+        self._volumes_synced_lock = threading.Lock()
         self.background_sync_bytes = background_sync_bytes  # 0: only FLUSH/FUA sync
         self._unsynced_bytes = 0  # appended since the last background sync began
         self._background_sync: concurrent.futures.Future[None] | None = None
@@ -191,12 +192,15 @@ class SourceGroup:
             return 0
 
     def _sync_volumes(self, through_seq: int) -> None:
-        for member in self.volumes:
-            member.volume.flush()
-        if self.state_dir:
-            write_atomic(
-                os.path.join(self.state_dir, "volumes_synced"), f"{through_seq}\n".encode()
-            )
+        # Callers in several threads (a release after an ACK, the shipper
+        # leaving an overflow): one writer of the marker at a time.
+        with self._volumes_synced_lock:
+            for member in self.volumes:
+                member.volume.flush()
+            if self.state_dir:
+                write_atomic(
+                    os.path.join(self.state_dir, "volumes_synced"), f"{through_seq}\n".encode()
+                )
 
     # Journal overflow -------------------------------------------------------
 
@@ -263,8 +267,9 @@ class SourceGroup:
                     [v.size for v in self.volumes], everything=True, reason="journal unreadable"
                 )
             resume = self.journal.last_seq
-            self.overflow = None
+            self.overflow = regions  # still pending if the sync below fails
             self._sync_volumes(resume)
+            self.overflow = None
         self.journal.release_through(resume)
         with self.lock:
             self.acked_seq = max(self.acked_seq, resume)

@@ -106,6 +106,10 @@ class TargetNode:
             if isinstance(hello.body.get("reverse"), dict):
                 await self._reverse(group, hello.body["reverse"], reader, writer, decoder)
                 return
+            # What the link before this one delivered is made durable first:
+            # the source then knows exactly what arrived (it declares the
+            # checkpoints after durable_seq lost if its journal overflowed).
+            await asyncio.get_running_loop().run_in_executor(None, group.journal.sync)
             welcome = {
                 "node": self.name,
                 "durable_seq": group.journal.durable_seq,
