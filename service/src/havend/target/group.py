@@ -897,11 +897,15 @@ class TargetGroup:
         fresh, old = directory + ".new", directory + ".old"
         shutil.rmtree(fresh, ignore_errors=True)
         journal = Journal.create(fresh, self.id, first_seq=first_seq, max_segments=TARGET_SEGMENTS)
-        self.journal.close()
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(directory, old)
-        os.rename(fresh, directory)
-        fsync_dir(os.path.dirname(directory))
+        try:
+            self.journal.close()
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(directory, old)
+            os.rename(fresh, directory)
+            fsync_dir(os.path.dirname(directory))
+        except BaseException:
+            journal.close()  # a restart finishes the swap (see open)
+            raise
         journal.moved_to(directory)
         shutil.rmtree(old, ignore_errors=True)
         self.journal = journal
