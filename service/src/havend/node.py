@@ -399,21 +399,25 @@ class Node:
 
     def pause(self, name: str) -> dict[str, Any]:
         """Stop shipping a group (its writes are still journaled) until resumed."""
-        group = self._source_group(name)
-        self._shipper(name).pause()
-        group.paused = True
-        if self.store is not None:
-            self.store.set_setting(f"paused:{name}", True)
-        log.warning("group %s: replication paused by an operator", name)
-        return dataclasses.asdict(group.status())
+        return self._set_paused(name, True)
 
     def resume(self, name: str) -> dict[str, Any]:
+        return self._set_paused(name, False)
+
+    def _set_paused(self, name: str, paused: bool) -> dict[str, Any]:
+        """Pause or resume a group's shipping; kept across restarts."""
         group = self._source_group(name)
-        self._shipper(name).resume()
-        group.paused = False
+        shipper = self._shipper(name)
+        if paused:
+            shipper.pause()
+        else:
+            shipper.resume()
+        group.paused = paused
         if self.store is not None:
-            self.store.set_setting(f"paused:{name}", None)
-        log.warning("group %s: replication resumed", name)
+            self.store.set_setting(f"paused:{name}", True if paused else None)
+        log.warning(
+            "group %s: replication %s", name, "paused by an operator" if paused else "resumed"
+        )
         return dataclasses.asdict(group.status())
 
     async def delete_group(self, name: str) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from havend.blockhash import block_hashes, differing_runs, hash_ranges
 from havend.errors import CheckpointError, JournalError, RemoteProtocolError
 from havend.journal.record import Record
 from havend.ship import wire
-from havend.ship.source import DirtyRegions, SourceGroup
+from havend.ship.source import DirtyRegions, SourceGroup, call_in, running_loop
 from havend.ship.stream import STREAM_LIMIT, read_frame
 from havend.volume import FileVolume
 
@@ -174,21 +174,11 @@ class Shipper:
 
     def _here(self) -> bool:
         """Whether the caller runs in the shipper's loop (or it has none yet)."""
-        if self._loop is None:
-            return True
-        try:
-            return asyncio.get_running_loop() is self._loop
-        except RuntimeError:  # no loop: a plain thread
-            return False
+        return self._loop is None or running_loop() is self._loop
 
     def _soon(self, fn: Callable[[], None]) -> None:
         """``fn()`` in the shipper's loop: now if this is it."""
-        if self._here():
-            fn()
-        else:
-            assert self._loop is not None
-            with contextlib.suppress(RuntimeError):  # its loop is closed: nothing to do
-                self._loop.call_soon_threadsafe(fn)
+        call_in(self._loop, fn)
 
     async def _there(self, work: Awaitable[T]) -> T:
         """Await ``work`` (a coroutine) in the shipper's loop."""

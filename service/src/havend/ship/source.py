@@ -54,6 +54,24 @@ RECORD_CHUNK = 1 << 20
 BACKGROUND_SYNC_BYTES = 32 << 20
 
 
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop the caller runs in, if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def call_in(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., None], *args: Any) -> None:
+    """``fn(*args)`` in ``loop``: at once if the caller runs in it (or there is
+    no loop), else soon, from any thread; nothing once that loop is closed."""
+    if loop is None or running_loop() is loop:
+        fn(*args)
+    else:
+        with contextlib.suppress(RuntimeError):  # closed: the node is stopping
+            loop.call_soon_threadsafe(fn, *args)
+
+
 @dataclass(frozen=True, slots=True)
 class GroupStatus:
     group: str
@@ -149,7 +167,6 @@ class SourceGroup:
         self._unacked: collections.deque[tuple[int, float, int]] = collections.deque()
         self._unacked_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0
         self._ship_loop: asyncio.AbstractEventLoop | None = None
         self.appended = asyncio.Event()  # new records (or an overflow): the shipper has work
         self.acked = asyncio.Event()  # the acked seq moved: sync-mode flushes wait on it
@@ -276,7 +293,7 @@ class SourceGroup:
             self._unacked.clear()
             self._unacked_bytes = 0
         # Sync-mode flushes waiting on these records: they are covered.
-        self._in_node_loop(self.acked.set)
+        call_in(self._loop, self.acked.set)
         return regions, resume
 
     def give_back_overflow(self, regions: DirtyRegions) -> None:
@@ -347,7 +364,6 @@ class SourceGroup:
         """The node's loop (the caller's): NBD, sync-mode FLUSH waiting for
         ``acked``, releases after an ACK."""
         self._loop = loop
-        self._loop_thread = threading.get_ident()
         self._ship_loop = loop
 
     def bind_shipper(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -356,18 +372,9 @@ class SourceGroup:
 
     def _wake_shipper(self) -> None:
         """Set ``appended`` (any thread): the shipper has work."""
-        loop = self._ship_loop
-        if loop is None:
-            return
-        try:
-            here = asyncio.get_running_loop() is loop
-        except RuntimeError:
-            here = False
-        if here:
-            self.appended.set()
-        elif not self.appended.is_set():  # set: the shipper looks at the journal again anyway
-            with contextlib.suppress(RuntimeError):  # closed: the node is stopping
-                loop.call_soon_threadsafe(self.appended.set)
+        # Already set: the shipper looks at the journal again anyway.
+        if self._ship_loop is not None and not self.appended.is_set():
+            call_in(self._ship_loop, self.appended.set)
 
     # Called by ReplicatedVolume under self.lock -----------------------------
 
@@ -799,15 +806,7 @@ class SourceGroup:
             self.acked_seq = seq
             while self._unacked and self._unacked[0][0] <= seq:
                 self._unacked_bytes -= self._unacked.popleft()[2]
-        self._in_node_loop(self._acked_moved, seq)
-
-    def _in_node_loop(self, fn: Callable[..., None], *args: Any) -> None:
-        """``fn(*args)`` in the node's loop (now, if this is its thread)."""
-        if self._loop is None or threading.get_ident() == self._loop_thread:
-            fn(*args)
-        else:
-            with contextlib.suppress(RuntimeError):  # closed: the node is stopping
-                self._loop.call_soon_threadsafe(fn, *args)
+        call_in(self._loop, self._acked_moved, seq)
 
     def _acked_moved(self, seq: int) -> None:
         """(Node's loop.) Wake what waits for acknowledgements; release the
