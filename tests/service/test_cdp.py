@@ -559,6 +559,10 @@ def test_hooks_over_ssh_freeze_and_thaw_the_protected_server(
         ),
         ({"reverse_interval_seconds": 0.5}, r"groups\[0\]\.reverse_interval_seconds: 0 \(off\)"),
         ({"reverse_interval_seconds": "often"}, r"groups\[0\]\.reverse_interval_seconds"),
+        (
+            {"journal": {"background_sync_bytes": -1}},
+            r"groups\[0\]\.journal\.background_sync_bytes: 0 \(off\) or more bytes",
+        ),
     ],
 )
 def test_bad_group_policies_are_refused_naming_the_field(
