@@ -269,3 +269,30 @@ def test_one_write_over_thousands_of_blocks(group: Group) -> None:
     group.reopen()
     assert group.check_all() == 1
     assert cp.id == group.undo.checkpoints[0].id
+
+
+def test_zero_blocks_inside_a_run_are_flags_and_a_short_last_block_is_kept(group: Group) -> None:
+    """One write over blocks that alternate between data and zeroes, up to the
+    partial block at a volume's end: only the data is written to the log, and
+    every block (the zero ones and the short one too) reads back as it was."""
+    size = SIZES[1]
+    blocks = -(-size // BLOCK)
+    old = bytearray(size)
+    for block in range(blocks):
+        if block % 3:  # two blocks of data, then one of zeroes
+            old[block * BLOCK : (block + 1) * BLOCK] = group.rng.randbytes(BLOCK)[
+                : len(old[block * BLOCK : (block + 1) * BLOCK])
+            ]
+    group.volumes[1].write(0, bytes(old))
+    cp = group.checkpoint()
+    used = group.undo.used_bytes
+    group.write(1, 0, group.rng.randbytes(size))
+    data_blocks = sum(1 for block in range(blocks) if block % 3)
+    assert group.undo.saved_blocks == blocks
+    last_len = size - (blocks - 1) * BLOCK
+    saved = (data_blocks - 1) * BLOCK + last_len if (blocks - 1) % 3 else data_blocks * BLOCK
+    assert group.undo.used_bytes - used >= saved  # data and its table, no zero block
+    assert group.undo.used_bytes - used < saved + (blocks + 2) * 64
+    assert group.undo.read(group.volumes, 1, cp.seq, 0, size) == bytes(old)
+    group.reopen()
+    assert group.check_all() == 1

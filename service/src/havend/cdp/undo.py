@@ -74,6 +74,7 @@ MAGIC = b"HUL1"
 T_BLOCKS, T_CHECKPOINT, T_ROLLBACK = 1, 2, 3
 FLAG_ZERO = 1
 _ZERO_BLOCK = bytes(BLOCK)
+_ZERO_CRC = crc32c(_ZERO_BLOCK)
 _SEGMENT_NAME = re.compile(r"^undo-([0-9a-f]{16})\.log$")
 # Index keys: volume << 48 | block number.
 _VOLUME_SHIFT = 48
@@ -105,6 +106,14 @@ Saved = tuple[int, int, int, int, int]
 
 def _key(volume: int, block: int) -> int:
     return volume << _VOLUME_SHIFT | block
+
+
+def _is_zero(data: memoryview, crc: int) -> bool:
+    """All zeroes? The CRC rules out nearly every block at no cost (comparing
+    a memoryview element by element is slow); a short last block is compared."""
+    if len(data) == BLOCK:
+        return crc == _ZERO_CRC and data.tobytes() == _ZERO_BLOCK
+    return not data.tobytes().strip(b"\0")
 
 
 def _runs(blocks: list[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
@@ -303,7 +312,13 @@ class UndoLog:
         return segment
 
     def _append(
-        self, kind: int, epoch: int, table: bytes, count: int, parts: list[bytes], body: bool
+        self,
+        kind: int,
+        epoch: int,
+        table: bytes,
+        count: int,
+        parts: Sequence[bytes | memoryview],
+        body: bool,
     ) -> tuple[_Segment, int]:
         """Write one entry (not synced); returns its file and where its data starts."""
         data_len = sum(len(p) for p in parts)
@@ -323,6 +338,8 @@ class UndoLog:
         written = os.pwritev(segment.fd, pieces, pos)
         if written != len(header) + len(table) + data_len:
             raise OSError(f"short write to {segment.path}")
+        if not body:  # start writing it out now: the caller's fdatasync waits less
+            os.posix_fadvise(segment.fd, pos, written, os.POSIX_FADV_DONTNEED)
         segment.size += written
         segment.max_epoch = max(segment.max_epoch, epoch)
         return segment, pos + len(header) + len(table)
@@ -385,21 +402,29 @@ class UndoLog:
         for start in range(0, len(wanted), ENTRY_BLOCKS):
             table, parts, slots = bytearray(), [], []
             for volume, first, count in _runs(wanted[start : start + ENTRY_BLOCKS]):
-                # One read per run of consecutive blocks, cut into blocks here.
+                # One read per run of consecutive blocks, cut into blocks here
+                # without copies: stretches of non-zero blocks go out as they are.
                 size = self.sizes[volume]
                 end = min((first + count) * BLOCK, size)
-                run = volumes[volume].read(first * BLOCK, end - first * BLOCK)
-                for i in range(count):
-                    data = run[i * BLOCK : (i + 1) * BLOCK]
+                run = memoryview(volumes[volume].read(first * BLOCK, end - first * BLOCK))
+                stretch = 0  # where the current stretch of non-zero blocks starts
+                at = 0
+                for block in range(first, first + count):
+                    data = run[at : at + BLOCK]
                     length = len(data)
                     if length <= 0:
                         break
                     crc = crc32c(data)
-                    zero = data == _ZERO_BLOCK[:length]
-                    table += _SLOT.pack(volume, FLAG_ZERO if zero else 0, length, first + i, crc)
-                    slots.append((volume, first + i, zero, length, crc))
-                    if not zero:
-                        parts.append(data)
+                    zero = _is_zero(data, crc)
+                    table += _SLOT.pack(volume, FLAG_ZERO if zero else 0, length, block, crc)
+                    slots.append((volume, block, zero, length, crc))
+                    if zero:
+                        if at > stretch:
+                            parts.append(run[stretch:at])
+                        stretch = at + length
+                    at += length
+                if at > stretch:
+                    parts.append(run[stretch:at])
             if not slots:
                 continue
             segment, data_pos = self._append(
