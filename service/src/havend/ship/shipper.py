@@ -1017,18 +1017,20 @@ class Shipper:
                     del inflight[last]
                 credit.set()
 
-        def next_batch(after: int) -> tuple[list[Record], bytes]:
-            """Read and frame the batch after ``after`` (a worker thread)."""
+        def next_batch(after: int) -> tuple[list[Record], list[wire.Piece], int]:
+            """Read and frame the batch after ``after`` (a worker thread): the
+            records, the frame's pieces and its length."""
             records = group.journal.read(after, self.settings.batch_bytes, durable_only=False)
             if not records:
-                return records, b""
-            return records, wire.encode_batch(group.id, records, self._compressor)
+                return records, [], 0
+            pieces = wire.batch_pieces(group.id, records, self._compressor)
+            return records, pieces, sum(len(p) for p in pieces)
 
         async def send() -> None:
             nonlocal cursor, last_heard
             loop = asyncio.get_running_loop()
             # The next batch is read and framed while the current one goes out.
-            ahead: asyncio.Future[tuple[list[Record], bytes]] | None = None
+            ahead: asyncio.Future[tuple[list[Record], list[wire.Piece], int]] | None = None
             while True:
                 if group.overflow is not None:
                     raise _Overflowed()
@@ -1039,7 +1041,7 @@ class Shipper:
                             await group.appended.wait()
                         continue
                     ahead = loop.run_in_executor(None, next_batch, cursor)
-                records, frame = await ahead
+                records, frame, frame_len = await ahead
                 ahead = None
                 if not records:
                     continue
@@ -1048,15 +1050,15 @@ class Shipper:
                 while sum(inflight.values()) >= self.settings.window_bytes:
                     credit.clear()
                     await credit.wait()
-                await self._bucket.take(len(frame))
-                writer.write(frame)
+                await self._bucket.take(frame_len)
+                writer.writelines(frame)
                 await writer.drain()
                 cursor = records[-1].seq
                 if not inflight:
                     last_heard = time.monotonic()  # the clock runs from the first batch out
-                inflight[cursor] = len(frame)
+                inflight[cursor] = frame_len
                 group.shipped_bytes += sum(len(r.data) for r in records)
-                group.wire_bytes += len(frame)
+                group.wire_bytes += frame_len
 
         self._writer = writer
         tasks = [asyncio.ensure_future(c) for c in (receive(), send(), watchdog())]

@@ -234,7 +234,22 @@ def encode_batch(
     records: list[Record],
     compressor: zstandard.ZstdCompressor | None = None,
 ) -> bytes:
-    """One BATCH frame; compressed only when that makes it smaller."""
+    """One BATCH frame, in one piece (see :func:`batch_pieces`)."""
+    return b"".join(batch_pieces(group, records, compressor))
+
+
+Piece = bytes | bytearray | memoryview
+
+
+def batch_pieces(
+    group: uuid.UUID,
+    records: list[Record],
+    compressor: zstandard.ZstdCompressor | None = None,
+) -> list[Piece]:
+    """One BATCH frame as pieces to send one after the other (``writelines``):
+    the records' payloads as they are, never copied, with the small pieces
+    between them (headers, padding) joined. Compressed only when that makes
+    it smaller."""
     parts = [part for r in records for part in record_parts(r)]
     raw_len = sum(len(p) for p in parts)
     header = _BATCH.pack(group.bytes, records[0].seq, records[-1].seq, Codec.RAW, raw_len)
@@ -243,12 +258,26 @@ def encode_batch(
         packed = compressor.compress(raw)
         if len(packed) < raw_len * 0.9:
             header = _BATCH.pack(group.bytes, records[0].seq, records[-1].seq, Codec.ZSTD, raw_len)
-            return b"".join(
-                [_FRAME.pack(len(header) + len(packed), FrameType.BATCH), header, packed]
-            )
+            return [_FRAME.pack(len(header) + len(packed), FrameType.BATCH) + header, packed]
         parts = [raw]
-    # One copy of the records: straight into the frame.
-    return b"".join([_FRAME.pack(len(header) + raw_len, FrameType.BATCH), header, *parts])
+    pieces: list[Piece] = []
+    small: list[Piece] = [_FRAME.pack(len(header) + raw_len, FrameType.BATCH), header]
+    for part in parts:
+        if len(part) < _SMALL_PIECE:
+            small.append(part)
+            continue
+        if small:
+            pieces.append(b"".join(small))
+            small = []
+        pieces.append(part)
+    if small:
+        pieces.append(b"".join(small))
+    return pieces
+
+
+# Pieces shorter than this are joined with their neighbours rather than sent
+# alone: each piece becomes at least one TLS record of its own.
+_SMALL_PIECE = 4096
 
 
 _SAMPLE = 64 * 1024
