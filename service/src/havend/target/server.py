@@ -14,7 +14,7 @@ from typing import Any
 from havend.blockhash import hash_ranges
 from havend.errors import CheckpointError, RemoteProtocolError
 from havend.ship import wire
-from havend.ship.stream import STREAM_LIMIT, read_frame
+from havend.ship.stream import FrameLink, read_frame
 from havend.target.group import TargetGroup
 
 log = logging.getLogger("havend.target")
@@ -30,7 +30,7 @@ class TargetNode:
         self.groups: dict[uuid.UUID, TargetGroup] = {}
         self._appliers: list[asyncio.Task[None]] = []
         self._server: asyncio.AbstractServer | None = None
-        self._links: dict[uuid.UUID, asyncio.StreamWriter] = {}
+        self._links: dict[uuid.UUID, FrameLink] = {}
         self.on_promoted: Callable[[TargetGroup], Any] | None = None  # serve its volumes
         self.on_demoted: Callable[[TargetGroup], Any] | None = None  # stop serving them
         groups_dir = os.path.join(state_dir, "groups")
@@ -46,8 +46,9 @@ class TargetNode:
     ) -> tuple[str, int]:
         for group in self.groups.values():
             self._start_applier(group)
-        self._server = await asyncio.start_server(
-            self._serve, host, port, ssl=ssl_context, limit=STREAM_LIMIT
+        # Batches are received straight into buffers of their own (FrameLink).
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: FrameLink(lambda link: self._serve(link, link)), host, port, ssl=ssl_context
         )
         return self._server.sockets[0].getsockname()[:2]
 
@@ -56,7 +57,7 @@ class TargetNode:
         task.add_done_callback(lambda t: _report_crash(group, t))
         self._appliers.append(task)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: FrameLink, writer: FrameLink) -> None:
         peer = writer.get_extra_info("peername")
         group: TargetGroup | None = None
         decoder = wire.FrameDecoder()
@@ -159,8 +160,8 @@ class TargetNode:
         self,
         group: TargetGroup,
         hello: dict,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: FrameLink,
+        writer: FrameLink,
         decoder: wire.FrameDecoder,
     ) -> None:
         """The old source brings the operator's choice of the side that survives
@@ -198,8 +199,8 @@ class TargetNode:
         self,
         group: TargetGroup,
         request: dict,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: FrameLink,
+        writer: FrameLink,
         decoder: wire.FrameDecoder,
     ) -> None:
         """A round of reverse protection (see ``TargetGroup.begin_reverse``)."""
@@ -296,7 +297,7 @@ class TargetNode:
             return wire.encode_control(wire.FrameType.SYNC_DONE, {})
         raise RemoteProtocolError(f"unexpected frame {frame!r}")
 
-    async def _commit_and_ack(self, group: TargetGroup, writer: asyncio.StreamWriter) -> None:
+    async def _commit_and_ack(self, group: TargetGroup, writer: FrameLink) -> None:
         """Group commit on the target: one fdatasync for every batch received
         meanwhile, then one ACK; frames keep being read while the disk works."""
         loop = asyncio.get_running_loop()
