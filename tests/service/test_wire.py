@@ -3,16 +3,20 @@ and the records' payloads go out without being copied."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
+import struct
 import time
 import uuid
 
 import pytest
 import zstandard
 
+from havend.errors import RemoteProtocolError
 from havend.journal.record import Kind, Record
 from havend.ship import wire
+from havend.ship.stream import FrameLink, read_frame
 
 GROUP = uuid.uuid4()
 
@@ -63,3 +67,112 @@ def test_compression_only_when_it_pays_and_the_frame_still_decodes(compressible:
     assert (size < len(data) // 10) if compressible else (size > len(data))
     [record] = _decode(pieces).records
     assert bytes(record.data) == data
+
+
+class _Transport:
+    """What FrameLink asks of a transport, recorded."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.pauses = 0
+        self.closed = False
+        self.written: list[bytes] = []
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _feed(link: FrameLink, data: bytes, cut: int) -> None:
+    """Bytes as a buffered transport hands them over: at most ``cut`` at a time."""
+    while data:
+        into = link.get_buffer(-1)
+        n = min(len(into), cut, len(data))
+        assert n, "the link takes no more bytes"
+        into[:n] = data[:n]
+        data = data[n:]
+        link.buffer_updated(n)
+
+
+async def _linked(limit: int = 1 << 20) -> tuple[FrameLink, _Transport, list[FrameLink]]:
+    served: list[FrameLink] = []
+
+    async def serve(link: FrameLink) -> None:
+        served.append(link)
+
+    link = FrameLink(serve, limit=limit)
+    transport = _Transport()
+    link.connection_made(transport)  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    return link, transport, served
+
+
+@pytest.mark.parametrize("cut", [1, 7, 4096, 1 << 20])
+def test_a_link_takes_frames_in_any_cut_and_pauses_while_too_many_wait(cut: int) -> None:
+    async def main() -> None:
+        link, transport, served = await _linked(limit=300_000)
+        assert served == [link]
+        batches = [_records()[:1], _records()[1:]]
+        data = b"".join(wire.encode_batch(GROUP, b) for b in batches)
+        data += wire.encode_control(wire.FrameType.SYNC_END, {"n": 1})
+        _feed(link, data, cut)
+        assert transport.paused  # more than the limit waits: the peer is held back
+        decoder = wire.FrameDecoder()
+        for records in batches:
+            frame = await read_frame(link, decoder, timeout=1)
+            assert isinstance(frame, wire.Batch)
+            assert [bytes(r.data) for r in frame.records] == [bytes(r.data) for r in records]
+        assert not transport.paused  # taken: reading goes on
+        control = await read_frame(link, decoder, timeout=1)
+        assert isinstance(control, wire.Control) and control.body == {"n": 1}
+        with pytest.raises(TimeoutError):
+            await read_frame(link, decoder, timeout=0.05)
+
+    asyncio.run(main())
+
+
+def test_a_bad_header_is_reported_after_the_frames_before_it_and_ends_the_reading() -> None:
+    async def main() -> None:
+        link, transport, _ = await _linked()
+        good = wire.encode_control(wire.FrameType.SYNC_END, {})
+        huge = struct.pack("<IB", wire.MAX_FRAME + 1, wire.FrameType.BATCH)[
+            : wire.FRAME_HEADER_SIZE
+        ]
+        _feed(link, good + huge.ljust(wire.FRAME_HEADER_SIZE, b"\0"), 3)
+        assert len(link.get_buffer(-1)) == 0 and transport.paused
+        decoder = wire.FrameDecoder()
+        assert isinstance(await read_frame(link, decoder, timeout=1), wire.Control)
+        with pytest.raises(RemoteProtocolError, match="exceeds"):
+            await read_frame(link, decoder, timeout=1)
+
+    asyncio.run(main())
+
+
+def test_a_link_closed_inside_a_frame_is_an_incomplete_read_and_drain_fails() -> None:
+    async def main() -> None:
+        link, _, _ = await _linked()
+        frame = wire.encode_batch(GROUP, _records()[:1])
+        _feed(link, frame[:1000], 100)
+        link.eof_received()
+        link.connection_lost(None)
+        with pytest.raises(asyncio.IncompleteReadError):
+            await read_frame(link, wire.FrameDecoder(), timeout=1)
+        with pytest.raises(ConnectionResetError):
+            await link.drain()
+
+    asyncio.run(main())
