@@ -469,3 +469,79 @@ def test_any_chunking_gives_the_same_events(cuts: list[int]) -> None:
         got += events(chunked)
     assert got == expected
     assert whole.data_to_send() == chunked.data_to_send()
+
+
+def _feed_buffered(conn: ServerConnection, data: bytes, cut: int) -> list[object]:
+    """Bytes as an asyncio buffered protocol hands them over, events as they come."""
+    out: list[object] = []
+    while data:
+        into = conn.get_buffer()
+        n = min(len(into), cut, len(data))
+        into[:n] = data[:n]
+        data = data[n:]
+        conn.buffer_updated(n)
+        out += events(conn)
+    return out
+
+
+@pytest.mark.parametrize("cut", [1, 1000, 70_000, 1 << 20])
+def test_big_write_payloads_are_read_in_place_in_any_cut(cut: int) -> None:
+    big, small, other = b"a" * (256 << 10), b"b" * 4096, b"c" * (100 << 10)
+    stream = (
+        request(Command.WRITE, 0, len(big), flags=CommandFlag.FUA, cookie=1)
+        + big
+        + request(Command.WRITE, 8192, len(small), cookie=2)
+        + small
+        + request(Command.WRITE, 4096, len(other), cookie=3)
+        + other
+        + request(Command.READ, 0, 512, cookie=4)
+        + request(Command.FLUSH, cookie=5)
+    )
+    conn = negotiated()
+    assert _feed_buffered(conn, stream, cut) == [
+        protocol.Write(1, 0, big, True),
+        protocol.Write(2, 8192, small, False),
+        protocol.Write(3, 4096, other, False),
+        protocol.Read(4, 0, 512),
+        protocol.Flush(5),
+    ]
+    # In place: the payload is the buffer the transport wrote into, and after
+    # a big WRITE one header is asked for, so the next payload lands in place too.
+    conn.receive_data(request(Command.WRITE, 0, len(big), cookie=6))
+    assert events(conn) == []  # the header is read: the payload has a buffer
+    into = conn.get_buffer()
+    assert len(into) == len(big)
+    into[:] = big
+    conn.buffer_updated(len(big))
+    [write] = events(conn)
+    assert write.data is into.obj and write.data == big
+    assert len(conn.get_buffer()) == 28
+
+
+def test_a_big_payload_split_across_receive_data_calls_is_whole() -> None:
+    conn = negotiated()
+    data = bytes(range(256)) * 800  # 200 KiB
+    conn.receive_data(request(Command.WRITE, 0, len(data)) + data[:5000])
+    assert events(conn) == []
+    conn.receive_data(data[5000:150_000])
+    assert events(conn) == []
+    conn.receive_data(data[150_000:] + request(Command.FLUSH, cookie=9))
+    assert events(conn) == [protocol.Write(7, 0, data, False), protocol.Flush(9)]
+
+
+def test_a_refused_big_write_is_answered_after_its_payload_and_the_next_request_is_read() -> None:
+    conn = negotiated("ro")
+    stream = request(Command.WRITE, 0, 128 << 10) + b"z" * (128 << 10)
+    evs = _feed_buffered(conn, stream + request(Command.FLUSH, cookie=5), 3000)
+    assert [type(e) for e in evs] == [protocol.RequestRejected, protocol.Flush]
+    assert evs[0].error == Error.EPERM
+    magic, error, cookie = struct.unpack(">IIQ", conn.data_to_send())
+    assert (magic, error, cookie) == (SIMPLE_REPLY_MAGIC, Error.EPERM, 7)
+
+
+def test_a_client_vanishing_inside_a_big_payload_is_a_remote_error() -> None:
+    conn = negotiated()
+    _feed_buffered(conn, request(Command.WRITE, 0, 1 << 20) + b"x" * 70_000, 65536)
+    conn.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="middle of a message"):
+        conn.next_event()

@@ -56,6 +56,11 @@ _OPTION_HEADER = struct.Struct(">QII")  # magic, option, data length
 _OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, data length
 _REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 _SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
+# Bytes taken in one go when no payload is being filled in place (handshake,
+# requests without data, small writes), and the payload size from which a
+# WRITE's data goes straight into a buffer of its own (see get_buffer).
+_STAGING = 64 * 1024
+_IN_PLACE = 64 * 1024
 
 # Option data we are willing to read and refuse with ERR_TOO_BIG; above it, the
 # client is not an NBD client and the connection is dropped.
@@ -251,6 +256,13 @@ class ServerConnection:
         self._out = bytearray()
         self._eof = False
         self._discard = 0  # bytes of a refused payload still to skip
+        self._staging = bytearray(_STAGING)
+        # A big WRITE whose payload is being filled in place: its request
+        # fields and buffer, and how much of it has arrived.
+        self._write: tuple[int, int, int] | None = None  # flags, cookie, offset
+        self._payload = bytearray()
+        self._payload_got = 0
+        self._header_only = False  # the last request was a big WRITE: read one header
         self._no_zeroes = False
         self.export: Export | None = None
 
@@ -270,7 +282,7 @@ class ServerConnection:
         flags = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
         return _GREETING.pack(NBDMAGIC, IHAVEOPT, flags)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the client; ``b""`` means the client closed its end."""
         if not data:
             self._eof = True
@@ -281,7 +293,33 @@ class ServerConnection:
             skip = min(self._discard, len(data))
             self._discard -= skip
             data = data[skip:]
+        if self._write is not None:
+            take = min(len(self._payload) - self._payload_got, len(data))
+            self._payload[self._payload_got : self._payload_got + take] = data[:take]
+            self._payload_got += take
+            data = data[take:]
         self._buf += data
+
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes from the client may go (an asyncio buffered
+        protocol's ``get_buffer``); say how many came with :meth:`buffer_updated`.
+
+        The rest of a big WRITE's payload is read straight into the buffer the
+        write will keep (no copy at all); anything else into a staging area.
+        After a big WRITE only one request header is asked for, so that the
+        next big payload, too, lands in place from its first byte."""
+        if self._write is not None:
+            return memoryview(self._payload)[self._payload_got :]
+        if self._header_only and not self._buf and not self._discard:
+            return memoryview(self._staging)[: _REQUEST.size]
+        return memoryview(self._staging)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written into what :meth:`get_buffer` returned."""
+        if self._write is not None:
+            self._payload_got += nbytes
+        elif nbytes:
+            self.receive_data(memoryview(self._staging)[:nbytes])
 
     def data_to_send(self) -> bytes:
         """Handshake answers and error replies queued since the last call."""
@@ -310,8 +348,8 @@ class ServerConnection:
                 return NEED_DATA  # closed: whatever else arrives is ignored
         if event is NEED_DATA and self._eof:
             self._state = State.CLOSED
-            if self._buf or self._discard:
-                pending = len(self._buf) + self._discard
+            if self._buf or self._discard or self._write is not None:
+                pending = len(self._buf) + self._discard + len(self._payload) - self._payload_got
                 raise RemoteProtocolError(
                     f"client closed the connection in the middle of a message "
                     f"({pending} bytes of it pending)"
@@ -462,14 +500,25 @@ class ServerConnection:
     # Transmission ---------------------------------------------------------
 
     def _next_request(self) -> Event | _NeedData:
+        export = self.export
+        assert export is not None
+        if self._write is not None:  # a big WRITE's payload, filled in place
+            if self._payload_got < len(self._payload):
+                return NEED_DATA
+            (flags, cookie, offset), data = self._write, self._payload
+            self._write, self._payload, self._payload_got = None, bytearray(), 0
+            self._header_only = True
+            error, reason = self._check(Command.WRITE, flags, offset, len(data), export)
+            if error:
+                return self._reject(cookie, Command.WRITE, error, reason)
+            return Write(cookie, offset, data, bool(flags & CommandFlag.FUA))
         buf = self._buf
         if len(buf) < 28:  # _REQUEST.size
             return NEED_DATA
         magic, flags, command, cookie, offset, length = _REQUEST.unpack_from(buf)
         if magic != REQUEST_MAGIC:
             raise RemoteProtocolError(f"bad request magic {magic:#010x}")
-        export = self.export
-        assert export is not None
+        self._header_only = False
 
         if command == Command.WRITE:
             if length > export.max_payload:
@@ -478,6 +527,12 @@ class ServerConnection:
                 )
             end = 28 + length
             if len(buf) < end:
+                if length >= _IN_PLACE:  # the rest straight into the write's own buffer
+                    self._write = (flags, cookie, offset)
+                    self._payload = bytearray(length)
+                    self._payload_got = len(buf) - 28
+                    self._payload[: self._payload_got] = buf[28:]
+                    del buf[:]
                 return NEED_DATA
             error, reason = self._check(command, flags, offset, length, export)
             if error:

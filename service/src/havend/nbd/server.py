@@ -148,7 +148,7 @@ class NBDServer:
         self.executor.shutdown(wait=True)
 
 
-class NBDConnection(asyncio.Protocol):
+class NBDConnection(asyncio.BufferedProtocol):
     """One client: feeds the sans-IO protocol and carries out its requests."""
 
     def __init__(self, server: NBDServer) -> None:
@@ -177,8 +177,11 @@ class NBDConnection(asyncio.Protocol):
         self.server._connections.add(self)
         self.transport.write(self.proto.greeting())
 
-    def data_received(self, data: bytes) -> None:
-        self.proto.receive_data(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.proto.get_buffer()  # a big WRITE's payload is read in place
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.proto.buffer_updated(nbytes)
         self._process()
 
     def eof_received(self) -> bool:
