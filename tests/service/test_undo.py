@@ -296,3 +296,36 @@ def test_zero_blocks_inside_a_run_are_flags_and_a_short_last_block_is_kept(group
     assert group.undo.read(group.volumes, 1, cp.seq, 0, size) == bytes(old)
     group.reopen()
     assert group.check_all() == 1
+
+
+def test_a_failed_entry_write_saves_nothing_and_a_retry_saves_it_all(
+    group: Group, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries of one preserve are written by a helper thread while the next is
+    read: when one of them cannot be written (a full disk), the call fails,
+    nothing is indexed, and the same preserve later keeps every block."""
+    group.volumes[0].write(0, group.rng.randbytes(10 << 20))
+    old = group.images()[0]
+    cp = group.checkpoint()
+    real = os.pwritev
+    calls = 0
+
+    def full_disk(fd: int, buffers: list, offset: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError(28, "No space left on device")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", full_disk)
+    change = [(0, 0, 10 << 20)]  # 2,560 blocks: two entries
+    with pytest.raises(OSError, match="No space"):
+        group.undo.preserve(group.volumes, group.seq + 1, change)
+    assert group.undo.saved_blocks == 0
+    monkeypatch.setattr(os, "pwritev", real)
+    group.undo.preserve(group.volumes, group.seq + 1, change)
+    assert group.undo.saved_blocks == 2560
+    group.volumes[0].write(0, group.rng.randbytes(10 << 20))
+    assert group.undo.read(group.volumes, 0, cp.seq, 0, 10 << 20) == old[: 10 << 20]
+    group.reopen()
+    assert group.check_all() == 1

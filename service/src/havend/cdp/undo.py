@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -102,6 +103,8 @@ class _Segment:
 # Where a saved block is: (epoch, segment, offset of its data or -1 for zeroes,
 # length, crc32c). Tuples sort by epoch first, for bisect.
 Saved = tuple[int, int, int, int, int]
+# A block of an entry being written: (volume, block, all zeroes, length, crc32c).
+_Slot = tuple[int, int, bool, int, int]
 
 
 def _key(volume: int, block: int) -> int:
@@ -149,6 +152,7 @@ class UndoLog:
         self._segments: dict[int, _Segment] = {}
         self.pins: collections.Counter[int] = collections.Counter()  # seq -> open views
         self.damaged = ""  # why history was dropped at the last open, if it was
+        self._write_pool: concurrent.futures.ThreadPoolExecutor | None = None
         os.makedirs(directory, exist_ok=True)
         self._state = self._read_state()
         self._recover()
@@ -399,37 +403,11 @@ class UndoLog:
         written: dict[int, _Segment] = {}
         new: list[tuple[int, Saved]] = []
         wanted.sort()
-        for start in range(0, len(wanted), ENTRY_BLOCKS):
-            table, parts, slots = bytearray(), [], []
-            for volume, first, count in _runs(wanted[start : start + ENTRY_BLOCKS]):
-                # One read per run of consecutive blocks, cut into blocks here
-                # without copies: stretches of non-zero blocks go out as they are.
-                size = self.sizes[volume]
-                end = min((first + count) * BLOCK, size)
-                run = memoryview(volumes[volume].read(first * BLOCK, end - first * BLOCK))
-                stretch = 0  # where the current stretch of non-zero blocks starts
-                at = 0
-                for block in range(first, first + count):
-                    data = run[at : at + BLOCK]
-                    length = len(data)
-                    if length <= 0:
-                        break
-                    crc = crc32c(data)
-                    zero = _is_zero(data, crc)
-                    table += _SLOT.pack(volume, FLAG_ZERO if zero else 0, length, block, crc)
-                    slots.append((volume, block, zero, length, crc))
-                    if zero:
-                        if at > stretch:
-                            parts.append(run[stretch:at])
-                        stretch = at + length
-                    at += length
-                if at > stretch:
-                    parts.append(run[stretch:at])
-            if not slots:
-                continue
-            segment, data_pos = self._append(
-                T_BLOCKS, epoch, bytes(table), len(slots), parts, False
-            )
+        chunks = [wanted[i : i + ENTRY_BLOCKS] for i in range(0, len(wanted), ENTRY_BLOCKS)]
+
+        def done(appended: tuple[_Segment, int], slots: list[_Slot]) -> None:
+            nonlocal saved_bytes
+            segment, data_pos = appended
             written[segment.index] = segment
             for volume, block, zero, length, crc in slots:
                 where = -1 if zero else data_pos
@@ -437,11 +415,76 @@ class UndoLog:
                 if not zero:
                     data_pos += length
                     saved_bytes += length
+
+        # With several entries, each is written by a helper thread while the
+        # next one is read and checked here (one in flight at a time).
+        pool = self._writer() if len(chunks) > 1 else None
+        writing: tuple[concurrent.futures.Future[tuple[_Segment, int]], list[_Slot]] | None = None
+        try:
+            for chunk in chunks:
+                table, parts, slots = self._gather(volumes, chunk)
+                if not slots:
+                    continue
+                args = (T_BLOCKS, epoch, bytes(table), len(slots), parts, False)
+                if pool is None:
+                    done(self._append(*args), slots)
+                    continue
+                if writing is not None:
+                    entry, writing = writing, None
+                    done(entry[0].result(), entry[1])
+                writing = (pool.submit(self._append, *args), slots)
+            if writing is not None:
+                entry, writing = writing, None
+                done(entry[0].result(), entry[1])
+        finally:
+            if writing is not None:  # failed meanwhile: the entry in flight ends first
+                concurrent.futures.wait([writing[0]])
         for segment in written.values():
             os.fdatasync(segment.fd)
         with self.lock:
             self._add_saved(epoch, new)
         return saved_bytes
+
+    def _gather(
+        self, volumes: Sequence[Volume], blocks: list[tuple[int, int]]
+    ) -> tuple[bytearray, list[memoryview], list[_Slot]]:
+        """Read ``blocks`` ((volume, block), sorted) for one entry: its table,
+        its data (stretches of non-zero blocks, as read: not copied) and its
+        slots."""
+        table = bytearray()
+        parts: list[memoryview] = []
+        slots: list[_Slot] = []
+        for volume, first, count in _runs(blocks):
+            # One read per run of consecutive blocks, cut into blocks here.
+            size = self.sizes[volume]
+            end = min((first + count) * BLOCK, size)
+            run = memoryview(volumes[volume].read(first * BLOCK, end - first * BLOCK))
+            stretch = 0  # where the current stretch of non-zero blocks starts
+            at = 0
+            for block in range(first, first + count):
+                data = run[at : at + BLOCK]
+                length = len(data)
+                if length <= 0:
+                    break
+                crc = crc32c(data)
+                zero = _is_zero(data, crc)
+                table += _SLOT.pack(volume, FLAG_ZERO if zero else 0, length, block, crc)
+                slots.append((volume, block, zero, length, crc))
+                if zero:
+                    if at > stretch:
+                        parts.append(run[stretch:at])
+                    stretch = at + length
+                at += length
+            if at > stretch:
+                parts.append(run[stretch:at])
+        return table, parts, slots
+
+    def _writer(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._write_pool is None:
+            self._write_pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="havend-undo"
+            )
+        return self._write_pool
 
     def _add_saved(self, epoch: int, slots: Iterable[tuple[int, Saved]]) -> None:
         keys = self._epoch_keys[epoch]
@@ -664,6 +707,9 @@ class UndoLog:
             }
 
     def close(self) -> None:
+        if self._write_pool is not None:
+            self._write_pool.shutdown()
+            self._write_pool = None
         with self.lock:
             for segment in self._segments.values():
                 with contextlib.suppress(OSError):
