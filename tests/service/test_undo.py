@@ -3,14 +3,18 @@ retention, rollback, torn tails and damage."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from havend.cdp import Checkpoint, UndoLog
-from havend.cdp.undo import BLOCK
+from havend.cdp import undo as undo_module
+from havend.cdp.undo import ALIGN, BLOCK
 from havend.cdp.view import PointInTimeView
 from havend.errors import CheckpointError, UndoCorruptError, VolumeError
 from havend.volume import FileVolume
@@ -292,7 +296,8 @@ def test_zero_blocks_inside_a_run_are_flags_and_a_short_last_block_is_kept(group
     last_len = size - (blocks - 1) * BLOCK
     saved = (data_blocks - 1) * BLOCK + last_len if (blocks - 1) % 3 else data_blocks * BLOCK
     assert group.undo.used_bytes - used >= saved  # data and its table, no zero block
-    assert group.undo.used_bytes - used < saved + (blocks + 2) * 64
+    # (and the padding that aligns entries for O_DIRECT)
+    assert group.undo.used_bytes - used < saved + (blocks + 2) * 64 + 2 * ALIGN
     assert group.undo.read(group.volumes, 1, cp.seq, 0, size) == bytes(old)
     group.reopen()
     assert group.check_all() == 1
@@ -307,25 +312,85 @@ def test_a_failed_entry_write_saves_nothing_and_a_retry_saves_it_all(
     group.volumes[0].write(0, group.rng.randbytes(10 << 20))
     old = group.images()[0]
     cp = group.checkpoint()
-    real = os.pwritev
+    real = {"pwritev": os.pwritev, "pwrite": os.pwrite}  # through the page cache, or direct
     calls = 0
 
-    def full_disk(fd: int, buffers: list, offset: int) -> int:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise OSError(28, "No space left on device")
-        return real(fd, buffers, offset)
+    def full_disk(name: str) -> Callable[..., int]:
+        def write(fd: int, data: Any, offset: int) -> int:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise OSError(28, "No space left on device")
+            return real[name](fd, data, offset)
 
-    monkeypatch.setattr(os, "pwritev", full_disk)
+        return write
+
+    for name in real:
+        monkeypatch.setattr(os, name, full_disk(name))
     change = [(0, 0, 10 << 20)]  # 2,560 blocks: two entries
     with pytest.raises(OSError, match="No space"):
         group.undo.preserve(group.volumes, group.seq + 1, change)
     assert group.undo.saved_blocks == 0
-    monkeypatch.setattr(os, "pwritev", real)
+    for name, call in real.items():
+        monkeypatch.setattr(os, name, call)
     group.undo.preserve(group.volumes, group.seq + 1, change)
     assert group.undo.saved_blocks == 2560
     group.volumes[0].write(0, group.rng.randbytes(10 << 20))
     assert group.undo.read(group.volumes, 0, cp.seq, 0, 10 << 20) == old[: 10 << 20]
     group.reopen()
     assert group.check_all() == 1
+
+
+def test_entries_written_before_they_were_aligned_are_read_and_appends_go_to_a_new_file(
+    group: Group, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An undo log from before entries were aligned for O_DIRECT (packed one
+    after the other) keeps every checkpoint; new entries start a new file."""
+    monkeypatch.setattr(undo_module, "ENTRY_ALIGNED", 0)
+    monkeypatch.setattr(undo_module, "_aligned", lambda n: n)
+    group.undo.direct = False
+    group.random_writes(5)
+    for i in range(3):
+        group.checkpoint(f"old{i}")
+        group.random_writes(8)
+    assert group.undo.used_bytes % ALIGN  # packed
+    monkeypatch.undo()
+    group.reopen()
+    assert group.check_all() == 3
+    assert group.undo._active.size == 0  # a new file: appends start aligned
+    group.checkpoint("new")
+    group.random_writes(8)
+    assert group.undo.direct and group.undo._active.size % ALIGN == 0
+    group.reopen()
+    assert group.check_all() == 4
+
+
+@pytest.mark.parametrize("where", ["open", "write"])
+def test_without_o_direct_entries_go_through_the_page_cache(
+    group: Group, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A file system that refuses O_DIRECT (tmpfs) at open, or at the first
+    write: the same entries are written through the page cache."""
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def no_direct_open(path: str, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    def no_direct_pwrite(fd: int, data: Any, offset: int) -> int:
+        if os.get_blocking(fd) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    if where == "open":
+        monkeypatch.setattr(os, "open", no_direct_open)
+    else:
+        monkeypatch.setattr(os, "pwrite", no_direct_pwrite)
+    for i in range(4):
+        group.checkpoint(f"c{i}")
+        group.random_writes(10)
+    assert not group.undo.direct
+    assert group.check_all() == 4
+    group.reopen()
+    assert group.check_all() == 4

@@ -22,10 +22,18 @@ On-disk format, in the group's ``cdp/`` directory (integers little-endian):
     ``segment_bytes``. An entry::
 
         magic "HUL1" | u32 crc32c (of the rest of the header, the table and,
-        for checkpoint and rollback entries, the data) | u8 type | 3 pad
-        u64 epoch | u64 time ns | u32 count | u32 data length
+        for checkpoint and rollback entries, the data) | u8 type | u8 flags
+        | 2 pad | u64 epoch | u64 time ns | u32 count | u32 data length
         count x (u16 volume | u16 flags | u32 length | u64 block | u32 crc32c)
         data (the blocks not flagged zero, in table order; or a JSON body)
+        with entry flag 1 (aligned): zeroes up to the next multiple of 4 KiB
+
+    Entries are aligned and written with O_DIRECT from one reused buffer: the
+    saved blocks are read back only by views and rollbacks, and putting them
+    in the page cache cost more CPU than anything else the undo log does (new
+    pages, then their write-back). Where the file system refuses O_DIRECT
+    they go through the page cache, in the same format. Files written before
+    entries were aligned are read as they are; appends then go to a new file.
 
     Types: 1 blocks (the table says which; flag 1: all zeroes, no data),
     2 checkpoint (epoch = its seq; JSON id, time, label, consistency),
@@ -46,8 +54,10 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import json
 import logging
+import mmap
 import os
 import re
 import struct
@@ -69,11 +79,15 @@ BLOCK = 4096
 SEGMENT_BYTES = 64 << 20
 # Blocks per entry: bounds the memory of one preserve step.
 ENTRY_BLOCKS = 2048
-_HEADER = struct.Struct("<4sIB3xQQII")
+_HEADER = struct.Struct("<4sIBB2xQQII")
 _SLOT = struct.Struct("<HHIQI")
 MAGIC = b"HUL1"
 T_BLOCKS, T_CHECKPOINT, T_ROLLBACK = 1, 2, 3
 FLAG_ZERO = 1
+# Entry flag: zeroes follow the entry up to the next multiple of ALIGN, where
+# the next entry starts (entries written with O_DIRECT).
+ENTRY_ALIGNED = 1
+ALIGN = 4096
 _ZERO_BLOCK = bytes(BLOCK)
 _ZERO_CRC = crc32c(_ZERO_BLOCK)
 _SEGMENT_NAME = re.compile(r"^undo-([0-9a-f]{16})\.log$")
@@ -98,6 +112,18 @@ class _Segment:
     fd: int
     size: int
     max_epoch: int  # newest epoch with an entry here (-1: none)
+    direct_fd: int = -1  # the same file opened with O_DIRECT, for appending
+
+
+def _close(segment: _Segment) -> None:
+    for fd in (segment.fd, segment.direct_fd):
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 # Where a saved block is: (epoch, segment, offset of its data or -1 for zeroes,
@@ -153,6 +179,12 @@ class UndoLog:
         self.pins: collections.Counter[int] = collections.Counter()  # seq -> open views
         self.damaged = ""  # why history was dropped at the last open, if it was
         self._write_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # Entries are written with O_DIRECT from this page-aligned buffer: the
+        # saved blocks are read again only by views and rollbacks, and in the
+        # page cache each new page costs far more than the copy into it.
+        self.direct = True  # False once the file system refuses O_DIRECT
+        self._scratch: mmap.mmap | None = None
+        self._scratch_lock = threading.Lock()
         os.makedirs(directory, exist_ok=True)
         self._state = self._read_state()
         self._recover()
@@ -214,6 +246,8 @@ class UndoLog:
         if not self._segments:
             self._new_segment(0)
         self._active = self._segments[max(self._segments)]
+        if self._active.size % ALIGN:  # written before entries were aligned
+            self._active = self._new_segment(self._active.index + 1)
 
     def _drop_history(self, why: str) -> None:
         """Damage in the middle: every checkpoint recorded before it is unusable
@@ -232,7 +266,7 @@ class UndoLog:
         pos = 0
         while pos + _HEADER.size <= segment.size:
             header = os.pread(segment.fd, _HEADER.size, pos)
-            magic, crc, kind, epoch, time_ns, count, data_len = _HEADER.unpack(header)
+            magic, crc, kind, flags, epoch, time_ns, count, data_len = _HEADER.unpack(header)
             if magic != MAGIC or kind not in (T_BLOCKS, T_CHECKPOINT, T_ROLLBACK):
                 return pos
             table_len = count * _SLOT.size
@@ -258,8 +292,8 @@ class UndoLog:
             else:
                 self._forget_from(epoch)
             segment.max_epoch = max(segment.max_epoch, epoch)
-            pos = end
-        return pos
+            pos = _aligned(end) if flags & ENTRY_ALIGNED else end
+        return min(pos, segment.size)
 
     def _slots(
         self, table: bytes, count: int, segment: int, data_pos: int, epoch: int
@@ -330,23 +364,71 @@ class UndoLog:
         if segment.size and segment.size + data_len > self.segment_bytes:
             with self.lock:  # readers look the files up under it
                 segment = self._active = self._new_segment(segment.index + 1)
-        header = _HEADER.pack(MAGIC, 0, kind, epoch, time.time_ns(), count, data_len)
+        header = _HEADER.pack(MAGIC, 0, kind, ENTRY_ALIGNED, epoch, time.time_ns(), count, data_len)
         crc = crc32c(table, crc32c(header[8:]))
         if body:
             for part in parts:
                 crc = crc32c(part, crc)
         header = header[:4] + crc.to_bytes(4, "little") + header[8:]
         pos = segment.size
-        # One pwritev, within IOV_MAX (1024) pieces.
-        pieces = [header, table, *parts] if len(parts) < 512 else [header, table, b"".join(parts)]
-        written = os.pwritev(segment.fd, pieces, pos)
-        if written != len(header) + len(table) + data_len:
+        size = len(header) + len(table) + data_len
+        written = _aligned(size)
+        done = -1
+        if self.direct and self._direct_fd(segment) >= 0:
+            # One copy into the aligned buffer (warm, reused), then straight to
+            # the disk: no page cache pages to allocate and write back.
+            with self._scratch_lock:
+                scratch = self._scratch_for(written)
+                at = 0
+                for piece in (header, table, *parts):
+                    scratch[at : at + len(piece)] = piece
+                    at += len(piece)
+                scratch[at:written] = bytes(written - at)
+                try:
+                    with memoryview(scratch) as view:
+                        done = os.pwrite(segment.direct_fd, view[:written], pos)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self._no_direct(exc)  # opened, but refused: through the page cache
+        if done < 0:
+            pad = bytes(written - size)
+            # One pwritev, within IOV_MAX (1024) pieces.
+            if len(parts) < 512:
+                pieces = [header, table, *parts, pad]
+            else:
+                pieces = [header, table, b"".join(parts), pad]
+            done = os.pwritev(segment.fd, pieces, pos)
+            if not body:  # start writing it out now: the caller's fdatasync waits less
+                os.posix_fadvise(segment.fd, pos, written, os.POSIX_FADV_DONTNEED)
+        if done != written:
             raise OSError(f"short write to {segment.path}")
-        if not body:  # start writing it out now: the caller's fdatasync waits less
-            os.posix_fadvise(segment.fd, pos, written, os.POSIX_FADV_DONTNEED)
         segment.size += written
         segment.max_epoch = max(segment.max_epoch, epoch)
         return segment, pos + len(header) + len(table)
+
+    def _direct_fd(self, segment: _Segment) -> int:
+        """The segment's O_DIRECT descriptor (-1, and ``direct`` off, where the
+        file system does not take O_DIRECT, e.g. tmpfs)."""
+        if segment.direct_fd < 0:
+            try:
+                segment.direct_fd = os.open(segment.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError as exc:
+                self._no_direct(exc)
+        return segment.direct_fd
+
+    def _no_direct(self, why: OSError) -> None:
+        log.info(
+            "undo log %s: no O_DIRECT (%s): written through the page cache", self.directory, why
+        )
+        self.direct = False
+
+    def _scratch_for(self, size: int) -> mmap.mmap:
+        if self._scratch is None or len(self._scratch) < size:
+            if self._scratch is not None:
+                self._scratch.close()
+            self._scratch = mmap.mmap(-1, max(size, ENTRY_BLOCKS * BLOCK + (1 << 20)))
+        return self._scratch
 
     def add_checkpoint(self, checkpoint: Checkpoint) -> bool:
         """Record a checkpoint the applier reached (durably); False if known."""
@@ -567,7 +649,7 @@ class UndoLog:
             for segment in gone:
                 del self._segments[segment.index]
         for segment in gone:
-            os.close(segment.fd)
+            _close(segment)
             os.unlink(segment.path)
         if gone:
             fsync_dir(self.directory)
@@ -712,9 +794,11 @@ class UndoLog:
             self._write_pool = None
         with self.lock:
             for segment in self._segments.values():
-                with contextlib.suppress(OSError):
-                    os.close(segment.fd)
+                _close(segment)
             self._segments.clear()
+            if self._scratch is not None:
+                self._scratch.close()
+                self._scratch = None
 
 
 def snapshot_ranges(
