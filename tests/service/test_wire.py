@@ -16,7 +16,7 @@ import zstandard
 from havend.errors import RemoteProtocolError
 from havend.journal.record import Kind, Record
 from havend.ship import wire
-from havend.ship.stream import FrameLink, read_frame
+from havend.ship.stream import FrameLink
 
 GROUP = uuid.uuid4()
 
@@ -134,14 +134,14 @@ def test_a_link_takes_frames_in_any_cut_and_pauses_while_too_many_wait(cut: int)
         assert transport.paused  # more than the limit waits: the peer is held back
         decoder = wire.FrameDecoder()
         for records in batches:
-            frame = await read_frame(link, decoder, timeout=1)
+            frame = await link.read_frame(decoder, timeout=1)
             assert isinstance(frame, wire.Batch)
             assert [bytes(r.data) for r in frame.records] == [bytes(r.data) for r in records]
         assert not transport.paused  # taken: reading goes on
-        control = await read_frame(link, decoder, timeout=1)
+        control = await link.read_frame(decoder, timeout=1)
         assert isinstance(control, wire.Control) and control.body == {"n": 1}
         with pytest.raises(TimeoutError):
-            await read_frame(link, decoder, timeout=0.05)
+            await link.read_frame(decoder, timeout=0.05)
 
     asyncio.run(main())
 
@@ -156,9 +156,9 @@ def test_a_bad_header_is_reported_after_the_frames_before_it_and_ends_the_readin
         _feed(link, good + huge.ljust(wire.FRAME_HEADER_SIZE, b"\0"), 3)
         assert len(link.get_buffer(-1)) == 0 and transport.paused
         decoder = wire.FrameDecoder()
-        assert isinstance(await read_frame(link, decoder, timeout=1), wire.Control)
+        assert isinstance(await link.read_frame(decoder, timeout=1), wire.Control)
         with pytest.raises(RemoteProtocolError, match="exceeds"):
-            await read_frame(link, decoder, timeout=1)
+            await link.read_frame(decoder, timeout=1)
 
     asyncio.run(main())
 
@@ -171,7 +171,7 @@ def test_a_link_closed_inside_a_frame_is_an_incomplete_read_and_drain_fails() ->
         link.eof_received()
         link.connection_lost(None)
         with pytest.raises(asyncio.IncompleteReadError):
-            await read_frame(link, wire.FrameDecoder(), timeout=1)
+            await link.read_frame(wire.FrameDecoder(), timeout=1)
         with pytest.raises(ConnectionResetError):
             await link.drain()
 

@@ -1,9 +1,9 @@
 """Reading whole frames of ``ship.wire`` from an asyncio connection.
 
 Two ways in: :func:`read_frame` over an ``asyncio.StreamReader`` (the source's
-end of a link, which gets small frames back), and :class:`FrameLink`, the
-target's end, which receives the batches: a buffered protocol that has TLS
-decrypt each frame straight into a buffer of the frame's own size, so the
+end of a link, which gets small frames back), and :meth:`FrameLink.read_frame`
+on the target's end, which receives the batches: a buffered protocol that has
+TLS decrypt each frame straight into a buffer of the frame's own size, so the
 records' payloads are never copied on their way to the journal.
 """
 
@@ -24,13 +24,11 @@ STREAM_LIMIT = 8 << 20
 
 
 async def read_frame(
-    reader: asyncio.StreamReader | FrameLink, decoder: wire.FrameDecoder, timeout: float | None
+    reader: asyncio.StreamReader, decoder: wire.FrameDecoder, timeout: float | None
 ) -> wire.Frame:
     """The next frame; IncompleteReadError when the peer closes, TimeoutError
     when it does not arrive whole within ``timeout`` seconds. The payload is
     read in one piece and decoded without further copies."""
-    if isinstance(reader, FrameLink):
-        return await reader.read_frame(decoder, timeout)
     async with asyncio.timeout(timeout):
         header = await reader.readexactly(wire.FRAME_HEADER_SIZE)
         length, kind = decoder.parse_header(header)
@@ -40,7 +38,7 @@ async def read_frame(
 
 class FrameLink(asyncio.BufferedProtocol):
     """One replication connection, served by ``serve(link)``: frames in through
-    :meth:`read_frame` (or :func:`read_frame`), bytes out through the
+    :meth:`read_frame`, bytes out through the
     ``asyncio.StreamWriter`` methods the target uses (write, writelines,
     drain, close, get_extra_info, transport).
 
@@ -148,7 +146,8 @@ class FrameLink(asyncio.BufferedProtocol):
             self._readable.set_result(None)
 
     async def read_frame(self, decoder: wire.FrameDecoder, timeout: float | None) -> wire.Frame:
-        """The next frame (see :func:`read_frame` for what it raises)."""
+        """The next frame: as :func:`read_frame` over a StreamReader, with the
+        same errors."""
         async with asyncio.timeout(timeout):
             while not self._frames:
                 if self._error is not None:

@@ -14,7 +14,7 @@ from typing import Any
 from havend.blockhash import hash_ranges
 from havend.errors import CheckpointError, RemoteProtocolError
 from havend.ship import wire
-from havend.ship.stream import FrameLink, read_frame
+from havend.ship.stream import FrameLink
 from havend.target.group import TargetGroup
 
 log = logging.getLogger("havend.target")
@@ -48,7 +48,7 @@ class TargetNode:
             self._start_applier(group)
         # Batches are received straight into buffers of their own (FrameLink).
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: FrameLink(lambda link: self._serve(link, link)), host, port, ssl=ssl_context
+            lambda: FrameLink(self._serve), host, port, ssl=ssl_context
         )
         return self._server.sockets[0].getsockname()[:2]
 
@@ -57,12 +57,12 @@ class TargetNode:
         task.add_done_callback(lambda t: _report_crash(group, t))
         self._appliers.append(task)
 
-    async def _serve(self, reader: FrameLink, writer: FrameLink) -> None:
-        peer = writer.get_extra_info("peername")
+    async def _serve(self, link: FrameLink) -> None:
+        peer = link.get_extra_info("peername")
         group: TargetGroup | None = None
         decoder = wire.FrameDecoder()
         try:
-            hello = await read_frame(reader, decoder, timeout=30)
+            hello = await link.read_frame(decoder, timeout=30)
             if not isinstance(hello, wire.Control) or hello.type != wire.FrameType.HELLO:
                 raise RemoteProtocolError("the first frame must be HELLO")
             group, refusal = self._admit(hello.body)
@@ -82,8 +82,8 @@ class TargetNode:
                     if split is not None:
                         body |= {"code": "split_brain", "split_brain": split}
                         body["error"] = group.split_brain_reason()
-                writer.write(wire.encode_control(wire.FrameType.REFUSED, body))
-                await writer.drain()
+                link.write(wire.encode_control(wire.FrameType.REFUSED, body))
+                await link.drain()
                 group = None
                 return
             assert group is not None
@@ -91,21 +91,21 @@ class TargetNode:
             # The newest link wins: an older one may be half-dead after a
             # partition (no FIN, no RST) and would block the group forever.
             old = self._links.get(group.id)
-            if old is not None and old is not writer:
+            if old is not None and old is not link:
                 log.warning("group %s: a new link replaces the old one", group.name)
                 old.transport.abort()
                 for _ in range(100):
                     if self._links.get(group.id) is not old:
                         break
                     await asyncio.sleep(0.05)
-            self._links[group.id] = writer
+            self._links[group.id] = link
             group.connected = True
             group.peer = str(hello.body.get("node") or "") or group.peer
             if isinstance(hello.body.get("resolve"), dict):
-                await self._resolve(group, hello.body, reader, writer, decoder)
+                await self._resolve(group, hello.body, link, decoder)
                 return
             if isinstance(hello.body.get("reverse"), dict):
-                await self._reverse(group, hello.body["reverse"], reader, writer, decoder)
+                await self._reverse(group, hello.body["reverse"], link, decoder)
                 return
             # What the link before this one delivered is made durable first:
             # the source then knows exactly what arrived (it declares the
@@ -122,17 +122,17 @@ class TargetNode:
             elif isinstance(hello.body.get("failback"), dict):
                 done = group.failback_done(str(hello.body["failback"].get("generation")))
                 welcome |= {"failback_done": done}
-            writer.write(wire.encode_control(wire.FrameType.WELCOME, welcome))
-            await writer.drain()
+            link.write(wire.encode_control(wire.FrameType.WELCOME, welcome))
+            await link.drain()
             log.info("group %s: receiving from %s", group.name, hello.body.get("node"))
-            committer = asyncio.ensure_future(self._commit_and_ack(group, writer))
+            committer = asyncio.ensure_future(self._commit_and_ack(group, link))
             try:
                 while True:
-                    frame = await read_frame(reader, decoder, timeout=None)
+                    frame = await link.read_frame(decoder, timeout=None)
                     reply = await self._handle(group, frame)
                     if reply:
-                        writer.write(reply)
-                        await writer.drain()
+                        link.write(reply)
+                        await link.drain()
                     if committer.done():  # it failed: the link is unusable
                         committer.result()
             finally:
@@ -148,20 +148,19 @@ class TargetNode:
         except Exception as exc:  # one link's failure must not go unreported
             log.warning("source %s: link failed: %s: %s", peer, type(exc).__name__, exc)
         finally:
-            if group is not None and self._links.get(group.id) is writer:
+            if group is not None and self._links.get(group.id) is link:
                 del self._links[group.id]
                 group.connected = False
                 group.abort_resync()
                 if group.promoted:
                     group.abort_failback()
-            writer.close()
+            link.close()
 
     async def _resolve(
         self,
         group: TargetGroup,
         hello: dict,
-        reader: FrameLink,
-        writer: FrameLink,
+        link: FrameLink,
         decoder: wire.FrameDecoder,
     ) -> None:
         """The old source brings the operator's choice of the side that survives
@@ -181,9 +180,9 @@ class TargetNode:
                 "changed": paused["changed"],
                 "applied_seq": paused["applied_seq"],
             }
-            writer.write(wire.encode_control(wire.FrameType.WELCOME, welcome))
-            await writer.drain()
-            frame = await read_frame(reader, decoder, timeout=300)
+            link.write(wire.encode_control(wire.FrameType.WELCOME, welcome))
+            await link.drain()
+            frame = await link.read_frame(decoder, timeout=300)
             if not isinstance(frame, wire.Control) or frame.type != wire.FrameType.RESOLVE_DONE:
                 raise RemoteProtocolError(f"expected RESOLVE_DONE, got {frame!r}")
             replaced = frame.body.get("ranges")
@@ -192,15 +191,14 @@ class TargetNode:
             result = await loop.run_in_executor(None, group.keep_production, replaced)
             if self.on_demoted is not None:
                 self.on_demoted(group)
-        writer.write(wire.encode_control(wire.FrameType.RESOLVED, result))
-        await writer.drain()
+        link.write(wire.encode_control(wire.FrameType.RESOLVED, result))
+        await link.drain()
 
     async def _reverse(
         self,
         group: TargetGroup,
         request: dict,
-        reader: FrameLink,
-        writer: FrameLink,
+        link: FrameLink,
         decoder: wire.FrameDecoder,
     ) -> None:
         """A round of reverse protection (see ``TargetGroup.begin_reverse``)."""
@@ -219,25 +217,25 @@ class TargetNode:
                 "changed": changed,
                 "applied_seq": group.promoted["applied_seq"],
             }
-            writer.write(wire.encode_control(wire.FrameType.WELCOME, welcome))
-            await writer.drain()
+            link.write(wire.encode_control(wire.FrameType.WELCOME, welcome))
+            await link.drain()
             while True:
-                frame = await read_frame(reader, decoder, timeout=300)
+                frame = await link.read_frame(decoder, timeout=300)
                 if isinstance(frame, wire.HashRequest):
-                    writer.write(await _hashes(views, frame))
+                    link.write(await _hashes(views, frame))
                 elif isinstance(frame, wire.ReadRequest):
                     await self._send_ranges(group, views, frame)
                     done = {"request": frame.request}
-                    writer.write(wire.encode_control(wire.FrameType.READ_DONE, done))
+                    link.write(wire.encode_control(wire.FrameType.READ_DONE, done))
                 elif isinstance(frame, wire.Control) and frame.type == wire.FrameType.REVERSE_DONE:
                     await loop.run_in_executor(None, group.end_reverse, checkpoint.id)
                     ok = {"checkpoint": checkpoint.id}
-                    writer.write(wire.encode_control(wire.FrameType.REVERSE_OK, ok))
-                    await writer.drain()
+                    link.write(wire.encode_control(wire.FrameType.REVERSE_OK, ok))
+                    await link.drain()
                     return
                 else:
                     raise RemoteProtocolError(f"unexpected frame in a reverse round: {frame!r}")
-                await writer.drain()
+                await link.drain()
         finally:
             for view in views:
                 view.close()
@@ -297,7 +295,7 @@ class TargetNode:
             return wire.encode_control(wire.FrameType.SYNC_DONE, {})
         raise RemoteProtocolError(f"unexpected frame {frame!r}")
 
-    async def _commit_and_ack(self, group: TargetGroup, writer: FrameLink) -> None:
+    async def _commit_and_ack(self, group: TargetGroup, link: FrameLink) -> None:
         """Group commit on the target: one fdatasync for every batch received
         meanwhile, then one ACK; frames keep being read while the disk works."""
         loop = asyncio.get_running_loop()
@@ -309,8 +307,8 @@ class TargetNode:
             group.new_records.set()
             if group.journal.durable_seq != acked:
                 acked = group.journal.durable_seq
-                writer.write(wire.encode_ack(group.id, acked))
-                await writer.drain()
+                link.write(wire.encode_ack(group.id, acked))
+                await link.drain()
 
     def _admit(self, hello: dict) -> tuple[TargetGroup | None, str | None]:
         try:
