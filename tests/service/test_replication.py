@@ -134,6 +134,107 @@ def test_the_journal_is_synced_in_the_background_as_writes_go_on(
         assert again.last_seq == 16
 
 
+def _journal_syncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the journal segment files fdatasync'd from now on."""
+    synced: list[str] = []
+    real = os.fdatasync
+
+    def traced(fd: int) -> None:
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if name.startswith("seg-") and name.endswith(".log"):  # not a new one being made
+            synced.append(name)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", traced)
+    return synced
+
+
+def test_records_the_target_holds_are_released_before_the_journal_writes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the target acknowledges in time, a whole acknowledged segment is
+    released at once (local copies synced, segment deleted, its dirty pages
+    dropped unwritten) and no background sync runs: the journal's writes reach
+    the disk only for records the target does not hold. Once more than
+    ``background_sync_bytes`` wait unacknowledged, the background sync runs."""
+    every = 256 << 10
+
+    async def scenario() -> tuple[list[str], int, int, list[str], int]:
+        loop = asyncio.get_running_loop()
+        journal = Journal.create(tmp_path / "journal", uuid.uuid4(), segment_size=256 << 10)
+        volume = FileVolume(str(make_volume(tmp_path / "v.img", 4 * MiB)))
+        group = SourceGroup(
+            uuid.uuid4(), "g", [("v", volume)], journal, background_sync_bytes=every
+        )
+        group.bind(loop)
+        state = tmp_path / "state"
+        state.mkdir()
+        group.attach_state(str(state))
+        synced = _journal_syncs(monkeypatch)
+        member = group.volumes[0]
+        for i in range(48):  # 3 MiB in 64 KiB writes, each acknowledged at once
+            await loop.run_in_executor(None, member.write, i * 65536, bytes([i + 1]) * 65536)
+            group.on_ack(journal.last_seq)
+            await asyncio.sleep(0)  # the ACK reaches the node's loop
+        for _ in range(500):  # bounded: the release task finishes
+            if group._release_task is None or group._release_task.done():
+                break
+            await asyncio.sleep(0.01)
+        acked_phase = list(synced)
+        tail, volumes_synced = journal.tail_seq, int((state / "volumes_synced").read_text())
+        for i in range(8):  # 512 KiB the target never acknowledges
+            await loop.run_in_executor(None, member.write, i * 65536, bytes([100 + i]) * 65536)
+        for _ in range(500):
+            if group._background_sync is not None and group._background_sync.done():
+                break
+            await asyncio.sleep(0.01)
+        durable = journal.durable_seq
+        group.close()
+        return acked_phase, tail, volumes_synced, synced, durable
+
+    acked_phase, tail, volumes_synced, synced, durable = asyncio.run(scenario())
+    assert acked_phase == []  # not one journal sync while the target kept up
+    assert tail > 40 and volumes_synced >= tail - 1  # released as it went, copies synced first
+    assert synced and durable >= 48 + 4  # then the background sync: at least 256 KiB of it
+    with Journal.open(tmp_path / "journal") as again:
+        assert again.last_seq == 56
+    assert (tmp_path / "v.img").read_bytes()[:65536] == bytes([100]) * 65536
+
+
+@pytest.mark.parametrize("acked", [True, False])
+def test_a_checkpoint_marker_is_made_durable_by_the_target_or_locally(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, acked: bool
+) -> None:
+    """A checkpoint's marker needs stable storage soon, not at once: the
+    target's ACK within the patience is enough (the local journal writes
+    nothing for it); without one, the source commits its journal."""
+
+    async def scenario() -> tuple[list[str], int, int]:
+        loop = asyncio.get_running_loop()
+        journal = Journal.create(tmp_path / "journal", uuid.uuid4(), segment_size=4 * MiB)
+        group = SourceGroup(
+            uuid.uuid4(), "g", [("v", FileVolume(str(make_volume(tmp_path / "v.img"))))], journal
+        )
+        group.bind(loop)
+        synced = _journal_syncs(monkeypatch)
+        await loop.run_in_executor(None, group.volumes[0].write, 0, b"x" * 4096)
+        marker = group.create_checkpoint("before the upgrade")
+        commit = loop.create_task(group.commit_through(marker.seq, patience=0.2))
+        if acked:
+            await asyncio.sleep(0.01)
+            group.on_ack(marker.seq)
+        await asyncio.wait_for(commit, 10)
+        before_close, durable = list(synced), journal.durable_seq
+        group.close()  # (which syncs everything)
+        return before_close, durable, marker.seq
+
+    synced, durable, seq = asyncio.run(scenario())
+    if acked:
+        assert synced == [] and durable == 0  # on the target's disk, not written here
+    else:
+        assert synced and durable >= seq
+
+
 def test_the_shipper_runs_in_a_thread_of_its_own_and_stops_with_the_node(
     tmp_path: Path,
 ) -> None:

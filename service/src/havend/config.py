@@ -118,7 +118,7 @@ class GroupConfig:
     segment_size: int = 64 << 20
     max_segments: int = 16
     cache_bytes: int = 64 << 20  # newest journal records also kept in memory
-    background_sync_bytes: int = 32 << 20  # journal synced in the background this often
+    background_sync_bytes: int = 128 << 20  # unacknowledged journal bytes synced in the background
     checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     reverse_interval_seconds: float = 0.0  # reverse protection rounds while failed over
 
@@ -218,7 +218,7 @@ def _group(reader: _Reader) -> GroupConfig:
     cache_bytes = journal.get("cache_bytes", int, 64 << 20)
     if cache_bytes < 0:
         raise ConfigError(f"{journal._path('cache_bytes')}: 0 (off) or more bytes")
-    background_sync = journal.get("background_sync_bytes", int, 32 << 20)
+    background_sync = journal.get("background_sync_bytes", int, 128 << 20)
     if background_sync < 0:
         raise ConfigError(f"{journal._path('background_sync_bytes')}: 0 (off) or more bytes")
     policy = _checkpoints(reader.sub("checkpoints", required=False))

@@ -111,6 +111,7 @@ class Node:
         self.addresses: dict[str, str] = {}
         self._view_count = 0
         self._tasks: list[asyncio.Future[Any]] = []
+        self._commits: set[asyncio.Task[None]] = set()  # checkpoint markers' (see checkpoint)
         self._shippers: list[Shipper] = []
         self._snapshots: dict[str, Snapshots] = {}  # per group name
         self._snapshot_views: dict[str, tuple[Snapshots, Any]] = {}  # export -> (shelf, view)
@@ -675,14 +676,17 @@ class Node:
             }
         else:
             answer = group.create_checkpoint(label, "crash").to_dict()  # microseconds
-        # The marker reaches stable storage in the background, a few ms later.
-        loop.run_in_executor(None, group.commit).add_done_callback(
+        # The marker reaches stable storage in the background, soon after.
+        commit = loop.create_task(group.commit_through(answer["seq"]))
+        self._commits.add(commit)
+        commit.add_done_callback(
             lambda f: (
+                self._commits.discard(f),
                 f.cancelled()
                 or f.exception() is None
                 or log.error(
                     "group %s: committing checkpoint %s: %s", name, answer["id"], f.exception()
-                )
+                ),
             )
         )
         answer["group"] = name
@@ -944,9 +948,9 @@ class Node:
             await self.nbd.close()
         if self.views is not None:
             await self.views.close()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._commits]:  # the groups' close syncs their journals
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._commits, return_exceptions=True)
         for shipper in self._shippers:  # before the groups close under them
             await shipper.join()
         loop = asyncio.get_running_loop()

@@ -49,9 +49,14 @@ log = logging.getLogger("havend.source")
 # Journal records carry at most this much data; larger writes become several
 # consecutive records (the target applies them in order, like a disk would).
 RECORD_CHUNK = 1 << 20
-# Appended bytes after which the journal is synced in the background (see
-# SourceGroup._appended): a FLUSH then finds little left to write.
-BACKGROUND_SYNC_BYTES = 32 << 20
+# Records not yet acknowledged by the target, and not synced, after which the
+# journal is synced in the background (see SourceGroup._appended): a FLUSH then
+# finds little left to write, while records the target acknowledges in time
+# never reach the local disk (their segment is deleted first).
+BACKGROUND_SYNC_BYTES = 128 << 20
+# Seconds a checkpoint marker waits for the target's ACK before the source
+# syncs its journal for it (see SourceGroup.commit_through).
+ACK_PATIENCE = 5.0
 
 
 def running_loop() -> asyncio.AbstractEventLoop | None:
@@ -724,18 +729,22 @@ class SourceGroup:
         self._unacked.append((seq, time.monotonic(), size))
         self._unacked_bytes += size
         self._unsynced_bytes += size
-        if self.background_sync_bytes and self._unsynced_bytes >= self.background_sync_bytes:
+        threshold = self.background_sync_bytes
+        if threshold and min(self._unsynced_bytes, self._unacked_bytes) >= threshold:
             self._start_background_sync()
         self._wake_shipper()
 
     def _start_background_sync(self) -> None:
-        """Sync the journal in a thread of its own once ``background_sync_bytes``
-        were appended since the last such sync began (lock held). Writes are
-        acknowledged from the page cache as before; the sync only starts their
-        way to the disk early, so that the client's FLUSH (which waits for all
-        of them) finds little left to write instead of gigabytes at once, and
-        a crash without a FLUSH loses less. One at a time: while one runs, the
-        next waits for more appends after it."""
+        """Sync the journal in a thread of its own (lock held): called once
+        ``background_sync_bytes`` were appended since the last such sync began
+        and as many are not acknowledged by the target. Writes are acknowledged
+        from the page cache as before; the sync only starts their way to the
+        disk early, so that the client's FLUSH (which waits for all of them)
+        finds little left to write instead of gigabytes at once, and a crash
+        without a FLUSH loses less. While the target keeps up, nothing is synced
+        here: its acknowledgements release the segments, whose pages are then
+        dropped unwritten. One at a time: while one runs, the next waits for
+        more appends after it."""
         if self._background_sync is not None and not self._background_sync.done():
             return
         self._unsynced_bytes = 0
@@ -781,6 +790,17 @@ class SourceGroup:
                 member.volume.flush()
         return self.journal.sync()
 
+    async def commit_through(self, seq: int, patience: float = ACK_PATIENCE) -> None:
+        """Make the records through ``seq`` durable without holding anyone up
+        (a checkpoint marker): the target's ACK does it if it comes within
+        ``patience`` seconds (they are on its stable storage then, and the
+        local journal writes none of them: their segment is released before
+        it is synced), else a local commit."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wait_acked(seq), patience)
+            return
+        await asyncio.get_running_loop().run_in_executor(None, self.commit)
+
     async def flush(self) -> None:
         """What an NBD FLUSH waits for: journal durable, and in sync mode the target."""
         loop = asyncio.get_running_loop()
@@ -812,22 +832,26 @@ class SourceGroup:
         """(Node's loop.) Wake what waits for acknowledgements; release the
         journal behind ``seq`` when it is time."""
         self.acked.set()
-        # Releasing costs an fdatasync of every volume: do it when the journal is
-        # half full, or once the link has caught up (the disk is idle then).
-        journal = self.journal
-        if journal.used_bytes < journal.capacity_bytes // 2 and seq < journal.last_seq:
-            return
-        if not journal.releasable(seq):
+        # A segment whose records the target holds is deleted at once: its pages
+        # still in the page cache are then dropped instead of written (the local
+        # copies' fdatasync that a release costs writes what must reach the disk
+        # anyway). The journal's own writes reach the disk only for what the
+        # target does not hold yet: at a FLUSH, or by the background sync.
+        if not self.journal.releasable(seq):
             return
         if self._release_task is None or self._release_task.done():
             self._release_task = asyncio.get_running_loop().create_task(self._release())
 
     async def _release(self) -> None:
+        """Release behind ``acked_seq`` until no whole segment is left to release
+        (ACKs that came while one release ran find the task busy)."""
         loop = asyncio.get_running_loop()
-        target = self.acked_seq
-        await loop.run_in_executor(None, self._sync_and_release, target)
+        while self.journal.releasable(self.acked_seq):
+            await loop.run_in_executor(None, self._sync_and_release, self.acked_seq)
 
     def _sync_and_release(self, seq: int) -> None:
+        with self.lock:  # a change whose record is acknowledged may still be writing
+            pass  # its local copy: taking the lock waits for it to finish
         self._sync_volumes(seq)  # released records can no longer be replayed
         self.journal.release_through(seq)
 
