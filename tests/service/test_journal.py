@@ -282,6 +282,66 @@ def test_a_release_waits_for_a_sync_that_holds_its_segments(
         assert [r.seq for r in all_records(again, again.tail_seq - 1)][-1] == 200
 
 
+def test_a_release_writes_its_superblock_without_stopping_appends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The release's superblock fdatasync can take long on a busy disk: appends
+    and ``releasable`` (asked by an event loop at every ACK) go on meanwhile
+    (only a roll into a new segment, which writes a superblock of its own,
+    waits for it)."""
+    journal = new_journal(tmp_path, max_segments=16)
+    fill(journal, 200)
+    import havend.journal.journal as module
+
+    real = module.write_superblock
+    entered, go_on = threading.Event(), threading.Event()
+
+    def slow(fd: int, block: object) -> None:
+        if threading.current_thread() is releasing:
+            entered.set()
+            assert go_on.wait(10)
+        real(fd, block)
+
+    monkeypatch.setattr(module, "write_superblock", slow)
+    releasing = threading.Thread(target=journal.release_through, args=(150,))
+    releasing.start()
+    assert entered.wait(10)
+    room = (journal.segment_size - journal._active.write_pos) // record_size(1000)
+    others = threading.Thread(target=lambda: (journal.releasable(150), fill(journal, min(room, 5))))
+    others.start()
+    others.join(5)
+    stalled = others.is_alive()
+    go_on.set()
+    releasing.join(10)
+    others.join(10)
+    assert room > 0 and not stalled  # not held up by the write in progress
+    assert journal.tail_seq > 1
+    fill(journal, 100)
+    last, tail = journal.last_seq, journal.tail_seq
+    journal.close()
+    with Journal.open(tmp_path) as again:
+        assert (again.tail_seq, again.last_seq) == (tail, last)
+        assert [r.seq for r in all_records(again, tail - 1)] == list(range(tail, last + 1))
+
+
+def test_a_superblock_older_than_the_one_written_is_not_written_over_it(
+    tmp_path: Path,
+) -> None:
+    """A release writes its superblock after dropping the lock: a roll may write
+    a newer one first (it carries the release's change too), and the late,
+    older one must not replace it."""
+    journal = new_journal(tmp_path, max_segments=16)
+    fill(journal, 200)
+    with journal._lock:
+        stale = journal._change_block(tail_seq=journal.tail_seq)
+        newer = journal._change_block(tail_seq=journal.tail_seq)
+    journal._store_block(newer)
+    on_disk = (tmp_path / "superblock").read_bytes()
+    journal._store_block(stale)
+    assert (tmp_path / "superblock").read_bytes() == on_disk
+    journal.close()
+
+
 @pytest.mark.parametrize("seed", range(60))
 def test_random_crashes_never_lose_a_durable_record(tmp_path: Path, seed: int) -> None:
     """Crash at a random moment: bytes past the last fdatasync may be lost, torn or

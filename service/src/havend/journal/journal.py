@@ -90,6 +90,10 @@ class Journal:
             end = recovered.head_offset if index == recovered.head_segment else self.segment_size
             self._segments[index] = _Segment(index, path, fd, segment_first_seq(path, index), end)
         self._active = self._segments[recovered.head_segment]
+        self._release_point: int | None = None  # see releasable
+        self._note_segments()
+        self._sb_lock = threading.Lock()  # superblock writes, in generation order
+        self._sb_written = block.generation
         self._dirty: set[int] = set()
         self.last_seq = recovered.last_seq
         for seg in self._segments.values():  # what recovery read may sit in the page cache only
@@ -290,12 +294,31 @@ class Journal:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self._active = _Segment(index, path, fd, self.last_seq + 1, SEGMENT_HEADER_SIZE)
         self._segments[index] = self._active
+        self._note_segments()
         head_segment, head_offset, head_seq = self._durable_pos
         self._write_block(head_segment=head_segment, head_offset=head_offset, head_seq=head_seq)
 
     def _write_block(self, **changes: int) -> None:
+        """Change the superblock and write it (lock held)."""
+        self._store_block(self._change_block(**changes))
+
+    def _change_block(self, **changes: int) -> Superblock:
         self._block = self._block.replace(generation=self._block.generation + 1, **changes)
-        write_superblock(self._sb_fd, self._block)
+        return self._block
+
+    def _store_block(self, block: Superblock) -> None:
+        """Write ``block`` durably unless a later one is written already: each
+        block carries every change before it, so the newest one is enough."""
+        with self._sb_lock:
+            if block.generation > self._sb_written:
+                write_superblock(self._sb_fd, block)
+                self._sb_written = block.generation
+
+    def _note_segments(self) -> None:
+        """(Lock held.) Remember the first seq of the second-oldest segment:
+        records up to just before it free the oldest one."""
+        firsts = sorted(s.first_seq for s in self._segments.values())
+        self._release_point = firsts[1] if len(firsts) > 1 else None
 
     # Reading and releasing ----------------------------------------------------
 
@@ -389,10 +412,11 @@ class Journal:
         return start, SEGMENT_HEADER_SIZE, start.first_seq
 
     def releasable(self, seq: int) -> bool:
-        """Whether :meth:`release_through` of ``seq`` would free a segment."""
-        with self._lock:
-            firsts = sorted(s.first_seq for s in self._segments.values())
-        return len(firsts) > 1 and firsts[1] <= seq + 1
+        """Whether :meth:`release_through` of ``seq`` would free a segment.
+        Never waits (an event loop asks it at every acknowledgement, while
+        the lock may be held through a superblock's fdatasync)."""
+        point = self._release_point
+        return point is not None and point <= seq + 1
 
     def release_through(self, seq: int) -> int:
         """Drop whole segments whose records are all ≤ ``seq`` (acknowledged by the
@@ -415,9 +439,14 @@ class Journal:
                 hint = dict(
                     zip(("head_segment", "head_offset", "head_seq"), self._durable_pos, strict=True)
                 )
-            self._write_block(tail_segment=new_tail, tail_seq=self.tail_seq, **hint)
+            block = self._change_block(tail_segment=new_tail, tail_seq=self.tail_seq, **hint)
             gone = [self._segments.pop(i) for i in drop]
+            self._note_segments()
             self._forget_through(self.tail_seq - 1)
+        # Written with the lock released: appends go on meanwhile. Records in
+        # the dropped segments are no longer read (tail_seq moved); their files
+        # go only once the new tail is on stable storage.
+        self._store_block(block)
         # A sync in flight may be about to fdatasync these descriptors: close
         # them once it is done (an EBADF, or another file's number, otherwise).
         with self._sync_lock:
