@@ -424,3 +424,17 @@ def test_an_owned_payload_is_kept_without_a_copy_and_others_are_copied(tmp_path:
         first, second = journal.read(0)
         assert isinstance(first.data, memoryview) and first.data.obj is mine
         assert second.data == b"t" * 4096
+
+
+def test_records_read_back_from_memory_carry_their_header_as_written(tmp_path: Path) -> None:
+    """What the shipper reads right behind the writer (from memory) carries
+    the header and CRC written to the segment: it is sent as it is, its CRC
+    not computed a second time."""
+    with new_journal(tmp_path) as journal:
+        fill(journal, 3)
+        records = journal.read(0)
+        segment = segment0(tmp_path).read_bytes()
+        pos = SEGMENT_HEADER_SIZE
+        for record in records:
+            assert record.header == segment[pos : pos + RECORD_HEADER.size]
+            pos += record.size

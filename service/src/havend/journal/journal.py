@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import os
 import re
@@ -23,6 +24,7 @@ from havend.journal.record import (
     Kind,
     Record,
     decode_record,
+    encode_header,
     encode_segment_header,
     record_parts,
     record_size,
@@ -234,6 +236,8 @@ class Journal:
                 durable=self.durable_seq,
                 data=data,
             )
+            # With its header (and CRC) kept: the shipper sends it as written.
+            record = dataclasses.replace(record, header=encode_header(record))
             segment = self._active
             _pwrite_all(segment.fd, record_parts(record), segment.write_pos)
             segment.write_pos += size
