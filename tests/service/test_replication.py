@@ -161,7 +161,9 @@ def test_records_the_target_holds_are_released_before_the_journal_writes_them(
 
     async def scenario() -> tuple[list[str], int, int, list[str], int]:
         loop = asyncio.get_running_loop()
-        journal = Journal.create(tmp_path / "journal", uuid.uuid4(), segment_size=256 << 10)
+        journal = Journal.create(  # room for all of it, should the releases lag
+            tmp_path / "journal", uuid.uuid4(), segment_size=256 << 10, max_segments=64
+        )
         volume = FileVolume(str(make_volume(tmp_path / "v.img", 4 * MiB)))
         group = SourceGroup(
             uuid.uuid4(), "g", [("v", volume)], journal, background_sync_bytes=every
