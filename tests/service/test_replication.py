@@ -221,7 +221,7 @@ def test_a_checkpoint_marker_is_made_durable_by_the_target_or_locally(
         synced = _journal_syncs(monkeypatch)
         await loop.run_in_executor(None, group.volumes[0].write, 0, b"x" * 4096)
         marker = group.create_checkpoint("before the upgrade")
-        commit = loop.create_task(group.commit_through(marker.seq, patience=0.2))
+        commit = loop.create_task(group.commit_through(marker.seq, patience=2.0))
         if acked:
             await asyncio.sleep(0.01)
             group.on_ack(marker.seq)
