@@ -502,6 +502,13 @@ class UndoLog:
         # next one is read and checked here (one in flight at a time).
         pool = self._writer() if len(chunks) > 1 else None
         writing: tuple[concurrent.futures.Future[tuple[_Segment, int]], list[_Slot]] | None = None
+
+        def finish_writing() -> None:
+            nonlocal writing
+            if writing is not None:
+                (future, slots), writing = writing, None
+                done(future.result(), slots)
+
         try:
             for chunk in chunks:
                 table, parts, slots = self._gather(volumes, chunk)
@@ -511,13 +518,9 @@ class UndoLog:
                 if pool is None:
                     done(self._append(*args), slots)
                     continue
-                if writing is not None:
-                    entry, writing = writing, None
-                    done(entry[0].result(), entry[1])
+                finish_writing()
                 writing = (pool.submit(self._append, *args), slots)
-            if writing is not None:
-                entry, writing = writing, None
-                done(entry[0].result(), entry[1])
+            finish_writing()
         finally:
             if writing is not None:  # failed meanwhile: the entry in flight ends first
                 concurrent.futures.wait([writing[0]])
