@@ -676,19 +676,18 @@ class Node:
             }
         else:
             answer = group.create_checkpoint(label, "crash").to_dict()  # microseconds
+
         # The marker reaches stable storage in the background, soon after.
+        def committed(task: asyncio.Task[None]) -> None:
+            self._commits.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error(
+                    "group %s: committing checkpoint %s: %s", name, answer["id"], task.exception()
+                )
+
         commit = loop.create_task(group.commit_through(answer["seq"]))
         self._commits.add(commit)
-        commit.add_done_callback(
-            lambda f: (
-                self._commits.discard(f),
-                f.cancelled()
-                or f.exception() is None
-                or log.error(
-                    "group %s: committing checkpoint %s: %s", name, answer["id"], f.exception()
-                ),
-            )
-        )
+        commit.add_done_callback(committed)
         answer["group"] = name
         answer["took_seconds"] = round(time.monotonic() - started, 4)
         log.info(
