@@ -95,6 +95,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def busy_core_seconds() -> float:
+    """CPU time the whole machine has spent busy since boot, all cores summed
+    (/proc/stat: user, nice, system, irq, softirq, steal; not idle or iowait)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields)
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def sync(*, timeout: float = 180) -> None:
     """Write all dirty page-cache pages back, so no run pays for the previous one."""
     run(["sync"], timeout=timeout)

@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import BenchError, free_port, stop
+from _common import BenchError, busy_core_seconds, free_port, stop
 
 CHUNK = 1 << 20
 COMMIT_BYTES = 32 << 20  # havend's default window: one fdatasync per window at least
@@ -176,7 +176,8 @@ def floor_copy(
 ) -> dict[str, float]:
     """One floor copy: ``nbdcopy`` (into qemu-nbd, no flush) while the sender
     and the receiver move the same number of bytes. Seconds from the start
-    until the client is done, the target durable, the target applied."""
+    until the client is done, the target durable, the target applied, and the
+    busy core-seconds of the whole machine meanwhile (``machine_cpu_s``)."""
     source_tls, target_tls = tls
     port = free_port(HOST)
     me = [sys.executable, str(Path(__file__).resolve())]
@@ -201,7 +202,7 @@ def floor_copy(
         )
         procs.append(source)
         _expect(source, "connected")
-        start = time.time()
+        start, busy = time.time(), busy_core_seconds()
         assert source.stdin is not None
         source.stdin.write("go\n")
         source.stdin.flush()
@@ -210,6 +211,7 @@ def floor_copy(
         if client.returncode != 0:
             raise BenchError(f"floor: nbdcopy failed: {client.stderr[-2000:]}")
         ends = {name: json.loads(_line(p, 600)) for name, p in (("s", source), ("t", target))}
+        busy = busy_core_seconds() - busy
         for proc in procs:
             proc.wait(timeout=60)
     finally:
@@ -218,7 +220,7 @@ def floor_copy(
         for name in ("floor-tj", "floor-sj", "floor-undo"):
             (work / name).unlink(missing_ok=True)
     durable = max(client_done, ends["s"]["journal_synced"], ends["t"]["durable"])
-    out = {"client_s": client_done - start, "durable_s": durable - start}
+    out = {"client_s": client_done - start, "durable_s": durable - start, "machine_cpu_s": busy}
     if "applied" in ends["t"]:
         out["applied_s"] = max(durable, ends["t"]["applied"]) - start
     return out

@@ -22,7 +22,12 @@ before anything is measured. Three measurements, each checked byte for byte:
    qemu-nbd, the bytes appended to a source journal, sent over TLS 1.3 and
    appended to a target journal synced per 32 MiB; no protocol), until the
    target journal is durable: ``throughput_floor_ratio`` is the most any
-   implementation of the design can reach on this machine.
+   implementation of the design can reach on this machine. Around every run
+   of the three, the busy core-seconds of the whole machine (/proc/stat) are
+   counted: ``throughput.cpu_budget`` sets them per GiB against the budget of
+   the target (every core busy for the whole of a copy at 0.7 x qemu-nbd's
+   median), so whether a design *can* reach the target on this machine is a
+   figure, not a guess.
 2. Replication lag under a paced 50 MB/s writer (havend's blocking NBD client,
    1 MiB writes on a fixed schedule, no flushes, for ``--lag-seconds``). Each
    write carries a stamp (run nonce, write index) in its first bytes; a thread
@@ -84,6 +89,7 @@ from _common import (
     RESULTS,
     ROOT,
     BenchError,
+    busy_core_seconds,
     cpu_seconds,
     disk_write_bytes,
     drop_cache,
@@ -357,6 +363,10 @@ class Throughput:
     commands: dict[str, str] = field(default_factory=dict)
     floor: list[float] = field(default_factory=list)  # MB/s, essential work only, durable
     floor_with_apply: list[float] = field(default_factory=list)  # same, replica written too
+    # Busy core-seconds of the whole machine during each run (every process).
+    ours_machine_cpu_s: list[float] = field(default_factory=list)
+    peer_machine_cpu_s: list[float] = field(default_factory=list)
+    floor_machine_cpu_s: list[float] = field(default_factory=list)
 
 
 def nbdcopy_argv(source: Path, uri: str) -> list[str]:
@@ -371,6 +381,7 @@ def replicated_copy(pair: Pair, source: Path, size: int, result: Throughput) -> 
     peak_journal = peak_lag = 0
     cpu = {n.name: cpu_seconds(n.proc.pid) for n in pair.nodes() if n.proc}
     disk = {n.name: disk_write_bytes(n.proc.pid) for n in pair.nodes() if n.proc}
+    busy = busy_core_seconds()
     start = time.time()
     try:
         copy = subprocess.Popen(
@@ -411,6 +422,7 @@ def replicated_copy(pair: Pair, source: Path, size: int, result: Throughput) -> 
             unacked_at_end = g["lag_bytes"]
         if src["time"] > copied and g["acked_seq"] == g["last_seq"]:
             acked = src["time"]
+            result.ours_machine_cpu_s.append(busy_core_seconds() - busy)
             break
         if src["time"] > copied:
             previous = max(previous, src["time"])
@@ -443,9 +455,11 @@ def peer_copy(server: Server, source: Path, size: int, result: Throughput) -> No
     result.commands["qemu-nbd"] = shlex.join(argv)
     sync()
     cpu, disk = cpu_seconds(server.proc.pid), disk_write_bytes(server.proc.pid)
+    busy = busy_core_seconds()
     start = time.perf_counter()
     run(argv, timeout=300)
     result.peer.append(size / (time.perf_counter() - start) / 1e6)
+    result.peer_machine_cpu_s.append(busy_core_seconds() - busy)
     result.peer_cpu_s.append(cpu_seconds(server.proc.pid) - cpu)
     result.peer_disk.append(disk_write_bytes(server.proc.pid) - disk)
 
@@ -461,7 +475,9 @@ def floor_copies(
     write_zeroes(replica, size)
     try:
         sync()
-        result.floor.append(size / floor_copy(work, tls, argv, size)["durable_s"] / 1e6)
+        floor = floor_copy(work, tls, argv, size)
+        result.floor.append(size / floor["durable_s"] / 1e6)
+        result.floor_machine_cpu_s.append(floor["machine_cpu_s"])
         sync()
         applied = floor_copy(work, tls, argv, size, replica=replica)
         result.floor_with_apply.append(size / applied["durable_s"] / 1e6)
@@ -752,6 +768,41 @@ def _r(values: list[float], digits: int = 1) -> list[float]:
     return [round(v, digits) for v in values]
 
 
+def cpu_budget(tput: Throughput, size: int, peer_mbps: float) -> dict[str, Any]:
+    """What reaching the throughput target allows per GiB of CPU on this machine,
+    and what havend, qemu-nbd and the floor spent (whole machine, every process:
+    nbdcopy, the servers, the kernel's page cache and network work)."""
+    cores = os.cpu_count() or 1
+    per_gib = (1 << 30) / size
+    target = TARGETS["throughput_ratio"][1]
+    # Every core busy all the time, at exactly the target's rate.
+    budget = cores * (1 << 30) / (target * peer_mbps * 1e6)
+
+    def spent(runs: list[float]) -> dict[str, Any]:
+        return {
+            "median": round(statistics.median(runs) * per_gib, 2),
+            "runs": [round(r * per_gib, 2) for r in runs],
+        }
+
+    havend = statistics.median(tput.ours_machine_cpu_s) * per_gib
+    floor = statistics.median(tput.floor_machine_cpu_s) * per_gib
+    return {
+        "what": "busy core-seconds per GiB copied of the whole machine (/proc/stat: user, "
+        "nice, system, irq, softirq, steal) over the span of each MB/s figure: nbdcopy, "
+        "the servers, the kernel's page-cache and network work. The budget is what a copy "
+        f"at {target} x qemu-nbd's median may spend with all {cores} cores busy all the "
+        "time: a design whose whole-machine CPU per GiB is above it cannot reach the "
+        "target here, however it overlaps its work",
+        "cores": cores,
+        "budget_core_s_per_gib": round(budget, 2),
+        "havend_core_s_per_gib": spent(tput.ours_machine_cpu_s),
+        "qemu-nbd_core_s_per_gib": spent(tput.peer_machine_cpu_s),
+        "floor_core_s_per_gib": spent(tput.floor_machine_cpu_s),
+        "havend_over_budget": round(havend / budget, 3),
+        "floor_over_budget": round(floor / budget, 3),
+    }
+
+
 def report(
     pair: Pair,
     size: int,
@@ -814,6 +865,7 @@ def report(
             "commands": tput.commands | {"qemu-nbd server": qemu_command},
             "correctness": "after the first run the replica, the source volume and qemu-nbd's "
             "volume were compared with the source file byte for byte: identical",
+            "cpu_budget": cpu_budget(tput, size, peer),
             "floor": {
                 "what": "the least work of the design (volume write by qemu-nbd from the same "
                 "nbdcopy, no flush; the bytes appended to a source journal synced at the end; "
