@@ -20,10 +20,10 @@ If even this takes longer than
 target on this machine, where the client, both nodes and qemu-nbd share its
 cores and its one disk.
 
-Measured, it is an upper bound only while the machine holds still: in five
+Measured, it is an upper bound only while the machine holds still: in six
 full runs of bench/replication.py on 2026-11-28 it came out above havend
-twice (0.63 and 0.72 of qemu-nbd against 0.40 and 0.45) and below it three
-times (0.32-0.39 against 0.40-0.42), with whole-machine CPU per GiB from 4.9
+twice (0.63 and 0.72 of qemu-nbd against 0.40 and 0.45) and below it four
+times (0.32-0.39 against 0.40-0.44), with whole-machine CPU per GiB from 4.9
 to 8.4 core-s and, in a slow hour, half of all samples in the kernel's page
 cache copies (``perf record -a``: qemu-nbd's threads and the two journal
 writers copying at once; qemu-nbd's threads also contend for the file's
