@@ -186,7 +186,7 @@ def floor_copy(
     replica: Path | None = None,
     undo: bool = False,
 ) -> dict[str, float]:
-    """One floor copy: ``nbdcopy`` (into qemu-nbd, no flush) while the sender
+    """One floor copy: the caller's ``nbdcopy`` command (into qemu-nbd) while the sender
     and the receiver move the same number of bytes. Seconds from the start
     until the client is done, the target durable, the target applied, and the
     busy core-seconds of the whole machine meanwhile (``machine_cpu_s``)."""

@@ -21,15 +21,14 @@ before anything is measured. Three measurements, each checked byte for byte:
    design's essential work at C speed (bench/floor.py: the same nbdcopy into
    qemu-nbd, the bytes appended to a source journal in the page cache, sent
    over TLS 1.3 and appended to a target journal synced per 32 MiB; no
-   protocol), until the
-   target journal is durable: ``throughput_floor_ratio`` is meant as the most
-   any implementation of the design can reach on this machine (it is one only
-   while the machine holds still: see bench/floor.py). Around every run
-   of the three, the busy core-seconds of the whole machine (/proc/stat) are
-   counted: ``throughput.cpu_budget`` sets them per GiB against the budget of
-   the target (every core busy for the whole of a copy at 0.7 x qemu-nbd's
-   median), so whether a design *can* reach the target on this machine is a
-   figure, not a guess.
+   protocol), until the target journal is durable: ``throughput_floor_ratio``
+   is meant as the most any implementation of the design can reach on this
+   machine (it is one only while the machine holds still: see bench/floor.py).
+   Around every run of the three, the busy core-seconds of the whole machine
+   (/proc/stat) are counted: ``throughput.cpu_budget`` sets them per GiB
+   against the budget of the target (every core busy for the whole of a copy
+   at 0.7 x qemu-nbd's median), so whether a design *can* reach the target on
+   this machine is a figure, not a guess.
 2. Replication lag under a paced 50 MB/s writer (havend's blocking NBD client,
    1 MiB writes on a fixed schedule, no flushes, for ``--lag-seconds``). Each
    write carries a stamp (run nonce, write index) in its first bytes; a thread
