@@ -471,7 +471,8 @@ def floor_copies(
     pair: Pair, work: Path, source: Path, size: int, uri: str, result: Throughput
 ) -> None:
     """The essential work of the design at C speed (bench/floor.py), beside the
-    same nbdcopy into qemu-nbd: an upper bound for any implementation here."""
+    same nbdcopy into qemu-nbd: meant as an upper bound for any implementation
+    here, and one only while the machine holds still (see bench/floor.py)."""
     tls = (pair.source.config["tls"], pair.target.config["tls"])
     argv = nbdcopy_argv(source, uri)  # the volume synced, as havend's release does
     replica = work / "floor-replica.img"
@@ -873,11 +874,10 @@ def report(
             "floor": {
                 "what": "the least work of the design (volume write by qemu-nbd from the same "
                 "nbdcopy, --flush included; the bytes appended to a source journal in the page "
-                "cache only; "
-                "sent over TLS 1.3 with the same certificates; appended to a target journal "
-                "with one fdatasync per 32 MiB in its own thread) at C speed, no protocol, "
-                "ordering, CRC or compression: bench/floor.py. MB/s until the target journal "
-                "is durable. throughput_floor_ratio = its median / qemu-nbd's: meant as "
+                "cache only; sent over TLS 1.3 with the same certificates; appended to a target "
+                "journal with one fdatasync per 32 MiB in its own thread) at C speed, no "
+                "protocol, ordering, CRC or compression: bench/floor.py. MB/s until the target "
+                "journal is durable. throughput_floor_ratio = its median / qemu-nbd's: meant as "
                 "the most any implementation of the design reaches on this machine, but as "
                 "noisy as the machine (see bench/floor.py); cpu_budget is the sturdier figure",
                 "MBps": round(floor, 1),
