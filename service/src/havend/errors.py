@@ -2,6 +2,19 @@
 
 Callers convert these to user-facing messages at the edge (CLI, API, NBD error
 replies); inside, raise the most specific class that says who is at fault.
+
+Three classes say what a request ran into, whatever part of havend raised it;
+the edges map them by class, never by message text (the REST API: 404, 409
+and 422, in ``havend.api.app``):
+
+``NotFound``   the group, volume, checkpoint, view or operation asked for does
+               not exist here
+``Conflict``   it exists, but its state forbids the request (an illegal
+               transition, another operation running, a name taken)
+``Invalid``    the request itself is wrong (a bad argument or setting)
+
+Any other ``HavendError`` that reaches an edge is a conflict too: the request
+was understood and could not be carried out as things are.
 """
 
 from __future__ import annotations
@@ -11,8 +24,21 @@ class HavendError(Exception):
     """Base of every error havend raises on purpose."""
 
 
-class ConfigError(HavendError):
-    """The operator asked for something impossible (bad path, bad option)."""
+class NotFound(HavendError):
+    """The object a request names does not exist on this node."""
+
+
+class Conflict(HavendError):
+    """The object exists but its state forbids the request (illegal transition, busy)."""
+
+
+class Invalid(HavendError):
+    """The request is malformed or asks for something impossible (a bad argument)."""
+
+
+class ConfigError(Invalid):
+    """The operator asked for something impossible (bad path, bad option); the
+    message starts with the path of the bad key (``groups[0].volumes``)."""
 
 
 class ProtocolError(HavendError):
@@ -39,13 +65,9 @@ class JournalCorruptError(JournalError):
     """Journal data failed its checks: reported, never applied."""
 
 
-class CheckpointError(HavendError):
-    """A checkpoint, view or rollback cannot be made as asked (unknown id, a
-    group in the wrong state, a hook that failed)."""
-
-
-class ConflictError(CheckpointError):
-    """The request clashes with what exists (a name taken, a state that forbids it)."""
+class CheckpointError(Conflict):
+    """A checkpoint, view, failover or rollback cannot be made as asked (a group
+    in the wrong state, a hook that failed)."""
 
 
 class UndoCorruptError(HavendError):

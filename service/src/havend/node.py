@@ -28,7 +28,7 @@ from havend.admin import SOCKET_NAME, AdminServer
 from havend.cdp.hooks import SSHTarget, app_consistent
 from havend.cdp.snapshot import Snapshots
 from havend.config import Endpoint, GroupConfig, NodeConfig, group_from_dict
-from havend.errors import CheckpointError, ConfigError, ConflictError, HavendError
+from havend.errors import CheckpointError, ConfigError, Conflict, HavendError
 from havend.fsutil import write_atomic
 from havend.journal import Journal
 from havend.nbd.server import NBDServer
@@ -260,12 +260,12 @@ class Node:
             spec["path"] = path
         group_config = group_from_dict(data)
         if any(g.name == group_config.name for g in self.source_groups):
-            raise ConflictError(f"group {group_config.name!r} exists already")
+            raise Conflict(f"group {group_config.name!r} exists already")
         assert self.nbd is not None
         names = [v.name for v in group_config.volumes]
         taken = [n for n in names if n in self.nbd.volumes]
         if taken:
-            raise ConflictError(f"volume name {taken[0]!r} is taken on this node")
+            raise Conflict(f"volume name {taken[0]!r} is taken on this node")
         for i, (volume, spec) in enumerate(zip(group_config.volumes, data["volumes"], strict=True)):
             size = spec.get("size")
             if not os.path.exists(volume.path) and (
@@ -305,7 +305,7 @@ class Node:
                     os.unlink(state)
             if isinstance(exc, HavendError):
                 raise
-            raise ConflictError(
+            raise Conflict(
                 f"group {group_config.name} cannot be created: {exc.strerror or exc}"
             ) from None
         self.store.save_group(group_config.name, data)
@@ -330,7 +330,7 @@ class Node:
                 timeout,
             )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
-            raise ConflictError(
+            raise Conflict(
                 f"cannot pair with {host}:{port}: {type(exc).__name__}: {exc}"
             ) from None
         identity = None
@@ -366,7 +366,7 @@ class Node:
         protection. Retention reaches the target at the next connection."""
         group = self._source_group(name)
         if name not in self.api_groups:
-            raise ConflictError(f"group {name} is defined in the config file: edit it there")
+            raise Conflict(f"group {name} is defined in the config file: edit it there")
         assert self.store is not None
         current = next(c for c in self.store.groups() if c["name"] == name)
         merged = current | {k: v for k, v in changes.items() if k != "checkpoints"}
@@ -426,9 +426,9 @@ class Node:
         volumes and journal stay on disk)."""
         group = self._source_group(name)
         if name not in self.api_groups:
-            raise ConflictError(f"group {name} is defined in the config file: edit it there")
+            raise Conflict(f"group {name} is defined in the config file: edit it there")
         if group.fence is not None:
-            raise ConflictError(f"group {name} is fenced ({group.fence['reason']}): not now")
+            raise Conflict(f"group {name} is fenced ({group.fence['reason']}): not now")
         shipper = self._shipper(name)
         shipper.stop()
         for task in self._group_tasks.pop(name, []):
