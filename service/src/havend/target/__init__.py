@@ -13,3 +13,7 @@ On disk, under ``<state_dir>/groups/<group uuid>/``: ``group.json`` (name,
 volumes, replica paths), ``journal/`` (see ``havend.journal``) and ``applied``
 (the applied seq, replaced atomically).
 """
+
+from havend.target.server import TargetNode
+
+__all__ = ["TargetNode"]
