@@ -861,9 +861,15 @@ class SourceGroup:
         oldest = next(iter(self._unacked), None)  # acknowledgements pop it meanwhile
         lag_seconds = time.monotonic() - oldest[1] if oldest else 0.0
         lag_bytes = max(0, self._unacked_bytes)
-        if self.resync is not None:  # the replica is not current until the resync ends
-            lag_seconds = max(lag_seconds, time.monotonic() - self.resync.started)
-            lag_bytes += self.resync.total_bytes - self.resync.done_bytes
+        resync = self.resync
+        if resync is not None:
+            # The replica is not caught up until the target confirms the resync's
+            # end (SYNC_DONE): a staged resync changes it only then, and a direct
+            # one leaves it at no consistent point before. So the whole of what
+            # the resync covers is lag while it runs, even once every block is
+            # compared (a monitor must never read lag 0 during a resync).
+            lag_seconds = max(lag_seconds, time.monotonic() - resync.started)
+            lag_bytes += resync.total_bytes
         overflow = self.overflow
         if overflow is not None:  # regions waiting for a resync: not on the replica yet
             lag_seconds = max(lag_seconds, time.monotonic() - overflow.since)
