@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from waiting import WaitTimeout, wait_until
 
 HAVEND = [sys.executable, "-m", "havend"]
 _LISTENING = re.compile(r"serving .* on (nbd(?:\+unix)?://\S+)")
@@ -67,17 +68,22 @@ def start_havend(path: Path, *args: str, name: str = "disk", unix: str | None = 
         proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True
         )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and proc.poll() is None:
-        match = _LISTENING.search(log_path.read_text())
-        if match:
-            uri = match.group(1)
-            port = re.match(r"nbd://[^:]+:(\d+)/", uri)
-            return Havend(proc, uri, path, name, int(port.group(1)) if port else None, log_path)
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    raise AssertionError("havend did not start:\n" + log_path.read_text())
+    try:
+        match = wait_until(
+            lambda: proc.poll() is not None or _LISTENING.search(log_path.read_text()),
+            20,
+            "havend to listen",
+            interval=0.02,
+        )
+    except WaitTimeout:
+        match = None
+    if not isinstance(match, re.Match):  # it exited, or never said it listens
+        proc.kill()
+        proc.wait()
+        raise AssertionError("havend did not start:\n" + log_path.read_text())
+    uri = match.group(1)
+    port = re.match(r"nbd://[^:]+:(\d+)/", uri)
+    return Havend(proc, uri, path, name, int(port.group(1)) if port else None, log_path)
 
 
 @pytest.fixture

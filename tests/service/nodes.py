@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from waiting import wait_until
 
 
 @dataclass
@@ -35,14 +36,20 @@ class NodeProcess:
             start_new_session=True,
         )
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+        proc = self.proc
+
+        def started() -> bool:
+            if proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited:\n{self.log_path.read_text()}")
-            if status.exists():
-                return self
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name} did not start:\n{self.log_path.read_text()}")
+            return status.exists()
+
+        wait_until(
+            started,
+            timeout,
+            f"{self.name} to start (its status.json)",
+            detail=lambda: f"{self.name} did not start:\n{self.log_path.read_text()}",
+        )
+        return self
 
     def status(self) -> dict[str, Any]:
         for _ in range(50):  # replaced atomically, but may be absent for an instant
@@ -154,25 +161,28 @@ def wait_caught_up(source: NodeProcess, target: NodeProcess, timeout: float = 60
     """Until every group's last seq is acknowledged and applied on the target,
     as seen in status files written after this call began."""
     since = time.time()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def caught_up() -> bool:
         src_status, tgt_status = source.status(), target.status()
         if src_status["time"] <= since or tgt_status["time"] <= since:
-            time.sleep(0.05)
-            continue
+            return False
         src = {g["group"]: g for g in src_status["groups"]}
         tgt = {g["group"]: g for g in tgt_status["groups"]}
-        if all(
+        return all(
             g["acked_seq"] == g["last_seq"]
             and g["lag_bytes"] == 0  # no region waiting for a resync either
             and gid in tgt
             and tgt[gid]["applied_seq"] == g["last_seq"]
             and tgt[gid]["state"] == "consistent"
             for gid, g in src.items()
-        ):
-            return
-        time.sleep(0.1)
-    raise AssertionError(
-        f"not caught up:\nsource {source.status()}\ntarget {target.status()}\n"
-        f"--- source log\n{source.log()[-3000:]}\n--- target log\n{target.log()[-3000:]}"
+        )
+
+    wait_until(
+        caught_up,
+        timeout,
+        f"{source.name} and {target.name} to catch up (status written since the wait began)",
+        detail=lambda: (
+            f"not caught up:\nsource {source.status()}\ntarget {target.status()}\n"
+            f"--- source log\n{source.log()[-3000:]}\n--- target log\n{target.log()[-3000:]}"
+        ),
     )

@@ -12,6 +12,7 @@ from typing import Any
 
 from faultproxy import FaultProxy
 from nodes import source_node, target_node, wait_caught_up
+from waiting import wait_until
 
 from havend import admin
 from havend.nbd.client import NBDClient
@@ -79,10 +80,14 @@ class Sites:
         return {i: (base / f"{n}.img").read_bytes() for i, n in enumerate(VOLUMES)}
 
     def wait_fenced(self, fenced: bool) -> None:
-        deadline = time.monotonic() + WAIT
-        while bool(self.source.status()["groups"][0]["fence"]) != fenced:
-            assert time.monotonic() < deadline, self.source.log()[-1500:]
-            time.sleep(0.1)
+        wait_until(
+            lambda: self.source.status()["groups"][0]["fence"],
+            WAIT,
+            f"the source {'fenced' if fenced else 'no longer fenced'}",
+            until=lambda fence: bool(fence) == fenced,
+            detail=lambda: self.source.log()[-1500:],
+            interval=0.1,
+        )
 
     def failed_over_with_losses(self, lost: int, recovery: int, seed: int) -> tuple[dict, dict]:
         """Cut the link, ``lost`` writes on the source, promote the target,
@@ -138,14 +143,23 @@ class Sites:
             self.source.start()
             self.writer = self._writer(seed=seed + 50)  # clients of the new process
         self.proxy.heal()
-        deadline = time.monotonic() + WAIT
-        while True:  # both sides know
+
+        def both_know() -> tuple[dict, dict]:
             fence = self.source.status()["groups"][0]["fence"] or {}
             [group] = self.target.status()["groups"]
-            if (fence.get("split_brain") or {}).get("recovery") and group["split_brain"]:
-                return promoted
-            assert time.monotonic() < deadline, self.source.log()[-2000:]
-            time.sleep(0.1)
+            return fence, group
+
+        wait_until(
+            both_know,
+            WAIT,
+            "both sides to know of the split brain",
+            until=lambda seen: (
+                (seen[0].get("split_brain") or {}).get("recovery") and seen[1]["split_brain"]
+            ),
+            detail=lambda: self.source.log()[-2000:],
+            interval=0.1,
+        )
+        return promoted
 
     def back_to_normal(self, seed: int, writes: int) -> None:
         """The source takes writes again and replicates them: replica == source."""
