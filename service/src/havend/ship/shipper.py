@@ -717,7 +717,7 @@ class Shipper:
             "name": group.name,
             "mode": group.mode,
             "volumes": [{"name": v.name, "size": v.size} for v in group.volumes],
-            "retention": group.retention,
+            "retention": group.retention.to_dict(),
         } | self._split_brain_report()
 
     def _split_brain_report(self) -> dict:

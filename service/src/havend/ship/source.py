@@ -37,6 +37,7 @@ from typing import Any, BinaryIO
 
 from havend.bitmap import mark_range, set_runs
 from havend.cdp.checkpoint import Checkpoint
+from havend.cdp.retention import RetentionPolicy
 from havend.cdp.undo import snapshot_ranges
 from havend.errors import CheckpointError, JournalCorruptError
 from havend.fsutil import write_atomic
@@ -197,7 +198,7 @@ class SourceGroup:
         self.paused = False  # shipping stopped by an operator
         self.generation: str | None = None  # the target's generation of this group
         # How many checkpoints the target keeps, and for how long (0: no limit).
-        self.retention: dict[str, float] = {"count": 2048, "max_age_seconds": 0}
+        self.retention = RetentionPolicy()  # sent to the target in every HELLO
 
     # Volume sync marker ---------------------------------------------------
     # Records up to the marker are on stable storage in the volumes themselves,
