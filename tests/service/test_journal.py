@@ -185,6 +185,30 @@ def test_damage_behind_the_head_hint_is_caught_when_read(tmp_path: Path) -> None
             again.read(6)
 
 
+def test_a_whole_record_out_of_sequence_is_refused_when_read(tmp_path: Path) -> None:
+    """A record can be whole (its CRC right) and still not belong where it is:
+    a block the disk wrote to the wrong place, a stale copy of a segment, a
+    record duplicated. read() checks that each seq is the previous one plus
+    one and refuses the record otherwise (JournalCorruptError, nothing of it
+    returned): without that, seq 9 read where seq 8 belongs would be returned
+    as the next record, seq 8 would be lost without a word, seq 9 returned
+    twice, and the shipper would send the target a history that never was."""
+    with Journal.create(tmp_path, GROUP, segment_size=1 << 20) as journal:
+        fill(journal, 20)
+    seg = segment0(tmp_path)
+    offsets = record_offsets(tmp_path, 9)
+    ninth = seg.read_bytes()[offsets[8] : offsets[8] + record_size(1000)]
+    with open(seg, "r+b") as f:  # seq 9's record, whole, where seq 8's was
+        f.seek(offsets[7])
+        f.write(ninth)
+    with Journal.open(tmp_path) as again:  # close() left the head hint at the end
+        assert [r.seq for r in again.read(0, max_bytes=6 * 1024)] == list(range(1, 7))
+        with pytest.raises(JournalCorruptError, match=r"seq 9 where 8 belongs"):
+            again.read(6)
+        with pytest.raises(JournalCorruptError, match=r"seq 9 where 8 belongs"):
+            again.read(0, max_bytes=1 << 20)  # one read over it: refused, not cut short
+
+
 def test_superblock_falls_back_to_the_other_slot(tmp_path: Path) -> None:
     with new_journal(tmp_path) as journal:
         fill(journal, 100)  # rolls: several superblock generations
