@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from nodes import wait_caught_up
 from sites import EPERM, SIZES, VOLUMES, WAIT, MiB, Sites
+from waiting import wait_until
 
 from havend import admin
 from havend.errors import NBDClientError
@@ -41,10 +42,12 @@ def test_planned_failover_loses_no_acknowledged_write(sites: Sites) -> None:
     assert refused.value.error == EPERM
     sites.clients[1].read(0, 4096)
     # The promoted replica holds every acknowledged write, and takes new ones.
-    deadline = time.monotonic() + 10
-    while not (group := sites.target.status()["groups"][0])["promoted"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    group = wait_until(
+        lambda: sites.target.status()["groups"][0],
+        10,
+        "the target's group promoted",
+        until=lambda group: group["promoted"],
+    )
     assert group["promoted"]["planned"] and group["promoted"]["applied_seq"] == result["final_seq"]
     views = sites.target.address("views")
     images = sites.promoted_images(views)
@@ -53,10 +56,13 @@ def test_planned_failover_loses_no_acknowledged_write(sites: Sites) -> None:
     with NBDClient.open(f"{views}/app/db") as client:
         client.write(8192, b"recovery site" * 300)
         client.flush()
-    deadline = time.monotonic() + 10
-    while sites.target.status()["groups"][0]["changed_bytes"] < 4096:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(
+        lambda: sites.target.status()["groups"][0]["changed_bytes"],
+        10,
+        "4096 changed bytes on the promoted target",
+        until=lambda changed: changed >= 4096,
+        interval=0.1,
+    )
     # A restart keeps both sides where they are.
     sites.source.stop()
     sites.source.start()
@@ -233,14 +239,23 @@ def test_planned_failover_killed_at_random_moments_never_loses_a_write(
     sites.write(rng.randrange(100, 600))
     node = sites.source if victim == "source" else sites.target
     sites.kill_during(node, sites.source, "failover", rng.uniform(0, 0.2), group="app")
-    deadline = time.monotonic() + WAIT
-    while True:  # settled: failed over (fence with the promotion) or protecting
+
+    def source_group() -> dict:
         [src] = sites.source.status()["groups"]
-        fence = src["fence"]
-        if (fence and fence.get("promoted")) or (not fence and src["connected"]):
-            break
-        assert time.monotonic() < deadline, (src, sites.source.log()[-1500:])
-        time.sleep(0.1)
+        return src
+
+    src = wait_until(  # settled: failed over (fence with the promotion) or protecting
+        source_group,
+        WAIT,
+        "the source failed over or protecting again",
+        until=lambda src: (
+            (src["fence"] and src["fence"].get("promoted"))
+            or (not src["fence"] and src["connected"])
+        ),
+        detail=lambda: sites.source.log()[-1500:],
+        interval=0.1,
+    )
+    fence = src["fence"]
     if not fence:
         result = sites.op(sites.source, "failover", group="app")
         assert result["final_seq"] == result["target_applied_seq"] and not result["lost_writes"]

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 from faultproxy import FaultProxy
+from waiting import wait_until
 
 TIMEOUT = 10.0
 
@@ -65,11 +66,14 @@ def echo_once(sock: socket.socket, payload: bytes) -> bytes:
     return recv_exact(sock, len(payload))
 
 
-def wait_until(predicate, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
+def wait_active(proxy: FaultProxy, count: int) -> None:
+    wait_until(
+        lambda: proxy.stats().active,
+        TIMEOUT,
+        f"{count} connection(s) active in the proxy",
+        until=lambda active: active == count,
+        interval=0.01,
+    )
 
 
 def assert_refused(proxy: FaultProxy) -> None:
@@ -103,7 +107,7 @@ def test_pass_through_both_ways_and_counters(proxy: FaultProxy) -> None:
     stats = proxy.stats()
     assert stats.client_to_server == stats.server_to_client == len(payload)
     assert stats.accepted == 1
-    wait_until(lambda: proxy.stats().active == 0)
+    wait_active(proxy, 0)
 
 
 def test_delay_adds_at_least_the_delay(proxy: FaultProxy) -> None:
@@ -173,9 +177,9 @@ def test_reset_all_during_partition_ends_parked_connections(proxy: FaultProxy) -
         proxy.partition()
         sock.sendall(b"held")
         late = connect(proxy)
-        wait_until(lambda: proxy.stats().active == 2)
+        wait_active(proxy, 2)
         assert proxy.reset_all() == 2
-        wait_until(lambda: proxy.stats().active == 0)
+        wait_active(proxy, 0)
         assert_dead(sock)
         assert_dead(late)
         late.close()

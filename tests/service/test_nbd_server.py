@@ -8,23 +8,22 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from conftest import IHAVEOPT, REQUEST_MAGIC, Havend, RawClient, start_havend
+from waiting import wait_until
 
 EINVAL, EPERM, ENOSPC = 22, 1, 28
 FUA = 1
 
 
 def wait_for_log(server: Havend, needle: str, timeout: float = 10) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = [line for line in server.log() if needle in line]
-        if lines:
-            return lines
-        time.sleep(0.05)
-    raise AssertionError(f"no log line with {needle!r}:\n" + "\n".join(server.log()))
+    return wait_until(
+        lambda: [line for line in server.log() if needle in line],
+        timeout,
+        f"a log line with {needle!r}",
+        detail=lambda: "\n".join(server.log()),
+    )
 
 
 def test_reads_writes_flush_and_fua_reach_the_file(havend: Havend, raw_client) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from nodes import wait_caught_up
 from sites import VOLUMES, WAIT, Sites
+from waiting import wait_until
 
 from havend import admin
 from havend.nbd.client import NBDClient
@@ -106,10 +107,13 @@ def test_reverse_rounds_then_a_second_disaster(sites: Sites) -> None:
     sites.write(25)  # accepted here again
     # The recovery side comes back: both took writes, nothing is merged silently.
     sites.target.start()
-    deadline = time.monotonic() + WAIT
-    while not (sites.source.status()["groups"][0]["fence"] or {}).get("split_brain"):
-        assert time.monotonic() < deadline, sites.source.log()[-2000:]
-        time.sleep(0.1)
+    wait_until(
+        lambda: (sites.source.status()["groups"][0]["fence"] or {}).get("split_brain"),
+        WAIT,
+        "the source to see the split brain",
+        detail=lambda: sites.source.log()[-2000:],
+        interval=0.1,
+    )
     split = sites.source.status()["groups"][0]["fence"]["split_brain"]
     assert split["production"]["records"] == 25
     sites.op(sites.source, "resolve", group="app", survivor="production")
@@ -171,12 +175,16 @@ def test_reverse_rounds_run_by_themselves(tmp_path: Path) -> None:
     try:
         sites.write(100)
         sites.failed_over_with_losses(lost=5, recovery=50, seed=5)
-        deadline = time.monotonic() + WAIT
-        while ((sites.source.status()["groups"][0]["fence"] or {}).get("reverse") or {}).get(
-            "rounds", 0
-        ) < 2:
-            assert time.monotonic() < deadline, sites.source.log()[-2000:]
-            time.sleep(0.2)
+        wait_until(
+            lambda: ((sites.source.status()["groups"][0]["fence"] or {}).get("reverse") or {}).get(
+                "rounds", 0
+            ),
+            WAIT,
+            "two reverse rounds run by themselves",
+            until=lambda rounds: rounds >= 2,
+            detail=lambda: sites.source.log()[-2000:],
+            interval=0.2,
+        )
         assert sites.volume_images() == sites.promoted_images(sites.target.address("views"))
     finally:
         sites.close()
