@@ -198,7 +198,19 @@ class SourceGroup:
         self.paused = False  # shipping stopped by an operator
         self.generation: str | None = None  # the target's generation of this group
         # How many checkpoints the target keeps, and for how long (0: no limit).
-        self.retention = RetentionPolicy()  # sent to the target in every HELLO
+        self._retention = RetentionPolicy()  # sent to the target in every HELLO
+
+    @property
+    def retention(self) -> RetentionPolicy:
+        """How many checkpoints the target keeps, and for how long."""
+        return self._retention
+
+    @retention.setter
+    def retention(self, policy: RetentionPolicy | dict[str, Any]) -> None:
+        # A dict is accepted while the node still assigns one (transition).
+        self._retention = (
+            policy if isinstance(policy, RetentionPolicy) else RetentionPolicy.from_dict(policy)
+        )
 
     # Volume sync marker ---------------------------------------------------
     # Records up to the marker are on stable storage in the volumes themselves,

@@ -91,7 +91,6 @@ class TargetGroup:
         self.applied_bytes = 0
         self.apply_lock = asyncio.Lock()  # held while the applier works; rollback waits
         self.new_records = asyncio.Event()  # durable records for the applier
-        self.received = asyncio.Event()  # records received, not yet synced
         self.applied_changed = asyncio.Event()
 
     @classmethod

@@ -125,11 +125,15 @@ class TargetNode:
             link.write(wire.encode_control(wire.FrameType.WELCOME, welcome))
             await link.drain()
             log.info("group %s: receiving from %s", group.name, hello.body.get("node"))
-            committer = asyncio.ensure_future(self._commit_and_ack(group, link))
+            # This link's own: a batch another link left unsynced must not make
+            # this one acknowledge before its source asks for anything (an ACK
+            # before SYNC_READY breaks the resync handshake).
+            received = asyncio.Event()
+            committer = asyncio.ensure_future(self._commit_and_ack(group, link, received))
             try:
                 while True:
                     frame = await link.read_frame(decoder, timeout=None)
-                    reply = await self._handle(group, frame)
+                    reply = await self._handle(group, frame, received)
                     if reply:
                         link.write(reply)
                         await link.drain()
@@ -148,13 +152,32 @@ class TargetNode:
         except Exception as exc:  # one link's failure must not go unreported
             log.warning("source %s: link failed: %s: %s", peer, type(exc).__name__, exc)
         finally:
-            if group is not None and self._links.get(group.id) is link:
-                del self._links[group.id]
-                group.connected = False
-                group.abort_resync()
-                if group.promoted:
-                    group.abort_failback()
-            link.close()
+            try:
+                if group is not None and self._links.get(group.id) is link:
+                    await self._link_ended(group)
+            finally:
+                if group is not None and self._links.get(group.id) is link:
+                    del self._links[group.id]
+                    group.connected = False
+                    group.abort_resync()
+                    if group.promoted:
+                        group.abort_failback()
+                link.close()
+
+    async def _link_ended(self, group: TargetGroup) -> None:
+        """Make durable what the link delivered and its commit did not reach
+        (it broke mid-commit): the status then says what the replica holds
+        (no received seq above the durable one on an idle group), and the
+        applier goes on with those records. A new link of the group waits
+        for this (it waits until this link is gone from ``_links``)."""
+        if group.journal.durable_seq >= group.journal.last_seq:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, group.journal.sync)
+        except OSError as exc:  # the next link's HELLO syncs it again
+            log.error("group %s: syncing the journal after the link failed: %s", group.name, exc)
+            return
+        group.new_records.set()
 
     async def _resolve(
         self,
@@ -240,8 +263,11 @@ class TargetNode:
             for view in views:
                 view.close()
 
-    async def _handle(self, group: TargetGroup, frame: wire.Frame) -> bytes | None:
-        """Carry out one frame of a session; the bytes to answer with."""
+    async def _handle(
+        self, group: TargetGroup, frame: wire.Frame, received: asyncio.Event
+    ) -> bytes | None:
+        """Carry out one frame of a session (``received``: its commit loop's
+        event); the bytes to answer with."""
         loop = asyncio.get_running_loop()
         if isinstance(frame, wire.Batch):
             if frame.group != group.id:
@@ -249,7 +275,7 @@ class TargetNode:
             if group.state == "syncing":
                 raise RemoteProtocolError(f"group {group.name} needs a resync before records")
             group.receive(frame.records)
-            group.received.set()  # _commit_and_ack makes them durable and acknowledges
+            received.set()  # _commit_and_ack makes them durable and acknowledges
             return None
         if isinstance(frame, wire.HashRequest):
             return await _hashes(group.volumes, frame)
@@ -295,14 +321,17 @@ class TargetNode:
             return wire.encode_control(wire.FrameType.SYNC_DONE, {})
         raise RemoteProtocolError(f"unexpected frame {frame!r}")
 
-    async def _commit_and_ack(self, group: TargetGroup, link: FrameLink) -> None:
-        """Group commit on the target: one fdatasync for every batch received
-        meanwhile, then one ACK; frames keep being read while the disk works."""
+    async def _commit_and_ack(
+        self, group: TargetGroup, link: FrameLink, received: asyncio.Event
+    ) -> None:
+        """Group commit on the target: one fdatasync for every batch this link
+        received meanwhile (``received`` is set), then one ACK; frames keep
+        being read while the disk works."""
         loop = asyncio.get_running_loop()
         acked = -1
         while True:
-            await group.received.wait()
-            group.received.clear()
+            await received.wait()
+            received.clear()
             await loop.run_in_executor(None, group.journal.sync)
             group.new_records.set()
             if group.journal.durable_seq != acked:
