@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from faultproxy import FaultProxy
 from waiting import wait_until
 
 
@@ -155,6 +156,101 @@ def make_tls(tmp: Path) -> tuple[dict, dict]:
         files = issue(tmp / "ca", tmp / "pki", name, ["127.0.0.1", "localhost", name])
         out.append({"cert": str(files.cert), "key": str(files.key), "ca": str(ca.cert)})
     return out[0], out[1]
+
+
+MiB = 1 << 20
+
+
+def app_group(tmp: Path, volumes: dict[str, int], **extra: Any) -> dict[str, Any]:
+    """Group "app" of new empty (sparse) volumes in ``tmp``, ``{name: size}``,
+    its journal 64 segments of 1 MiB; ``extra`` adds or replaces keys."""
+    paths = {}
+    for name, size in volumes.items():
+        path = tmp / f"{name}.img"
+        with open(path, "wb") as f:
+            f.truncate(size)
+        paths[name] = path
+    return {
+        "name": "app",
+        "volumes": [{"name": n, "path": str(p)} for n, p in paths.items()],
+        "journal": {"segment_size": MiB, "max_segments": 64},
+    } | extra
+
+
+@dataclass
+class Pair:
+    """Two sites: a target, and a source replicating to it, directly or
+    through a fault proxy (``proxy``); ``tls`` holds the (source, target) TLS
+    configs, None over plaintext."""
+
+    target: NodeProcess
+    source: NodeProcess
+    proxy: FaultProxy | None = None
+    tls: tuple[dict, dict] | None = None
+
+    def stop(self) -> None:
+        """Source, proxy, target, each even if another fails (the first error is
+        raised after), then kill -9 whatever still runs."""
+        errors = []
+        for stop in (self.source.stop, self.proxy.stop if self.proxy else None, self.target.stop):
+            try:
+                if stop is not None:
+                    stop()
+            except Exception as exc:  # stop the others anyway
+                errors.append(exc)
+        for node in (self.source, self.target):
+            node.kill()
+        if errors:
+            raise errors[0]
+
+
+def start_pair(
+    tmp: Path,
+    groups: list[dict[str, Any]],
+    *,
+    tls: bool | tuple[dict, dict] = False,
+    proxy: bool = False,
+    api: bool = False,
+    paired: bool = True,
+    target: NodeProcess | None = None,
+    caught_up: float | None = None,
+    **source_options: Any,
+) -> Pair:
+    """The two sites of the replication tests, started: the target (``target``,
+    or a new ``tgt1``), a :class:`FaultProxy` in front of it if ``proxy``, then
+    the source ``src1`` with ``groups``, replicating to the proxy or the target
+    (``paired=False``: to no target, it pairs later through the API).
+
+    ``tls``: False, plaintext; True, certificates from one test CA
+    (:func:`make_tls`); or the (source, target) TLS configs. ``api``: the REST
+    API on both nodes. ``source_options`` go to :func:`source_node`
+    (``link_timeout``, ``nbd_port``...). ``caught_up``: wait that many seconds
+    for the first sync. If anything fails, nothing is left running."""
+    tls_configs = make_tls(tmp) if tls is True else tls or None
+    src_tls, tgt_tls = tls_configs or (None, None)
+    target = target or target_node(tmp, tls=tgt_tls, api=api)
+    source: NodeProcess | None = None
+    fault_proxy: FaultProxy | None = None
+    try:
+        target.start()
+        port = int(target.address("replication").rsplit(":", 1)[1])
+        if proxy:
+            fault_proxy = FaultProxy("127.0.0.1", port).start()
+            port = fault_proxy.port
+        source = source_node(
+            tmp, port if paired else None, groups, tls=src_tls, api=api, **source_options
+        )
+        source.start()
+        if caught_up is not None:
+            wait_caught_up(source, target, timeout=caught_up)
+        return Pair(target, source, fault_proxy, tls_configs)
+    except BaseException:
+        for node in (source, target):
+            if node is not None:
+                node.kill()
+        if fault_proxy is not None:
+            fault_proxy.stop()
+        raise
 
 
 def wait_caught_up(source: NodeProcess, target: NodeProcess, timeout: float = 60) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 from conftest import require_tool
-from nodes import NodeProcess, free_port, make_tls, source_node, target_node, wait_caught_up
+from nodes import NodeProcess, app_group, free_port, start_pair, wait_caught_up
+from waiting import wait_until
 
 from havend import admin
 from havend.nbd.client import NBDClient
@@ -36,24 +37,13 @@ class Site:
 
     def __init__(self, tmp: Path, **checkpoints: Any) -> None:
         self.tmp = tmp
-        src_tls, tgt_tls = make_tls(tmp)
-        self.target = target_node(tmp, tls=tgt_tls).start()
-        port = int(self.target.address("replication").rsplit(":", 1)[1])
-        paths = []
-        for name, size in zip(VOLUMES, SIZES, strict=True):
-            path = tmp / f"{name}.img"
-            with open(path, "wb") as f:
-                f.truncate(size)
-            paths.append(path)
-        group = {
-            "name": "app",
-            "volumes": [{"name": n, "path": str(p)} for n, p in zip(VOLUMES, paths, strict=True)],
-            "journal": {"segment_size": MiB, "max_segments": 64},
-        }
-        if checkpoints:
-            group["checkpoints"] = checkpoints
-        self.source = source_node(tmp, port, [group], tls=src_tls).start()
-        wait_caught_up(self.source, self.target, timeout=WAIT)
+        group = app_group(
+            tmp,
+            dict(zip(VOLUMES, SIZES, strict=True)),
+            **({"checkpoints": checkpoints} if checkpoints else {}),
+        )
+        self.pair = start_pair(tmp, [group], tls=True, caught_up=WAIT)
+        self.target, self.source = self.pair.target, self.pair.source
         nbd = self.source.address("nbd").rsplit(":", 1)[1]
         self.clients = {i: NBDClient.tcp("127.0.0.1", int(nbd), n) for i, n in enumerate(VOLUMES)}
         self.log = WriteLog()
@@ -112,8 +102,7 @@ class Site:
     def close(self) -> None:
         for client in self.clients.values():
             client.close()
-        self.source.stop()
-        self.target.stop()
+        self.pair.stop()
 
 
 @pytest.fixture
@@ -222,10 +211,13 @@ def test_rollback_makes_a_checkpoint_the_latest_and_holds_the_source(site: Site)
     assert report.ok and report.min_seq <= seq <= report.seq, report
     assert [c["label"] for c in site.checkpoints()] == ["c0", "c1"]
     site.write(20)  # the source goes on; the target refuses its records
-    deadline = time.monotonic() + WAIT
-    while "rolled back" not in site.source.status()["groups"][0]["last_error"]:
-        assert time.monotonic() < deadline, site.source.status()
-        time.sleep(0.1)
+    wait_until(
+        lambda: site.source.status(),
+        WAIT,
+        "the source to report that the target rolled back",
+        until=lambda status: "rolled back" in status["groups"][0]["last_error"],
+        interval=0.1,
+    )
     [group] = site.target.status()["groups"]
     assert group["hold"].startswith("rolled back to checkpoint")
     assert check_prefix(site.log, replica).ok  # and nothing more was applied
@@ -353,11 +345,21 @@ def test_periodic_checkpoints(tmp_path: Path) -> None:
     try:
         stop = threading.Event()
         site.write(10)
-        deadline = time.monotonic() + WAIT
-        while len(site.checkpoints()) < 3:
-            assert time.monotonic() < deadline, site.source.log()[-2000:]
-            site.write(5)
-            time.sleep(0.2)
+
+        def three_checkpoints() -> int:
+            taken = len(site.checkpoints())
+            if taken < 3:
+                site.write(5)
+            return taken
+
+        wait_until(
+            three_checkpoints,
+            WAIT,
+            "three periodic checkpoints (writing meanwhile)",
+            until=lambda taken: taken >= 3,
+            detail=lambda: site.source.log()[-2000:],
+            interval=0.2,
+        )
         stop.set()
         assert {c["label"] for c in site.checkpoints()} == {"periodic"}
     finally:
@@ -470,14 +472,15 @@ def sshd(tmp_path: Path) -> Iterator[dict[str, Any]]:
         stderr=open(d / "sshd.log", "wb"),  # noqa: SIM115 - the child owns it
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:
+
+        def listening() -> bool:
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
+                    return True
             assert proc.poll() is None, (d / "sshd.log").read_text()
-            assert time.monotonic() < deadline, "sshd did not listen"
-            time.sleep(0.05)
+            return False
+
+        wait_until(listening, 10, f"sshd to listen on port {port}")
         yield {
             "host": "127.0.0.1",
             "port": port,

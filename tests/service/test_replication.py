@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import uvloop
 from conftest import RawClient, require_tool
-from nodes import NodeProcess, source_node, target_node, wait_caught_up
+from nodes import NodeProcess, source_node, start_pair, wait_caught_up
+from waiting import wait_until
 
 from havend.journal import Journal
 from havend.ship.shipper import Shipper, ShipperSettings
@@ -50,14 +51,11 @@ def replica(target: NodeProcess, group_name: str, volume: str) -> Path:
 
 @pytest.fixture
 def pair(tmp_path: Path):
-    target = target_node(tmp_path).start()
-    port = int(target.address("replication").rsplit(":", 1)[1])
     db = make_volume(tmp_path / "db.img")
     logv = make_volume(tmp_path / "log.img", 16 * MiB)
-    source = source_node(tmp_path, port, [group("app1", db, logv)]).start()
-    yield source, target, db, logv
-    source.stop()
-    target.stop()
+    sites = start_pair(tmp_path, [group("app1", db, logv)])
+    yield sites.source, sites.target, db, logv
+    sites.stop()
 
 
 def nbdcopy_random(tmp_path: Path, uri: str, size: int) -> bytes:
@@ -347,10 +345,9 @@ def test_source_killed_after_flush_loses_nothing(pair, tmp_path: Path) -> None:
 
 def test_sync_mode_flush_means_the_target_has_it(tmp_path: Path) -> None:
     """RPO 0: kill -9 the source right after FLUSH returns; the target has every write."""
-    target = target_node(tmp_path).start()
-    port = int(target.address("replication").rsplit(":", 1)[1])
     vol = make_volume(tmp_path / "sdb.img", 8 * MiB)
-    source = source_node(tmp_path, port, [group("sync1", vol, mode="sync")]).start()
+    sites = start_pair(tmp_path, [group("sync1", vol, mode="sync")])
+    source, target = sites.source, sites.target
     try:
         client = RawClient(nbd_port(source))
         client.go("sdb")
@@ -360,18 +357,18 @@ def test_sync_mode_flush_means_the_target_has_it(tmp_path: Path) -> None:
         client.request(3, cookie=99)
         assert client.reply()[0] == 0
         source.kill()  # no chance to ship anything more
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            groups = target.status()["groups"]
-            if groups and groups[0]["applied_seq"] >= len(written):
-                break
-            time.sleep(0.1)
+        wait_until(
+            lambda: target.status()["groups"],
+            30,
+            f"the target to apply the {len(written)} flushed writes",
+            until=lambda groups: groups and groups[0]["applied_seq"] >= len(written),
+            interval=0.1,
+        )
         copy = replica(target, "sync1", "sdb").read_bytes()
         for offset, data in written.items():
             assert copy[offset : offset + 4096] == data
     finally:
-        source.stop()
-        target.stop()
+        sites.stop()
 
 
 def test_bad_config_is_one_clear_line(tmp_path: Path) -> None:
@@ -400,10 +397,10 @@ def test_nodes_replicate_over_mutual_tls_and_refuse_strangers(tmp_path: Path) ->
     certs.init_ca(tmp_path / "other-ca")
     stranger = certs.issue(tmp_path / "other-ca", tmp_path / "other", "src1", ["src1"])
 
-    target = target_node(tmp_path, tls=_tls(tgt)).start()
-    port = int(target.address("replication").rsplit(":", 1)[1])
     vol = make_volume(tmp_path / "tls.img", 4 * MiB)
-    source = source_node(tmp_path, port, [group("secure", vol)], tls=_tls(src)).start()
+    sites = start_pair(tmp_path, [group("secure", vol)], tls=(_tls(src), _tls(tgt)))
+    source, target = sites.source, sites.target
+    port = int(target.address("replication").rsplit(":", 1)[1])
     intruder_dir = tmp_path / "intruder"
     intruder_dir.mkdir()
     intruder_vol = make_volume(intruder_dir / "evil.img", MiB)
@@ -414,30 +411,34 @@ def test_nodes_replicate_over_mutual_tls_and_refuse_strangers(tmp_path: Path) ->
         nbdcopy_random(tmp_path, f"nbd://127.0.0.1:{nbd_port(source)}/tls", 4 * MiB)
         wait_caught_up(source, target)
         assert replica(target, "secure", "tls").read_bytes() == vol.read_bytes()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+
+        def intruder_group() -> dict:
             [evil] = intruder.status()["groups"]
-            if evil["last_error"]:
-                break
-            time.sleep(0.2)
+            return evil
+
+        evil = wait_until(
+            intruder_group,
+            20,
+            "the intruder to be refused",
+            until=lambda evil: evil["last_error"],
+            interval=0.2,
+        )
         assert not evil["connected"] and evil["last_error"]
         assert [g["name"] for g in target.status()["groups"]] == ["secure"]
         assert "insecure" not in source.log()
     finally:
         intruder.stop()
-        source.stop()
-        target.stop()
+        sites.stop()
 
 
 def test_journal_overflow_tracks_regions_and_resyncs_only_them(tmp_path: Path) -> None:
     """With the target down, writes overflow a tiny journal; the application is
     never refused, and once the target is back only the dirty regions travel."""
-    target = target_node(tmp_path).start()
-    port = int(target.address("replication").rsplit(":", 1)[1])
     vol = make_volume(tmp_path / "ovf.img", 64 * MiB)
     small = group("ovf", vol)
     small["journal"] = {"segment_size": 256 * 1024, "max_segments": 2}
-    source = source_node(tmp_path, port, [small]).start()
+    sites = start_pair(tmp_path, [small])
+    source, target = sites.source, sites.target
     try:
         wait_caught_up(source, target)  # initial sync of the empty volume
         target.stop()
@@ -459,8 +460,7 @@ def test_journal_overflow_tracks_regions_and_resyncs_only_them(tmp_path: Path) -
         assert 4 * MiB - 512 * 1024 <= resync["sent_bytes"] <= 5 * MiB
         assert not list((source.state_dir / "groups").glob("*/overflowed"))
     finally:
-        source.stop()
-        target.stop()
+        sites.stop()
 
 
 def test_source_that_lost_its_journal_resyncs_by_hashes(pair, tmp_path: Path) -> None:
@@ -491,31 +491,31 @@ def test_black_holed_link_is_detected_and_replication_resumes(tmp_path: Path) ->
     """A partition sends no RST: the source notices unacknowledged batches, drops
     the link, reconnects once the network heals, and the target lets the new link
     replace the half-dead one."""
-    from faultproxy import FaultProxy
-
-    target = target_node(tmp_path).start()
-    port = int(target.address("replication").rsplit(":", 1)[1])
-    with FaultProxy("127.0.0.1", port) as proxy:
-        vol = make_volume(tmp_path / "bh.img", 8 * MiB)
-        source = source_node(tmp_path, proxy.port, [group("bh", vol)], link_timeout=1.5).start()
-        try:
-            wait_caught_up(source, target)
-            proxy.partition()
-            client = RawClient(nbd_port(source))
-            client.go("bh")
-            for i in range(64):
-                assert client.write(i * 65536, os.urandom(65536)) == 0  # never blocks
-            client.close()
-            deadline = time.monotonic() + 20
-            while "no acknowledgement" not in source.log() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert "no acknowledgement" in source.log()
-            proxy.heal()
-            wait_caught_up(source, target)
-            assert replica(target, "bh", "bh").read_bytes() == vol.read_bytes()
-        finally:
-            source.stop()
-            target.stop()
+    vol = make_volume(tmp_path / "bh.img", 8 * MiB)
+    sites = start_pair(tmp_path, [group("bh", vol)], proxy=True, link_timeout=1.5)
+    source, target, proxy = sites.source, sites.target, sites.proxy
+    assert proxy is not None
+    try:
+        wait_caught_up(source, target)
+        proxy.partition()
+        client = RawClient(nbd_port(source))
+        client.go("bh")
+        for i in range(64):
+            assert client.write(i * 65536, os.urandom(65536)) == 0  # never blocks
+        client.close()
+        wait_until(
+            lambda: "no acknowledgement" in source.log(),
+            20,
+            "the source to notice the black hole ('no acknowledgement')",
+            detail=lambda: source.log()[-2000:],
+            interval=0.2,
+        )
+        assert "no acknowledgement" in source.log()
+        proxy.heal()
+        wait_caught_up(source, target)
+        assert replica(target, "bh", "bh").read_bytes() == vol.read_bytes()
+    finally:
+        sites.stop()
 
 
 def test_restart_after_the_machine_went_down_compares_every_block(pair, tmp_path: Path) -> None:
