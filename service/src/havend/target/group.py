@@ -71,7 +71,18 @@ class TargetGroup:
             self.sync = json.load(f)
         self.undo = UndoLog(os.path.join(directory, "cdp"), [v.size for v in self.volumes])
         self.preserved_bytes = 0
-        self._recover_resync()  # a staged resync saves what it overwrites: after the undo log
+        # The last consistent point, kept while a resync has taken the replica
+        # away from it (see _keep_base).
+        self._base: UndoLog | None = None
+        shutil.rmtree(self._base_dir + ".new", ignore_errors=True)  # a keeping cut short
+        if os.path.isdir(self._base_dir):
+            self._base = UndoLog(self._base_dir, [v.size for v in self.volumes])
+            if self._base.finish_rollback(self.volumes) is not None:
+                self._at_base()  # a promotion to it was cut short: at it now
+        # A staged resync saves what it overwrites: after the undo log.
+        self._recover_resync()
+        if self.sync["state"] == "consistent":
+            self._drop_base()  # consistent again before a crash: nothing to keep
         if self.sync["state"] == "consistent" and self.journal.durable_seq > self.applied_seq:
             # A crash left records after the applied marker: the replica may hold
             # some of them, so it is a prefix again only once they are redone.
@@ -202,16 +213,96 @@ class TargetGroup:
         self._set_sync("consistent", until=self.applied_seq)
 
     async def begin_resync(self, resume_seq: int) -> None:
-        """Quiesce the replica for a resync after which records resume at ``resume_seq + 1``."""
+        """Quiesce the replica for a resync after which records resume at
+        ``resume_seq + 1``. A consistent replica is staged (it stays at its
+        point until the pass is over); one that a resync already took away
+        from its last consistent point (still catching up when the journal
+        overflowed again) takes the blocks directly, that point kept by
+        :meth:`_keep_base` all along; only a replica that never was
+        consistent (new, or syncing) has no point to keep."""
         while self.applied_seq < self.journal.durable_seq:  # let the applier finish
             self.applied_changed.clear()
             await self.applied_changed.wait()
         if self.state == "consistent":
+            self._drop_base()
             self._staging = open(self._staging_path, "wb")  # noqa: SIM115 - closed at the end
             self._set_sync("staging", resume=resume_seq)
         else:
             self._set_sync("syncing")
             self._restart_sequence(resume_seq)
+
+    # The kept consistent point -------------------------------------------------
+    #
+    # Applying a staged resync takes the replica away from its consistent
+    # point until every record up to the resync's ``until`` is applied. Should
+    # those records never come (the source's journal overflowed again, and a
+    # second resync starts from ``catching_up``), the replica would hold no
+    # consistent point for as long as that takes. So, from the first block
+    # applied until the replica is consistent again, what every write to it
+    # overwrites is saved first (an undo log of its own, ``resync-base/``, with
+    # one checkpoint: the last consistent point), and a promotion in between
+    # rolls back to it.
+
+    @property
+    def _base_dir(self) -> str:
+        return os.path.join(self.directory, "resync-base")
+
+    def _keep_base(self) -> None:
+        """The replica is about to leave its consistent point (``applied_seq``):
+        keep that point until the replica is consistent again."""
+        if self._base is not None:
+            return  # away from it already: the point kept is the older one
+        sizes = [v.size for v in self.volumes]
+        building = self._base_dir + ".new"  # whole or absent after a crash
+        shutil.rmtree(building, ignore_errors=True)
+        base = UndoLog(building, sizes)
+        try:
+            write_atomic(
+                os.path.join(building, "base.json"),
+                json.dumps({"seq": self.applied_seq, "time_ns": self.applied_time_ns}).encode(),
+            )
+            base.add_checkpoint(
+                Checkpoint(uuid.uuid4().hex, self.applied_seq + 1, time.time(), "resync base")
+            )
+        finally:
+            base.close()
+        os.rename(building, self._base_dir)
+        fsync_dir(self.directory)
+        self._base = UndoLog(self._base_dir, sizes)
+
+    def _base_preserve(self, changes: list[tuple[int, int, int]]) -> None:
+        """Before ``changes`` are written: save what they overwrite from the
+        kept consistent point, if one is kept."""
+        if self._base is not None:
+            self._base.preserve(self.volumes, None, changes)
+
+    def _drop_base(self) -> None:
+        """The replica is consistent again (or rolled back, or promoted): the
+        kept point is of no more use."""
+        if self._base is not None:
+            self._base.close()
+            self._base = None
+        shutil.rmtree(self._base_dir, ignore_errors=True)
+
+    def _roll_back_to_base(self) -> int:
+        """Make the replica its kept consistent point again (a promotion while
+        a resync has it away from it); returns the bytes rewritten."""
+        base = self._base
+        assert base is not None
+        _, rewritten = base.rollback(self.volumes, base.checkpoints[0].id)
+        self._at_base()
+        return rewritten
+
+    def _at_base(self) -> None:
+        """The replica holds the kept point again: say so, forget what came after."""
+        with open(os.path.join(self._base_dir, "base.json")) as f:
+            point = json.load(f)
+        self.applied_seq = int(point["seq"])
+        self.applied_time_ns = int(point["time_ns"])
+        self.checkpoint()  # the applied marker says the kept point from here on
+        self._drop_unapplied()
+        self._set_sync("consistent", until=self.applied_seq)
+        self._drop_base()
 
     def _restart_sequence(self, resume_seq: int) -> None:
         if self.journal.last_seq != resume_seq:
@@ -223,9 +314,12 @@ class TargetGroup:
     def write_block(self, volume: int, offset: int, data: bytes) -> None:
         if volume >= len(self.volumes) or offset + len(data) > self.volumes[volume].size:
             raise RemoteProtocolError(f"group {self.name}: SYNC_DATA outside the volumes")
+        if self.refusing or self.promoted:  # the replica is not the source's any more
+            raise RemoteProtocolError(f"group {self.name} is promoted: no resync into it")
         if self.sync["state"] == "staging":
             self._staging.write(_STAGED.pack(volume, offset, len(data)) + data)
         else:
+            self._base_preserve([(volume, offset, len(data))])
             self.preserved_bytes += self.undo.preserve(
                 self.volumes, None, [(volume, offset, len(data))]
             )
@@ -246,9 +340,11 @@ class TargetGroup:
         self._set_sync("catching_up", until=high_seq)
 
     def _apply_staging(self, resume_seq: int, high_seq: int) -> None:
+        self._keep_base()  # redone after a crash: kept already then
         with open(self._staging_path, "rb") as f:
             while header := f.read(_STAGED.size):
                 volume, offset, length = _STAGED.unpack(header)
+                self._base_preserve([(volume, offset, length)])
                 # Retained checkpoints keep what the resync overwrites.
                 self.preserved_bytes += self.undo.preserve(
                     self.volumes, None, [(volume, offset, length)]
@@ -295,6 +391,10 @@ class TargetGroup:
         loop = asyncio.get_running_loop()
         backoff = 0.5
         while True:
+            if self._base is not None and self.state == "consistent":
+                async with self.apply_lock:  # consistent again: the kept point is not needed
+                    if self._base is not None and self.state == "consistent":
+                        await loop.run_in_executor(None, self._drop_base)
             if self.journal.durable_seq <= self.applied_seq:
                 if self.synced_seq < self.applied_seq:  # idle: make the replicas durable
                     try:
@@ -353,9 +453,9 @@ class TargetGroup:
         """Apply records of one epoch: first save what they overwrite (durably)."""
         if not run:
             return
-        self.preserved_bytes += self.undo.preserve(
-            self.volumes, run[0].seq, [(r.volume, r.offset, r.length) for r in run]
-        )
+        changes = [(r.volume, r.offset, r.length) for r in run]
+        self._base_preserve(changes)
+        self.preserved_bytes += self.undo.preserve(self.volumes, run[0].seq, changes)
         for record in run:
             apply_record(self.volumes[record.volume], record)
             self.applied_bytes += len(record.data)
@@ -474,6 +574,7 @@ class TargetGroup:
                 None, self.undo.rollback, self.volumes, checkpoint.id
             )
             await loop.run_in_executor(None, self._drop_unapplied)
+            self._drop_base()
         log.warning(
             "group %s: rolled back to checkpoint %s (seq %d): %d bytes rewritten; new "
             "generation %s",
@@ -538,7 +639,8 @@ class TargetGroup:
                 async with self.apply_lock:
                     await loop.run_in_executor(None, self.apply_some, 32 << 20)
         chosen = self.resolve_checkpoint(checkpoint) if checkpoint else None
-        if chosen is None and self.state != "consistent":
+        to_base = chosen is None and self.state != "consistent" and self._base is not None
+        if chosen is None and self.state != "consistent" and not to_base:
             raise CheckpointError(
                 f"group {self.name} is {self.state}, not at a consistent point: promote a "
                 "retained checkpoint instead"
@@ -559,6 +661,9 @@ class TargetGroup:
                 _, rewritten = await loop.run_in_executor(
                     None, self.undo.rollback, self.volumes, chosen.id
                 )
+            elif to_base:  # a resync had the replica away from its last consistent point
+                rewritten = await loop.run_in_executor(None, self._roll_back_to_base)
+            self._drop_base()
             await loop.run_in_executor(None, self.checkpoint)  # replicas synced, marker written
             await loop.run_in_executor(None, self._drop_unapplied)
             self._drop_reverse()  # rounds of an earlier promotion, if any
@@ -880,6 +985,7 @@ class TargetGroup:
         self._drop_reverse()
         self._restart_sequence(resume_seq)
         self._set_sync("consistent", until=resume_seq)
+        self._drop_base()
         self._write_meta()
 
     def _drop_unapplied(self) -> None:
@@ -948,6 +1054,8 @@ class TargetGroup:
             self._reverse.close()
         if self.synced_seq < self.applied_seq:
             self.checkpoint()
+        if self._base is not None:
+            self._base.close()
         self.undo.close()
         self.journal.close()
         for volume in self.volumes:
