@@ -4,6 +4,10 @@
 JSON object per line each way: ``{"op": NAME, ...arguments}`` is answered by
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": MESSAGE}``. A
 malformed request gets an error answer and the connection stays usable.
+
+Every request that changes something goes through the operations layer
+(``havend.operations``), with the same guards as the REST API's; the
+``havend`` CLI's node commands are requests on this socket.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from havend.errors import HavendError
+from havend.node import Node
+from havend.operations import Operations
 
 log = logging.getLogger("havend.admin")
 
@@ -92,6 +98,45 @@ class AdminServer:
             log.exception("admin %s failed", request["op"])
             return _answer(False, f"{type(exc).__name__}: {exc}")
         return _answer(True, result)
+
+
+def node_handlers(node: Node, operations: Operations) -> dict[str, Handler]:
+    """The requests a node answers on its socket (those of its role)."""
+
+    def operation(kind: str) -> Handler:
+        async def handle(request: dict[str, Any]) -> Any:
+            args = {k: v for k, v in request.items() if k not in ("op", "group")}
+            group = str(request["group"]) if "group" in request else ""
+            return await operations.run(kind, group, args)
+
+        return handle
+
+    def reading(read: Callable[[dict[str, Any]], Any]) -> Handler:
+        async def handle(request: dict[str, Any]) -> Any:
+            return read(request)
+
+        return handle
+
+    handlers: dict[str, Handler] = {
+        "status": reading(lambda r: node.status()),
+        "snapshots": reading(lambda r: node.list_snapshots(str(r["group"]))),
+        "snapshot_open": operation("snapshot_open"),
+        "snapshot_close": operation("snapshot_close"),
+        "snapshot_delete": operation("snapshot_delete"),
+    }
+    if node.config.role == "source":
+        for kind in ("checkpoint", "failover", "failback", "reverse", "reclaim", "resolve"):
+            handlers[kind] = operation(kind)
+    else:
+        handlers |= {
+            "checkpoints": reading(lambda r: node.checkpoints(str(r["group"]))),
+            "views": reading(lambda r: node.list_views()),
+            "view_open": operation("export_open"),
+            "view_close": operation("export_close"),
+            "rollback": operation("rollback"),
+            "promote": operation("promote"),
+        }
+    return handlers
 
 
 def _answer(ok: bool, value: Any) -> bytes:

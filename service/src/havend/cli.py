@@ -14,6 +14,7 @@ from pathlib import Path
 
 from havend import __version__
 from havend.certs import add_parser as add_certs_parser
+from havend.config import NodeConfig
 from havend.errors import ConfigError, HavendError
 from havend.nbd.server import NBDServer
 from havend.process import human_bytes, until_stopped
@@ -76,9 +77,59 @@ async def _nbd_serve(args: argparse.Namespace) -> None:
 
 
 async def _run_node(args: argparse.Namespace) -> None:
-    from havend import config, node
+    from havend import config
 
-    await node.run(config.load(args.config))
+    await serve_node(config.load(args.config))
+
+
+async def serve_node(config: NodeConfig) -> None:
+    """``havend run``, the composition root: the state store, the node, the
+    operations layer over them, the admin socket and the REST API over that,
+    wired here and nowhere else; served until SIGINT/SIGTERM."""
+    from havend.admin import SOCKET_NAME, AdminServer, node_handlers
+    from havend.api.server import ApiServer
+    from havend.node import Node
+    from havend.operations import Operations
+    from havend.state import open_store
+
+    store = open_store(config.state_dir) if config.api is not None else None
+    if store is not None and (abandoned := store.abandon_running()):
+        log.warning("%d operations of the previous run never finished: marked failed", abandoned)
+    node = Node(config, store)
+    operations = Operations(node, store)
+    node.status_listeners.append(operations.observe)  # state changes into the history
+    admin = AdminServer(
+        os.path.join(config.state_dir, SOCKET_NAME), node_handlers(node, operations)
+    )
+    api = ApiServer(node, operations, store, config.tls) if store is not None else None
+
+    async def stop() -> None:
+        if api is not None:
+            await api.close()
+        await admin.close()
+        await operations.close()
+        await node.stop()
+        if store is not None:
+            store.close()
+
+    try:
+        await node.start()
+        await admin.start()
+        if api is not None and config.api is not None:
+            host, port = await api.start(config.api.host, config.api.port)
+            node.addresses["api"] = f"{'https' if config.tls else 'http'}://{host}:{port}"
+        node.start_reports()
+    except OSError as exc:
+        await stop()
+        raise ConfigError(f"cannot start node {config.name}: {exc}") from exc
+    except BaseException:
+        await stop()
+        raise
+    try:
+        await until_stopped()
+        log.info("stopping node %s", config.name)
+    finally:
+        await stop()
 
 
 def _admin_socket(args: argparse.Namespace) -> str:
@@ -367,13 +418,10 @@ def _add_token_parser(sub: argparse._SubParsersAction) -> None:
 
 
 async def _token(args: argparse.Namespace) -> None:
-    from havend.api.server import DB_NAME
-    from havend.api.state import StateStore
     from havend.config import load
+    from havend.state import open_store
 
-    config = load(args.config)
-    os.makedirs(config.state_dir, exist_ok=True)
-    store = StateStore(os.path.join(config.state_dir, DB_NAME))
+    store = open_store(load(args.config).state_dir)
     try:
         if args.action == "create":
             made, secret = store.create_token(args.name, args.scope)

@@ -33,12 +33,21 @@ class Conflict(HavendError):
 
 
 class Invalid(HavendError):
-    """The request is malformed or asks for something impossible (a bad argument)."""
+    """The request is malformed or asks for something impossible (a bad argument).
+    ``field`` names the argument at fault when one is ("" when none is)."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ConfigError(Invalid):
     """The operator asked for something impossible (bad path, bad option); the
-    message starts with the path of the bad key (``groups[0].volumes``)."""
+    message starts with the path of the bad key (``groups[0].volumes: ...``),
+    which is its ``field``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, message.split(":", 1)[0] if ":" in message else "")
 
 
 class ProtocolError(HavendError):
@@ -89,3 +98,13 @@ class NBDClientError(HavendError):
     def __init__(self, message: str, error: int = 0) -> None:
         super().__init__(message)
         self.error = error
+
+
+def status_code(exc: BaseException) -> int:
+    """The HTTP status a request that raised ``exc`` is answered with, and the
+    audit log records: by class, whatever the message says."""
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, Invalid):
+        return 422
+    return 409

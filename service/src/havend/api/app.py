@@ -3,23 +3,26 @@
 Why FastAPI: the request and response bodies are pydantic models, so every
 bad body is a 422 naming the field, and the OpenAPI schema (``/openapi.json``,
 ``docs/api/openapi.json``) is the code's own; uvicorn runs inside the node's
-asyncio loop (no second process, no thread), and the handlers call the same
-``Node`` methods as the admin socket.
+asyncio loop (no second process, no thread).
 
 Every route needs a bearer token (401 without one, 403 when its scope is too
 narrow: read < operate < admin). Every request that changes state, allowed
 or not, lands in the audit log. Long operations (failover, failback...)
 answer 202 with an operation to poll, with progress (bytes, ETA).
+
+Every state change goes through the operations layer (``havend.operations``:
+which role, which state, one at a time per group), as the admin socket's do;
+its errors are answered by class (``havend.errors.status_code``: 404, 409,
+422), never by their text.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,13 +31,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from havend import __version__
-from havend.api import machine
 from havend.api.metrics import render_metrics
-from havend.api.state import SCOPES, StateStore, Token
-from havend.errors import ConfigError, HavendError
-
-if TYPE_CHECKING:
-    from havend.node import Node
+from havend.errors import Conflict, HavendError, Invalid, status_code
+from havend.node import Node
+from havend.operations import Operations
+from havend.state import SCOPES, StateStore, Token
 
 log = logging.getLogger("havend.api")
 
@@ -140,24 +141,12 @@ class Problem(BaseModel):
     detail: Any
 
 
-# Which node answers which operation, and what it needs.
-OPERATIONS: dict[str, dict[str, Any]] = {
-    "failover": {"role": "source", "summary": "planned failover: drain, promote the target"},
-    "failback": {"role": "source", "summary": "bring production home after a failover"},
-    "resolve": {"role": "source", "summary": "end a split brain (survivor required)"},
-    "reverse": {"role": "source", "summary": "a round of reverse protection now"},
-    "reclaim": {"role": "source", "summary": "resume production here after a second disaster"},
-    "promote": {"role": "target", "summary": "unplanned failover: promote the replica"},
-    "rollback": {"role": "target", "summary": "make a checkpoint the replica's latest point"},
-}
-
-
 def schema() -> dict[str, Any]:
     """The OpenAPI schema (``havend api-schema``; docs/api/openapi.json)."""
-    return create_app(None, None).openapi()  # type: ignore[arg-type]
+    return create_app(None, None, None).openapi()  # type: ignore[arg-type]
 
 
-def create_app(node: Node, store: StateStore) -> FastAPI:
+def create_app(node: Node, operations: Operations, store: StateStore) -> FastAPI:
     app = FastAPI(
         title="havend node API",
         version=__version__,
@@ -175,7 +164,6 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
         redoc_url=None,
     )
     bearer = HTTPBearer(auto_error=False)
-    tasks: set[asyncio.Task[Any]] = set()
 
     def authorize(needed: str) -> Callable[..., Awaitable[Token]]:
         async def check(
@@ -218,21 +206,19 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
         ]
         return JSONResponse({"detail": detail}, status_code=422)
 
-    def _group_status(name: str) -> dict[str, Any]:
-        for group in node.status()["groups"]:
-            if group["name"] == name:
-                return group
-        raise HTTPException(404, f"no group {name!r} on this node")
+    @app.exception_handler(HavendError)
+    async def refused(request: Request, exc: HavendError) -> JSONResponse:
+        code = status_code(exc)
+        detail: Any = str(exc)
+        if isinstance(exc, Invalid):
+            detail = [{"field": exc.field, "error": str(exc)}]
+        return JSONResponse({"detail": detail}, status_code=code)
 
-    def _described(group: dict[str, Any]) -> dict[str, Any]:
-        state, reason = machine.state_of(node.config.role, group, _running(group["name"]))
-        store.record_state(group["name"], state, group.get("generation"), reason)
-        return group | {"state": state, "state_reason": reason}
+    _group_status = operations.group_status if operations is not None else None
+    _described = operations.describe if operations is not None else None
 
-    running: dict[str, str] = {}  # group -> operation kind running on it
-
-    def _running(name: str) -> str | None:
-        return running.get(name)
+    async def _run(kind: str, group: str, args: dict[str, Any]) -> Any:
+        return await operations.run(kind, group, args)
 
     async def _act(
         token: Token,
@@ -249,15 +235,9 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
         except HTTPException as exc:
             store.audit(actor, action, target, body, exc.status_code, {"error": exc.detail})
             raise
-        except ConfigError as exc:
-            store.audit(actor, action, target, body, 422, {"error": str(exc)})
-            raise HTTPException(
-                422, [{"field": str(exc).split(":")[0], "error": str(exc)}]
-            ) from None
-        except HavendError as exc:
-            code = 404 if "no group" in str(exc) or "no view" in str(exc) else 409
-            store.audit(actor, action, target, body, code, {"error": str(exc)})
-            raise HTTPException(code, str(exc)) from None
+        except HavendError as exc:  # answered by the handler above, by class
+            store.audit(actor, action, target, body, status_code(exc), {"error": str(exc)})
+            raise
         store.audit(actor, action, target, body, status, _redact(result))
         return result
 
@@ -296,13 +276,7 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
     )
     async def create_group(body: GroupRequest, token: Token = admin) -> dict[str, Any]:
         async def run() -> Any:
-            if node.config.role != "source":
-                raise HTTPException(
-                    409,
-                    "groups are created on the source node; the target "
-                    "makes its replica when the source connects",
-                )
-            return _described(await node.create_group(body.model_dump()))
+            return _described(await _run("group_create", "", body.model_dump()))
 
         return await _act(token, "group_create", body.name, body.model_dump(), run, 201)
 
@@ -313,10 +287,7 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
     )
     async def delete_group(group: str, token: Token = admin) -> dict[str, Any]:
         async def run() -> Any:
-            _group_status(group)
-            if node.config.role != "source":
-                raise HTTPException(409, "groups are deleted on their source node")
-            return await node.delete_group(group)
+            return await _run("group_delete", group, {})
 
         return await _act(token, "group_delete", group, {}, run)
 
@@ -333,10 +304,7 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
             }
 
         async def run() -> Any:
-            _group_status(group)
-            if node.config.role != "source":
-                raise HTTPException(409, "a group's settings are changed on its source node")
-            return _described(await node.update_group(group, changes))
+            return _described(await _run("group_update", group, changes))
 
         return await _act(token, "group_update", group, changes, run)
 
@@ -357,13 +325,7 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
         return await _act(token, "resume", group, {}, lambda: _toggle(group, "resume"))
 
     async def _toggle(group: str, kind: str) -> dict[str, Any]:
-        status = _described(_group_status(group))
-        if node.config.role != "source":
-            raise HTTPException(409, f"{kind} acts on the source node of the group")
-        refusal = machine.refusal(kind, status["state"], status["state_reason"])
-        if refusal:
-            raise HTTPException(409, refusal)
-        return _described(node.pause(group) if kind == "pause" else node.resume(group))
+        return _described(await _run(kind, group, {}))
 
     @app.post(
         "/v1/peers",
@@ -372,9 +334,7 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
     )
     async def pair(body: PeerRequest, token: Token = admin) -> dict[str, Any]:
         async def run() -> Any:
-            if node.config.role != "source":
-                raise HTTPException(409, "the source node pairs with its target, not the reverse")
-            return await node.pair(body.host, body.port, body.server_name)
+            return await _run("pair", "", body.model_dump())
 
         return await _act(token, "pair", f"{body.host}:{body.port}", body.model_dump(), run)
 
@@ -388,7 +348,7 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
 
     @app.get("/v1/groups/{group}", summary="one group", responses={404: {"model": Problem}})
     async def get_group(group: str, _: Token = read) -> dict[str, Any]:
-        return _described(_group_status(group))
+        return _group_status(group)
 
     @app.get(
         "/v1/groups/{group}/history",
@@ -396,7 +356,7 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
         responses={404: {"model": Problem}},
     )
     async def group_history(group: str, _: Token = read) -> list[dict[str, Any]]:
-        _described(_group_status(group))
+        _group_status(group)
         return store.state_history(group)
 
     # Checkpoints and point-in-time exports -------------------------------------
@@ -409,7 +369,7 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
     async def list_checkpoints(group: str, _: Token = read) -> list[dict[str, Any]]:
         _group_status(group)
         if node.config.role != "target":
-            raise HTTPException(409, "checkpoints are kept on the target node: ask it")
+            raise Conflict("checkpoints are kept on the target node: ask it")
         return node.checkpoints(group)
 
     @app.post(
@@ -422,16 +382,13 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
         group: str, body: CheckpointRequest, token: Token = operate
     ) -> dict[str, Any]:
         async def run() -> Any:
-            _group_status(group)
-            if node.config.role != "source":
-                raise HTTPException(409, "checkpoints are taken on the source node")
-            return await node.checkpoint(group, body.label, body.app)
+            return await _run("checkpoint", group, body.model_dump())
 
         return await _act(token, "checkpoint", group, body.model_dump(), run, 201)
 
     @app.get("/v1/exports", summary="open point-in-time exports (target node)")
     async def list_exports(_: Token = read) -> list[dict[str, Any]]:
-        return node.list_views() if node.config.role == "target" else []
+        return node.list_views()
 
     @app.post(
         "/v1/exports",
@@ -441,10 +398,7 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
     )
     async def open_export(body: ExportRequest, token: Token = operate) -> dict[str, Any]:
         async def run() -> Any:
-            _group_status(body.group)
-            if node.config.role != "target":
-                raise HTTPException(409, "point-in-time exports are served by the target node")
-            return node.open_view(body.group, body.volume, body.checkpoint, body.writable)
+            return await _run("export_open", body.group, body.model_dump())
 
         return await _act(token, "export_open", body.group, body.model_dump(), run, 201)
 
@@ -455,11 +409,9 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
     )
     async def close_export(export: str, token: Token = operate) -> dict[str, Any]:
         async def run() -> Any:
-            if node.config.role != "target" or export not in {
-                v["export"] for v in node.list_views()
-            }:
+            if export not in {v["export"] for v in node.list_views()}:
                 raise HTTPException(404, f"no export {export!r} is open")
-            return node.close_view(export)
+            return await _run("export_close", "", {"export": export})
 
         return await _act(token, "export_close", export, {}, run)
 
@@ -480,55 +432,9 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
         token: Token = operate,
     ) -> dict[str, Any]:
         async def run() -> Any:
-            status = _described(_group_status(group))
-            wanted = OPERATIONS[kind]["role"]
-            if node.config.role != wanted:
-                raise HTTPException(409, f"{kind} runs on the {wanted} node of the group")
-            refusal = machine.refusal(kind, status["state"], status["state_reason"])
-            if refusal:
-                raise HTTPException(409, refusal)
-            if kind == "resolve" and body.survivor is None:
-                raise HTTPException(422, [{"field": "survivor", "error": "required for resolve"}])
-            if kind == "rollback" and body.checkpoint is None:
-                raise HTTPException(
-                    422, [{"field": "checkpoint", "error": "required for rollback"}]
-                )
-            if group in running:
-                raise HTTPException(409, f"{running[group]} is running on {group}")
-            op_id = store.start_operation(kind, group, _actor(token), body.model_dump())
-            running[group] = kind
-            task = asyncio.get_running_loop().create_task(_operate(op_id, kind, group, body))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            return {"id": op_id, "kind": kind, "group": group, "state": "running"}
+            return operations.start(kind, group, body.model_dump(), _actor(token))
 
         return await _act(token, kind, group, body.model_dump(), run, 202)
-
-    async def _operate(op_id: str, kind: str, group: str, body: OperationRequest) -> None:
-        try:
-            if kind == "failover":
-                result = await node.failover(group, body.timeout)
-            elif kind == "failback":
-                result = await node.failback(group, body.timeout)
-            elif kind == "resolve":
-                assert body.survivor is not None
-                result = await node.resolve(group, body.survivor, body.timeout)
-            elif kind == "reverse":
-                result = await node.reverse(group, body.timeout)
-            elif kind == "reclaim":
-                result = node.reclaim(group)
-            elif kind == "promote":
-                result = await node.promote(group, body.checkpoint)
-            else:
-                assert body.checkpoint is not None
-                result = await node.rollback(group, body.checkpoint)
-        except Exception as exc:  # the operation failed: say why, keep serving
-            log.warning("operation %s (%s of %s) failed: %s", op_id, kind, group, exc)
-            store.finish_operation(op_id, error=f"{type(exc).__name__}: {exc}")
-        else:
-            store.finish_operation(op_id, result=result)
-        finally:
-            running.pop(group, None)
 
     @app.get(
         "/v1/operations/{op_id}",
@@ -540,25 +446,8 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
         if op is None:
             raise HTTPException(404, f"no operation {op_id!r}")
         if op["state"] == "running":
-            op["progress"] = _progress(op["target"])
+            op["progress"] = operations.progress(op["target"])
         return op
-
-    def _progress(name: str) -> dict[str, Any] | None:
-        group = next((g for g in node.status()["groups"] if g["name"] == name), None)
-        if group is None:
-            return None
-        resync = group.get("resync") or {}
-        if resync.get("running"):
-            return {
-                "bytes_done": resync["done_bytes"],
-                "bytes_total": resync["total_bytes"],
-                "eta_seconds": resync["eta_seconds"],
-            }
-        return {
-            "lag_bytes": group.get("lag_bytes"),
-            "lag_seconds": group.get("lag_seconds"),
-            "changed_bytes": group.get("changed_bytes"),
-        }
 
     # Audit, tokens, metrics -------------------------------------------------------
 
@@ -599,7 +488,6 @@ def create_app(node: Node, store: StateStore) -> FastAPI:
         return PlainTextResponse(content, media_type=media_type)
 
     app.state.started = time.time()
-    app.state.describe = _described  # the node records states with it as they change
     return app
 
 

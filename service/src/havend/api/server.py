@@ -5,27 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import os
 import socket
 import ssl
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import uvicorn
 
 from havend.api.app import create_app
-from havend.api.state import StateStore
-
-if TYPE_CHECKING:
-    from havend.node import Node
-
-DB_NAME = "havend.db"
-
-
-def open_store(state_dir: str) -> StateStore:
-    """The node's state database (made and migrated on first use)."""
-    return StateStore(os.path.join(state_dir, DB_NAME))
+from havend.config import TLSConfig
+from havend.node import Node
+from havend.operations import Operations
+from havend.state import StateStore
 
 
 class _Server(uvicorn.Server):
@@ -35,21 +25,19 @@ class _Server(uvicorn.Server):
 
 
 class ApiServer:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        assert node.store is not None  # opened by the node first (its groups are in it)
-        self.store: StateStore = node.store
-        abandoned = self.store.abandon_running()
-        if abandoned:
-            logging.getLogger("havend.api").warning(
-                "%d operations of the previous run never finished: marked failed", abandoned
-            )
-        self.app = create_app(node, self.store)
+    """The API of one node, over its operations layer and state store (both
+    owned by the composition root, ``havend.cli``)."""
+
+    def __init__(
+        self, node: Node, operations: Operations, store: StateStore, tls: TLSConfig | None
+    ) -> None:
+        self.tls = tls
+        self.app = create_app(node, operations, store)
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        tls = self.node.config.tls
+        tls = self.tls
         config = uvicorn.Config(
             self.app,
             log_config=None,
@@ -77,15 +65,8 @@ class ApiServer:
         bound = sock.getsockname()
         return bound[0], bound[1]
 
-    def observe(self, groups: list[dict]) -> None:
-        """Record the state of each group when it changed (the node calls this
-        with every status it makes)."""
-        for group in groups:
-            self.app.state.describe(group)
-
     async def close(self) -> None:
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._task, 10)
-        self.store.close()

@@ -1,4 +1,4 @@
-"""The failover state machine of a group, as the API shows it.
+"""The failover state machine of a group, as the API and the operations see it.
 
 The states are read from the data plane, which keeps them durably (the
 source's fence, the target's promotion and split-brain records), so the API
@@ -19,19 +19,6 @@ from __future__ import annotations
 from typing import Any
 
 STATES = ("protecting", "testing", "failing_over", "failed_over", "failing_back", "paused", "error")
-
-# Operation -> the states it may start from.
-ALLOWED: dict[str, tuple[str, ...]] = {
-    "failover": ("protecting",),
-    "failback": ("failed_over",),
-    "reverse": ("failed_over",),
-    "reclaim": ("failed_over",),
-    "resolve": ("error",),
-    "promote": ("protecting", "testing"),
-    "rollback": ("protecting",),
-    "pause": ("protecting",),
-    "resume": ("paused",),
-}
 
 
 def state_of(role: str, group: dict[str, Any], running: str | None) -> tuple[str, str]:
@@ -64,14 +51,3 @@ def state_of(role: str, group: dict[str, Any], running: str | None) -> tuple[str
     if (group.get("cdp") or {}).get("views_open"):
         return "testing", "point-in-time exports open"
     return "protecting", group.get("state", "replica")
-
-
-def refusal(operation: str, state: str, why: str) -> str | None:
-    """Why ``operation`` may not start in ``state`` (None: it may)."""
-    allowed = ALLOWED[operation]
-    if state in allowed:
-        return None
-    return (
-        f"{operation} is not possible while the group is {state} ({why}); "
-        f"it starts from {' or '.join(allowed)}"
-    )

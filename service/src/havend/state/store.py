@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SCOPES = ("read", "operate", "admin")  # each includes the ones before it
+DB_NAME = "havend.db"
 
 MIGRATIONS: list[str] = [
     # 1: tokens, audit log, operations, group state history
@@ -353,6 +354,13 @@ class StateStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def open_store(state_dir: str) -> StateStore:
+    """The node's state database, ``<state_dir>/havend.db`` (made and migrated
+    on first use)."""
+    os.makedirs(state_dir, exist_ok=True)
+    return StateStore(os.path.join(state_dir, DB_NAME))
 
 
 def _statements(script: str) -> list[str]:

@@ -1,0 +1,158 @@
+"""What a node says about itself: its status (``<state_dir>/status.json``,
+rewritten every ``status_period`` seconds), progress lines in the log,
+throughput, volumes and peers."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from havend import __version__
+from havend.fsutil import write_atomic
+from havend.node.base import NodeBase
+from havend.process import human_bytes
+
+log = logging.getLogger("havend")
+
+
+class StatusMixin(NodeBase):
+    def status(self) -> dict[str, Any]:
+        groups: list[dict[str, Any]] = []
+        if self.source_groups:
+            groups = [dataclasses.asdict(g.status()) for g in self.source_groups]
+        elif self.target is not None:
+            groups = [dataclasses.asdict(g.status()) for g in self.target.groups.values()]
+        for group in groups:
+            moved = group.get("shipped_bytes", group.get("applied_bytes", 0))
+            group["throughput_bytes_per_s"] = round(self._throughput(group["group"], moved))
+        return {
+            "node": self.config.name,
+            "role": self.config.role,
+            "version": __version__,
+            "pid": os.getpid(),
+            "addresses": self.addresses,
+            "time": time.time(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "groups": groups,
+        }
+
+    def _throughput(self, key: str, total: int, window: float = 5.0) -> float:
+        """Bytes per second over about the last ``window`` seconds."""
+        samples = self._rates.setdefault(key, collections.deque())
+        now = time.monotonic()
+        samples.append((now, total))
+        while len(samples) > 2 and now - samples[1][0] >= window:
+            samples.popleft()
+        then, before = samples[0]
+        return (total - before) / (now - then) if now > then and total >= before else 0.0
+
+    def volumes(self) -> list[dict[str, Any]]:
+        """Every volume of every group: size, file, and the NBD URI serving it."""
+        out: list[dict[str, Any]] = []
+        for group in self.source_groups:
+            for member in group.volumes:
+                out.append(
+                    {
+                        "name": member.name,
+                        "group": group.name,
+                        "size": member.size,
+                        "path": member.path,
+                        "uri": f"{self.addresses.get('nbd')}/{member.name}",
+                        "writable": group.fence is None,
+                    }
+                )
+        if self.target is not None:
+            for tgroup in self.target.groups.values():
+                for spec in tgroup.meta["volumes"]:
+                    promoted = tgroup.promoted is not None
+                    out.append(
+                        {
+                            "name": spec["name"],
+                            "group": tgroup.name,
+                            "size": spec["size"],
+                            "path": spec["path"],
+                            "uri": f"{self.addresses.get('views')}/{tgroup.name}/{spec['name']}"
+                            if promoted
+                            else None,
+                            "writable": promoted,
+                        }
+                    )
+        return out
+
+    def peers(self) -> dict[str, Any]:
+        """The replication peer(s) and this node's certificate."""
+        from havend import certs
+
+        config = self.config
+        identity = certs.describe(config.tls.cert) if config.tls else None
+        if self.target is None:
+            target = self.target_endpoint
+            peers = (
+                [
+                    {
+                        "role": "target",
+                        "host": target.host,
+                        "port": target.port,
+                        "server_name": target.server_name or target.host,
+                        "groups": {g.name: g.connected for g in self.source_groups},
+                    }
+                ]
+                if target is not None
+                else []
+            )
+        else:
+            by_node: dict[str, dict[str, bool]] = {}
+            for tgroup in self.target.groups.values():
+                by_node.setdefault(tgroup.peer or "unknown", {})[tgroup.name] = tgroup.connected
+            peers = [{"role": "source", "node": n, "groups": g} for n, g in by_node.items()]
+        return {
+            "node": config.name,
+            "certificate": identity,
+            "tls": config.tls is not None,
+            "peers": peers,
+        }
+
+    async def _report(self) -> None:
+        path = os.path.join(self.config.state_dir, "status.json")
+        last_line = 0.0
+        while True:
+            status = self.status()
+            # A view of the node, rewritten often: atomic, but not worth an fsync.
+            try:
+                write_atomic(path, json.dumps(status, indent=1).encode(), durable=False)
+            except OSError as exc:  # a full disk must not stop the reports for good
+                log.error("cannot write %s: %s", path, exc)
+            for listener in self.status_listeners:  # e.g. each group's state history
+                try:
+                    listener(status)
+                except Exception as exc:  # the database is full or gone: say it, go on
+                    log.error("cannot record group states: %s", exc)
+            now = time.monotonic()
+            if now - last_line >= self.config.status_interval:
+                last_line = now
+                for group in status["groups"]:
+                    log.info("%s", self._progress_line(group))
+            await asyncio.sleep(self.config.status_period)
+
+    @staticmethod
+    def _progress_line(group: dict[str, Any]) -> str:
+        if "lag_seconds" not in group:  # target
+            return (
+                f"group {group['name']}: received seq {group['received_seq']}, applied "
+                f"{group['applied_seq']}, {'connected' if group['connected'] else 'waiting'}"
+            )
+        rate = group["throughput_bytes_per_s"]
+        eta = group["lag_bytes"] / rate if rate > 0 else None
+        return (
+            f"group {group['name']}: seq {group['last_seq']} acked {group['acked_seq']}, "
+            f"lag {group['lag_seconds']:.1f} s / {human_bytes(group['lag_bytes'])}"
+            f"{f' (ETA {eta:.0f} s)' if eta is not None else ''}, "
+            f"{human_bytes(rate)}/s, RPO {'met' if group['rpo_ok'] else 'BREACHED'}"
+            f"{'' if group['connected'] else ', link down: ' + (group['last_error'] or '-')}"
+        )
