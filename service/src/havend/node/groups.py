@@ -343,6 +343,8 @@ class GroupsMixin(NodeBase):
         interval = config.checkpoints.interval_seconds
         while True:
             await asyncio.sleep(interval)
+            if group.fence is not None:  # failing over or failed over: no marker after the last
+                continue
             try:
                 await self.checkpoint(group.name, "periodic")
             except CheckpointError as exc:
