@@ -76,7 +76,7 @@ from havend.journal.record import (
 )
 from havend.journal.superblock import read_superblock
 from havend.nbd.client import NBDClient
-from havend.ship import wire
+from havend.link import wire
 from havend.stamp import (
     DEFAULT_BLOCK_SIZE,
     StampWriter,

@@ -16,10 +16,10 @@ from conftest import RawClient
 from nodes import source_node, target_node, wait_caught_up
 
 from havend.journal import Journal, Kind, Record
-from havend.ship import wire
+from havend.link import wire
 from havend.ship.shipper import ResyncProgress
 from havend.ship.source import SourceGroup
-from havend.ship.stream import read_frame
+from havend.link.stream import read_frame
 from havend.target import TargetNode
 from havend.volume import FileVolume
 

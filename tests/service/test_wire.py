@@ -15,8 +15,8 @@ import zstandard
 
 from havend.errors import RemoteProtocolError
 from havend.journal.record import Kind, Record
-from havend.ship import wire
-from havend.ship.stream import FrameLink
+from havend.link import wire
+from havend.link.stream import FrameLink
 
 GROUP = uuid.uuid4()
 

@@ -18,6 +18,7 @@ import os
 import stat
 
 from havend.errors import VolumeError
+from havend.journal.record import Kind, Record
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -135,3 +136,11 @@ class FileVolume:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def apply_record(volume: FileVolume, record: Record) -> None:
+    """Carry out one journal record on a volume (source replay, target apply)."""
+    if record.kind == Kind.WRITE:
+        volume.write(record.offset, record.data)
+    elif record.kind != Kind.CHECKPOINT:  # ZERO and TRIM leave zeroes (a hole if possible)
+        volume.write_zeroes(record.offset, record.length, may_trim=True)

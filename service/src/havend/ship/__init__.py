@@ -1,6 +1,6 @@
 """The source side of replication: capture writes into the group journal
 (``ship.source``), commit them in groups, and ship them to the target
-(``ship.shipper``) in the frames of ``ship.wire``.
+(``ship.shipper``) in the frames of ``link.wire``.
 """
 
 from havend.ship.shipper import FailoverRefused, Shipper, ShipperSettings

@@ -28,9 +28,9 @@ import zstandard
 from havend.blockhash import block_hashes, differing_runs, hash_ranges
 from havend.errors import CheckpointError, JournalError, RemoteProtocolError
 from havend.journal.record import Record
-from havend.ship import wire
+from havend.link import wire
+from havend.link.stream import STREAM_LIMIT, read_frame
 from havend.ship.source import DirtyRegions, SourceGroup, call_in, running_loop
-from havend.ship.stream import STREAM_LIMIT, read_frame
 from havend.volume import FileVolume
 
 log = logging.getLogger("havend.ship")

@@ -27,7 +27,6 @@ import errno
 import json
 import logging
 import os
-import struct
 import threading
 import time
 import uuid
@@ -43,7 +42,8 @@ from havend.errors import CheckpointError, JournalCorruptError
 from havend.fsutil import write_atomic
 from havend.journal import Journal, JournalFull, Kind
 from havend.journal.record import Record
-from havend.volume import FileVolume
+from havend.staging import stage, staged
+from havend.volume import FileVolume, apply_record
 
 log = logging.getLogger("havend.source")
 
@@ -104,9 +104,6 @@ class GroupStatus:
     paused: bool
     generation: str | None  # the replica's (as its target said), or the promoted one
 
-
-# A staged block of reverse protection: volume, offset, length.
-_STAGED = struct.Struct("<HQI")
 
 # Dirty-region tracking after a journal overflow works in chunks of this size.
 DIRTY_CHUNK = 64 << 10
@@ -538,8 +535,7 @@ class SourceGroup:
 
     @staticmethod
     def stage(staging: BinaryIO, volume: int, offset: int, data: bytes) -> None:
-        staging.write(_STAGED.pack(volume, offset, len(data)))
-        staging.write(data)
+        stage(staging, volume, offset, data)
 
     def apply_reverse(self, staging: BinaryIO, round_: dict[str, Any]) -> None:
         """Every block of a round is staged: make that durable, then write them
@@ -572,9 +568,8 @@ class SourceGroup:
             # The journal's records are superseded: never replayed over these blocks.
             self._sync_volumes(self.journal.last_seq)
             with open(staging, "rb") as f:
-                while header := f.read(_STAGED.size):
-                    volume, offset, length = _STAGED.unpack(header)
-                    self.volumes[volume].volume.write(offset, f.read(length))
+                for volume, offset, data in staged(f):
+                    self.volumes[volume].volume.write(offset, data)
             for member in self.volumes:
                 member.volume.flush()
         fence = dict(self.fence or {})
@@ -1071,14 +1066,6 @@ class ReplicatedVolume:
 
     def close(self) -> None:
         pass  # the group owns the file
-
-
-def apply_record(volume: FileVolume, record: Record) -> None:
-    """Carry out one journal record on a volume (source replay, target apply)."""
-    if record.kind == Kind.WRITE:
-        volume.write(record.offset, record.data)
-    elif record.kind != Kind.CHECKPOINT:  # ZERO and TRIM leave zeroes (a hole if possible)
-        volume.write_zeroes(record.offset, record.length, may_trim=True)
 
 
 def _boot_id() -> str:

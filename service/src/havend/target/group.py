@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import threading
 import time
 import uuid
@@ -21,16 +20,15 @@ from havend.errors import CheckpointError, RemoteProtocolError, VolumeError
 from havend.fsutil import fsync_dir, write_atomic
 from havend.journal import Journal, Kind
 from havend.journal.record import Record
-from havend.ship.source import apply_record
+from havend.staging import stage, staged
 from havend.target.changes import ChangeMap
 from havend.target.promoted import PromotedVolume
-from havend.volume import FileVolume
+from havend.volume import FileVolume, apply_record
 
 log = logging.getLogger("havend.target")
-_STAGED = struct.Struct("<HQI")
 # The target's journal holds what arrived and is not yet synced into the
 # replicas: up to 64 segments of 64 MiB, made and freed as it goes.
-TARGET_SEGMENTS = 64  # a staged resync block: volume, offset, length
+TARGET_SEGMENTS = 64
 
 
 # Checkpoints kept per group unless the source's group config says otherwise.
@@ -317,7 +315,7 @@ class TargetGroup:
         if self.refusing or self.promoted:  # the replica is not the source's any more
             raise RemoteProtocolError(f"group {self.name} is promoted: no resync into it")
         if self.sync["state"] == "staging":
-            self._staging.write(_STAGED.pack(volume, offset, len(data)) + data)
+            stage(self._staging, volume, offset, data)
         else:
             self._base_preserve([(volume, offset, len(data))])
             self.preserved_bytes += self.undo.preserve(
@@ -342,14 +340,14 @@ class TargetGroup:
     def _apply_staging(self, resume_seq: int, high_seq: int) -> None:
         self._keep_base()  # redone after a crash: kept already then
         with open(self._staging_path, "rb") as f:
-            while header := f.read(_STAGED.size):
-                volume, offset, length = _STAGED.unpack(header)
+            for volume, offset, data in staged(f):
+                length = len(data)
                 self._base_preserve([(volume, offset, length)])
                 # Retained checkpoints keep what the resync overwrites.
                 self.preserved_bytes += self.undo.preserve(
                     self.volumes, None, [(volume, offset, length)]
                 )
-                self.volumes[volume].write(offset, f.read(length))
+                self.volumes[volume].write(offset, data)
         for volume in self.volumes:
             volume.flush()
         self._restart_sequence(resume_seq)

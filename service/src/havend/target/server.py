@@ -13,8 +13,8 @@ from typing import Any
 
 from havend.blockhash import hash_ranges
 from havend.errors import CheckpointError, RemoteProtocolError
-from havend.ship import wire
-from havend.ship.stream import FrameLink
+from havend.link import wire
+from havend.link.stream import FrameLink
 from havend.target.group import TargetGroup
 
 log = logging.getLogger("havend.target")

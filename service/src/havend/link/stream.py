@@ -1,4 +1,4 @@
-"""Reading whole frames of ``ship.wire`` from an asyncio connection.
+"""Reading whole frames of ``link.wire`` from an asyncio connection.
 
 Two ways in: :func:`read_frame` over an ``asyncio.StreamReader`` (the source's
 end of a link, which gets small frames back), and :meth:`FrameLink.read_frame`
@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from havend.errors import RemoteProtocolError
-from havend.ship import wire
+from havend.link import wire
 
 # StreamReader buffer limit for replication links: big enough that a BATCH
 # arrives without pausing and resuming the transport at every TLS record.
