@@ -23,10 +23,11 @@ _LISTENING = re.compile(r"serving .* on (nbd(?:\+unix)?://\S+)")
 
 
 def require_tool(name: str) -> str:
-    """Path of an interop peer; `make setup` installs them, so a missing one fails."""
+    """Path of a tool the tests run (an NBD peer, strace, sshd); `make setup`
+    (tools/setup.sh) installs them all, so a missing one fails, never skips."""
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is not installed: run `make setup` (it installs the NBD peers)")
+        pytest.fail(f"{name} is not installed: run `make setup` (it installs the test tools)")
     return path
 
 

@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from faultproxy import FaultProxy
-from nodes import source_node, target_node, wait_caught_up
+from nodes import app_group, start_pair, wait_caught_up
 from waiting import wait_until
 
 from havend import admin
@@ -30,22 +29,10 @@ class Sites:
 
     def __init__(self, tmp: Path, **group: Any) -> None:
         self.tmp = tmp
-        self.target = target_node(tmp).start()
-        port = int(self.target.address("replication").rsplit(":", 1)[1])
-        self.proxy = FaultProxy("127.0.0.1", port).start()
-        paths = []
-        for name, size in zip(VOLUMES, SIZES, strict=True):
-            path = tmp / f"{name}.img"
-            with open(path, "wb") as f:
-                f.truncate(size)
-            paths.append(path)
-        group = {
-            "name": "app",
-            "volumes": [{"name": n, "path": str(p)} for n, p in zip(VOLUMES, paths, strict=True)],
-            "journal": {"segment_size": MiB, "max_segments": 64},
-        } | group
-        self.source = source_node(tmp, self.proxy.port, [group]).start()
-        wait_caught_up(self.source, self.target, timeout=WAIT)
+        volumes = dict(zip(VOLUMES, SIZES, strict=True))
+        self.pair = start_pair(tmp, [app_group(tmp, volumes, **group)], proxy=True, caught_up=WAIT)
+        assert self.pair.proxy is not None
+        self.target, self.source, self.proxy = self.pair.target, self.pair.source, self.pair.proxy
         self.log = WriteLog()
         self.clients: dict[int, NBDClient] = {}
         self.writer = self._writer(seed=1)
@@ -188,6 +175,4 @@ class Sites:
     def close(self) -> None:
         for client in self.clients.values():
             client.close(disconnect=False)
-        self.source.stop()
-        self.target.stop()
-        self.proxy.stop()
+        self.pair.stop()

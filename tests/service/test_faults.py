@@ -63,8 +63,10 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import require_tool
 from faultproxy import FaultProxy
-from nodes import NodeProcess, source_node, target_node, wait_caught_up
+from nodes import NodeProcess, Pair, start_pair, target_node, wait_caught_up
+from waiting import WaitTimeout, wait_until
 
 from havend.errors import HavendError
 from havend.journal.record import (
@@ -234,10 +236,12 @@ def frozen(node: NodeProcess) -> Iterator[bool]:
         return
     os.kill(proc.pid, signal.SIGSTOP)
     try:
-        deadline = time.monotonic() + 5
-        while not frozen_pids(proc.pid):
-            assert time.monotonic() < deadline, f"{node.name} did not stop on SIGSTOP"
-            time.sleep(0.0005)
+        wait_until(
+            lambda: frozen_pids(proc.pid),
+            5,
+            f"every thread of {node.name} to stop on SIGSTOP",
+            interval=0.0005,
+        )
         yield True
     finally:
         os.kill(proc.pid, signal.SIGCONT)
@@ -264,11 +268,12 @@ class ReplicaView:
 def fresh_status(node: NodeProcess, timeout: float = 10) -> dict[str, Any]:
     """The node's status, written after this call began."""
     since = time.time()
-    deadline = time.monotonic() + timeout
-    while (status := node.status())["time"] <= since:
-        assert time.monotonic() < deadline, f"{node.name}: no fresh status.json"
-        time.sleep(0.05)
-    return status
+    return wait_until(
+        node.status,
+        timeout,
+        f"{node.name}: a fresh status.json (written after {since})",
+        until=lambda status: status["time"] > since,
+    )
 
 
 def read_status_state(node: NodeProcess, group_id: str) -> str | None:
@@ -366,16 +371,7 @@ class Cluster:
             self.settle_in_flight()
 
     def stop(self) -> None:
-        errors = []
-        for stop in (self.source.stop, self.proxy.stop, self.target.stop):
-            try:
-                stop()
-            except Exception as exc:  # stop the others anyway
-                errors.append(exc)
-        for node in (self.source, self.target):
-            node.kill()
-        if errors:
-            raise errors[0]
+        Pair(self.target, self.source, self.proxy).stop()
 
     # Observations
 
@@ -425,16 +421,17 @@ class Cluster:
         1.5 s; SHIPPER_SILENCE without such a line): its shipper task ended.
         :class:`ApplierStalled`: the target's applied seq stays below its
         durable seq for APPLIER_SILENCE seconds."""
-        deadline = time.monotonic() + timeout
         accepted, quiet_since = self.proxy.connections, time.monotonic()
         applied, stalled_since = None, time.monotonic()
-        while True:
+        last: list[AssertionError] = []
+
+        def caught_up_or_known_bug() -> bool:
+            nonlocal accepted, quiet_since, applied, stalled_since
             try:
                 wait_caught_up(self.source, self.target, timeout=2)
-                return
-            except AssertionError:
-                if time.monotonic() > deadline:
-                    raise
+                return True
+            except AssertionError as exc:
+                last[:] = [exc]
             groups = self.source.status()["groups"]
             busy = self.proxy.stats().active or any(g["connected"] for g in groups)
             if self.proxy.connections != accepted or busy:
@@ -463,6 +460,15 @@ class Cluster:
                     f"the target's applied seq stayed at {applied} for {APPLIER_SILENCE} s "
                     f"while its durable seq is {replica[0]['durable_seq']}"
                 )
+            return False
+
+        wait_until(
+            caught_up_or_known_bug,
+            timeout,
+            "lag 0 (each try waits up to 2 s)",
+            detail=lambda: last[0],
+            interval=0,
+        )
 
     def caught_up(self) -> None:
         """Wait for lag 0. A source whose shipper died (SHIPPER_BUG, fixed) or a
@@ -540,25 +546,10 @@ def start_cluster(
     """Target (``target`` or a new one), proxy, source; returns once the first
     resync is over (the replica is consistent)."""
     volumes = {i: make_volume(tmp / f"{name}.img") for i, name in enumerate(VOLUMES)}
-    target = target or target_node(tmp)
-    proxy: FaultProxy | None = None
-    source: NodeProcess | None = None
-    try:
-        target.start()
-        proxy = FaultProxy("127.0.0.1", port_of(target.address("replication"))).start()
-        groups = [group_config(group, volumes, cache_bytes)]
-        source = source_node(tmp, proxy.port, groups, **source_options)
-        source.start()
-        cluster = Cluster(tmp, target, proxy, source, volumes, group)
-        wait_caught_up(source, target, timeout=WAIT)
-        return cluster
-    except BaseException:
-        for node in (source, target):
-            if node is not None:
-                node.kill()
-        if proxy is not None:
-            proxy.stop()
-        raise
+    groups = [group_config(group, volumes, cache_bytes)]
+    pair = start_pair(tmp, groups, proxy=True, target=target, caught_up=WAIT, **source_options)
+    assert pair.proxy is not None
+    return Cluster(tmp, pair.target, pair.proxy, pair.source, volumes, group)
 
 
 @pytest.fixture
@@ -886,11 +877,20 @@ def test_damaged_record_in_a_running_source_is_logged_and_resynced(
     c.target.start()
     c.check_prefix_now("target back, link still held")
     c.proxy.heal()
-    deadline = time.monotonic() + 20
-    while not [line for line in c.source.log().splitlines() if "damaged" in line]:
-        assert time.monotonic() < deadline, f"no error about the damaged record\n{c.logs()}"
-        c.check_prefix_now("while the source meets the damaged record")
-        time.sleep(0.1)
+
+    def damaged_line() -> list[str]:
+        lines = [line for line in c.source.log().splitlines() if "damaged" in line]
+        if not lines:
+            c.check_prefix_now("while the source meets the damaged record")
+        return lines
+
+    wait_until(
+        damaged_line,
+        20,
+        "an error about the damaged record",
+        detail=c.logs,
+        interval=0.1,
+    )
     errors = [
         line for line in c.source.log().splitlines() if "damaged" in line and " ERROR " in line
     ]
@@ -915,17 +915,17 @@ def _raw_exchange(port: int, data: bytes, timeout: float = 10) -> tuple[int, byt
         ours = sock.getsockname()[1]
         sock.sendall(data)
         received = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def closed() -> bool:
+            nonlocal received
             try:
                 chunk = sock.recv(65536)
             except ConnectionResetError:
-                break
-            if not chunk:
-                break
+                return True
             received += chunk
-        else:
-            raise AssertionError(f"the target kept the connection open for {timeout} s")
+            return not chunk
+
+        wait_until(closed, timeout, "the target to close the connection", interval=0)
     return ours, received
 
 
@@ -934,14 +934,13 @@ def _frame(kind: int, payload: bytes) -> bytes:
 
 
 def _wait_log_line(node: NodeProcess, port: int, timeout: float = 10) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = _peer_lines(node.log(), port)
-        if lines:
-            time.sleep(0.2)  # a second line would come right after the first
-            return _peer_lines(node.log(), port)
-        time.sleep(0.05)
-    return []
+    wait_until(
+        lambda: _peer_lines(node.log(), port),
+        timeout,
+        f"a line of {node.name}'s log about the peer at port {port}",
+    )
+    time.sleep(0.2)  # a second line would come right after the first
+    return _peer_lines(node.log(), port)
 
 
 def test_garbage_on_the_replication_port_is_dropped_with_one_line(cluster: Cluster) -> None:
@@ -1014,12 +1013,18 @@ def test_batch_with_a_bad_crc_is_dropped_and_damages_nothing(cluster: Cluster) -
             ours = sock.getsockname()[1]
             sock.sendall(wire.encode_control(wire.FrameType.HELLO, hello))
             decoder = wire.FrameDecoder()
-            deadline = time.monotonic() + 10
-            while (welcome := decoder.next_frame()) is None:
-                assert time.monotonic() < deadline, "no WELCOME"
-                chunk = sock.recv(65536)
-                assert chunk, "the target closed instead of WELCOME"
-                decoder.feed(chunk)
+
+            def welcomed() -> Any:
+                frame = decoder.next_frame()
+                if frame is None:
+                    chunk = sock.recv(65536)
+                    assert chunk, "the target closed instead of WELCOME"
+                    decoder.feed(chunk)
+                return frame
+
+            welcome = wait_until(
+                welcomed, 10, "WELCOME", until=lambda frame: frame is not None, interval=0
+            )
             assert isinstance(welcome, wire.Control) and welcome.type == wire.FrameType.WELCOME
             durable = int(welcome.body["durable_seq"])
             record = Record(durable + 1, 1, 0, 0, 4096, time.time_ns(), durable, os.urandom(4096))
@@ -1062,8 +1067,9 @@ def test_shipper_survives_a_reset_seen_before_its_write(
     operation on <TCPTransport closed=True ...>; the handler is closed"); a
     shipper must treat that like any broken link: log it and reconnect.
     """
-    uvloop = pytest.importorskip("uvloop")
     import asyncio
+
+    import uvloop  # havend's dependency on Linux (service/pyproject.toml): never skipped
 
     from havend.journal import Journal
     from havend.ship.shipper import Shipper, ShipperSettings
@@ -1118,27 +1124,32 @@ def test_shipper_survives_a_reset_seen_before_its_write(
 
 
 def _strace() -> str:
-    import shutil
-
-    path = shutil.which("strace")
-    if path is None:
-        pytest.skip("strace is not installed: it places a kill -9 on one exact system call")
-    return path
+    """strace places a kill -9 (or an error, a delay) on one exact system call;
+    tools/setup.sh installs it, so a missing one fails."""
+    return require_tool("strace")
 
 
 def _wait_traced(pid: int, timeout: float = 10) -> None:
     """Until every thread of ``pid`` has a tracer (strace finished attaching)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        tracers = []
+
+    def tracers() -> list[int]:
+        found = []
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(FileNotFoundError):
                 status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
-                tracers.append(int(status.split("TracerPid:")[1].split()[0]))
-        if tracers and all(tracers):
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"strace did not attach to {pid} within {timeout} s")
+                found.append(int(status.split("TracerPid:")[1].split()[0]))
+        return found
+
+    try:
+        wait_until(
+            tracers,
+            timeout,
+            f"a tracer on every thread of {pid}",
+            until=lambda found: found and all(found),
+            interval=0.02,
+        )
+    except WaitTimeout as exc:
+        raise RuntimeError(f"strace did not attach to {pid} within {timeout} s: {exc}") from None
 
 
 def _kill_at_first_pwrite(pid: int, paths: list[Path]) -> subprocess.Popen[bytes]:
@@ -1299,11 +1310,18 @@ def test_target_killed_during_its_redo_keeps_a_consistent_replica_a_prefix(
         ],
     )
     try:
-        deadline = time.monotonic() + 30
-        while not (c.target.state_dir / "status.json").exists():
-            if time.monotonic() > deadline or tracer.poll() is not None:
-                raise RuntimeError("setup: the traced target did not start")
-            time.sleep(0.05)
+
+        def started() -> bool:
+            if (c.target.state_dir / "status.json").exists():
+                return True
+            if tracer.poll() is not None:
+                raise RuntimeError("setup: the traced target did not start (strace ended)")
+            return False
+
+        try:
+            wait_until(started, 30, "the traced target's status.json")
+        except WaitTimeout as exc:
+            raise RuntimeError(f"setup: the traced target did not start: {exc}") from None
         c.proxy.heal()
         _reap(tracer)
     finally:
@@ -1368,7 +1386,9 @@ TMPFS_SIZE = "70m"
 
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` mounted on ``path`` (skip if this machine cannot)."""
+    """A tmpfs of ``size`` mounted on ``path``. Mounting needs root (CAP_SYS_ADMIN),
+    which the tests have where they run (CI runs them as root on Debian 12): a
+    machine that cannot mount one fails these tests, it does not skip them."""
     path.mkdir()
     result = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
@@ -1377,7 +1397,10 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
         timeout=30,
     )
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or result.returncode})")
+        pytest.fail(
+            f"cannot mount a tmpfs on {path} ({result.stderr.strip() or result.returncode}): "
+            "the full-disk tests need root (CAP_SYS_ADMIN) to mount one; run them as root"
+        )
     try:
         yield path
     finally:
@@ -1411,19 +1434,22 @@ def _fill_target_disk(c: Cluster) -> tuple[BackgroundWriter, str]:
     """Write sequentially (every block of both volumes) until the target reports
     that its disk is full; returns the running writer and the error line."""
     writer = c.writer(701, pattern="sequential", flush_every=32)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def full_disk_lines() -> list[str]:
         lines = [
             line
             for line in c.target.log().splitlines()
             if "No space left" in line and f"group {c.group}" in line
         ]
-        if lines:
-            return writer, lines[0]
-        assert writer.alive, f"the writer stopped: {writer.error}"
-        time.sleep(0.1)
-    writer.stop()
-    raise AssertionError(f"the target never reported a full disk\n{c.logs()}")
+        assert lines or writer.alive, f"the writer stopped: {writer.error}"
+        return lines
+
+    try:
+        lines = wait_until(full_disk_lines, 30, "the target to report a full disk", interval=0.1)
+    except WaitTimeout as exc:
+        writer.stop()
+        raise AssertionError(f"the target never reported a full disk: {exc}\n{c.logs()}") from None
+    return writer, lines[0]
 
 
 def test_full_target_disk_never_blocks_the_source_and_is_logged(
@@ -1513,14 +1539,21 @@ def test_link_ending_during_the_target_group_commit_does_not_stall_the_replica(
     try:
         _wait_traced(c.target.proc.pid)
         c.proxy.heal()
-        deadline = time.monotonic() + 15
-        while True:  # until the batch is in (not yet durable), then end the link
+
+        def replica_group() -> dict[str, Any]:
             [replica] = [g for g in c.target.status()["groups"] if g["name"] == c.group]
-            if replica["received_seq"] >= last:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"setup: the batch never arrived: {replica}")
-            time.sleep(0.02)
+            return replica
+
+        try:  # until the batch is in (not yet durable), then end the link
+            wait_until(
+                replica_group,
+                15,
+                f"the target to receive seq {last}",
+                until=lambda replica: replica["received_seq"] >= last,
+                interval=0.02,
+            )
+        except WaitTimeout as exc:
+            raise RuntimeError(f"setup: the batch never arrived: {exc}") from None
         c.source.kill()
         time.sleep(2.5)  # the slow fdatasync completes
     finally:
@@ -1536,11 +1569,10 @@ def test_link_ending_during_the_target_group_commit_does_not_stall_the_replica(
     [(segment, offset, record)] = [r for r in journal_records(journal) if r[2].seq == last + 1]
     corrupt_byte(segment, offset + RECORD_HEADER.size + len(record.data) // 2)
     c.proxy.heal()
-    deadline = time.monotonic() + 20
-    while "damaged" not in c.source.log():
-        if time.monotonic() > deadline:
-            raise RuntimeError("setup: the source never read the damaged record")
-        time.sleep(0.05)
+    try:
+        wait_until(lambda: "damaged" in c.source.log(), 20, "the source to read the damaged record")
+    except WaitTimeout:
+        raise RuntimeError("setup: the source never read the damaged record") from None
     try:
         wait_caught_up(c.source, c.target, timeout=15)
     except AssertionError as exc:
