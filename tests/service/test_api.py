@@ -18,12 +18,13 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
-from nodes import free_port, make_tls, source_node, target_node, wait_caught_up
+from nodes import app_group, free_port, start_pair, wait_caught_up
 from schemathesis.checks import (
     not_a_server_error,
     response_schema_conformance,
     status_code_conformance,
 )
+from waiting import wait_until
 
 from havend.nbd.client import NBDClient
 from havend.stamp import StampWriter, WriteLog, check_prefix
@@ -61,23 +62,12 @@ class Api:
     """A source and a target with the API on, and an HTTPS client per node."""
 
     def __init__(self, tmp: Path) -> None:
-        src_tls, tgt_tls = make_tls(tmp)
-        self.target = target_node(tmp, tls=tgt_tls, api=True).start()
-        port = int(self.target.address("replication").rsplit(":", 1)[1])
-        paths = []
-        for name, size in zip(VOLUMES, SIZES, strict=True):
-            path = tmp / f"{name}.img"
-            with open(path, "wb") as f:
-                f.truncate(size)
-            paths.append(path)
-        group = {
-            "name": "app",
-            "volumes": [{"name": n, "path": str(p)} for n, p in zip(VOLUMES, paths, strict=True)],
-            "journal": {"segment_size": MiB, "max_segments": 64},
-        }
-        self.source = source_node(tmp, port, [group], tls=src_tls, api=True).start()
-        self.paths = paths
-        self.tls_ca = src_tls["ca"]
+        group = app_group(tmp, dict(zip(VOLUMES, SIZES, strict=True)))
+        self.pair = start_pair(tmp, [group], tls=True, api=True)
+        assert self.pair.tls is not None
+        self.target, self.source = self.pair.target, self.pair.source
+        self.paths = [Path(v["path"]) for v in group["volumes"]]
+        self.tls_ca = self.pair.tls[0]["ca"]
         self.tls = ssl.create_default_context(cafile=self.tls_ca)
         self.tokens = {
             node: {
@@ -104,21 +94,25 @@ class Api:
             self.writer.step()
 
     def wait_operation(self, node: str, op: dict[str, Any]) -> dict[str, Any]:
+        def ended(got: dict[str, Any]) -> bool:
+            if got["state"] != "running":
+                return True
+            assert "progress" in got
+            return False
+
         with self.http(node, "read") as client:
-            deadline = time.monotonic() + WAIT
-            while True:
-                got = client.get(f"/v1/operations/{op['id']}").json()
-                if got["state"] != "running":
-                    return got
-                assert "progress" in got
-                assert time.monotonic() < deadline, got
-                time.sleep(0.1)
+            return wait_until(
+                lambda: client.get(f"/v1/operations/{op['id']}").json(),
+                WAIT,
+                f"operation {op['id']} on the {node} to end",
+                until=ended,
+                interval=0.1,
+            )
 
     def close(self) -> None:
         for client in self.clients.values():
             client.close(disconnect=False)
-        self.source.stop()
-        self.target.stop()
+        self.pair.stop()
 
 
 @pytest.fixture
@@ -278,10 +272,10 @@ def test_pairing_pausing_and_changing_settings(tmp_path: Path) -> None:
     must succeed first), a group made through the API then replicates; pause
     stops shipping and resume catches up; settings change in place; all of
     it is kept across a restart."""
-    src_tls, tgt_tls = make_tls(tmp_path)
-    target = target_node(tmp_path, tls=tgt_tls, api=True).start()
-    source = source_node(tmp_path, None, [], tls=src_tls, api=True).start()
-    verify = ssl.create_default_context(cafile=src_tls["ca"])
+    sites = start_pair(tmp_path, [], tls=True, api=True, paired=False)
+    assert sites.tls is not None
+    source, target = sites.source, sites.target
+    verify = ssl.create_default_context(cafile=sites.tls[0]["ca"])
     try:
         src = httpx.Client(
             base_url=source.address("api"),
@@ -353,10 +347,13 @@ def test_pairing_pausing_and_changing_settings(tmp_path: Path) -> None:
         )
         assert changed.status_code == 200, changed.text
         assert changed.json()["rpo_seconds"] == 2 and changed.json()["mode"] == "sync"
-        deadline = time.monotonic() + WAIT
-        while len(tgt.get("/v1/groups/g/checkpoints").json()) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until(
+            lambda: tgt.get("/v1/groups/g/checkpoints").json(),
+            WAIT,
+            "two periodic checkpoints on the target",
+            until=lambda checkpoints: len(checkpoints) >= 2,
+            interval=0.2,
+        )
         bad = src.patch("/v1/groups/g", json={"rpo_seconds": 0, "volumes": []})
         assert bad.status_code == 422
         assert {d["field"] for d in bad.json()["detail"]} == {"rpo_seconds", "volumes"}
@@ -367,8 +364,7 @@ def test_pairing_pausing_and_changing_settings(tmp_path: Path) -> None:
         )
         assert src.get("/v1/groups/g").json()["rpo_seconds"] == 2
     finally:
-        source.stop()
-        target.stop()
+        sites.stop()
 
 
 def test_every_route_needs_a_token_of_the_right_scope(api: Api) -> None:
