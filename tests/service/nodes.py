@@ -210,7 +210,7 @@ def start_pair(
     *,
     tls: bool | tuple[dict, dict] = False,
     proxy: bool = False,
-    api: bool = False,
+    api: bool | str = False,
     paired: bool = True,
     target: NodeProcess | None = None,
     caught_up: float | None = None,
@@ -223,12 +223,15 @@ def start_pair(
 
     ``tls``: False, plaintext; True, certificates from one test CA
     (:func:`make_tls`); or the (source, target) TLS configs. ``api``: the REST
-    API on both nodes. ``source_options`` go to :func:`source_node`
-    (``link_timeout``, ``nbd_port``...). ``caught_up``: wait that many seconds
-    for the first sync. If anything fails, nothing is left running."""
+    API on both nodes (True), or on one ("source", "target"). ``source_options``
+    go to :func:`source_node` (``link_timeout``, ``nbd_port``...).
+    ``caught_up``: wait that many seconds for the first sync. If anything
+    fails, nothing is left running."""
     tls_configs = make_tls(tmp) if tls is True else tls or None
     src_tls, tgt_tls = tls_configs or (None, None)
-    target = target or target_node(tmp, tls=tgt_tls, api=api)
+    if api not in (True, False, "source", "target"):
+        raise ValueError(f"api={api!r}: True, False, 'source' or 'target'")
+    target = target or target_node(tmp, tls=tgt_tls, api=api in (True, "target"))
     source: NodeProcess | None = None
     fault_proxy: FaultProxy | None = None
     try:
@@ -238,7 +241,12 @@ def start_pair(
             fault_proxy = FaultProxy("127.0.0.1", port).start()
             port = fault_proxy.port
         source = source_node(
-            tmp, port if paired else None, groups, tls=src_tls, api=api, **source_options
+            tmp,
+            port if paired else None,
+            groups,
+            tls=src_tls,
+            api=api in (True, "source"),
+            **source_options,
         )
         source.start()
         if caught_up is not None:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from nodes import source_node, target_node, wait_caught_up
+from nodes import start_pair, wait_caught_up
 
 from havend import admin
 from havend.admin import node_handlers
@@ -220,10 +220,9 @@ def test_the_admin_socket_cannot_fail_over_a_paused_group(tmp_path: Path) -> Non
     volume = tmp_path / "db.img"
     with open(volume, "wb") as f:
         f.truncate(MiB)
-    target = target_node(tmp_path).start()
-    port = int(target.address("replication").rsplit(":", 1)[1])
     group = {"name": "app", "volumes": [{"name": "db", "path": str(volume)}]}
-    source = source_node(tmp_path, port, [group], api=True).start()
+    sites = start_pair(tmp_path, [group], api="source")
+    source, target = sites.source, sites.target
     try:
         wait_caught_up(source, target, timeout=WAIT)
         headers = {"Authorization": f"Bearer {_token(source)}"}
@@ -240,5 +239,4 @@ def test_the_admin_socket_cannot_fail_over_a_paused_group(tmp_path: Path) -> Non
             assert "failing_over" not in history, history
             assert api.post("/v1/groups/app/resume").json()["state"] == "protecting"
     finally:
-        source.stop()
-        target.stop()
+        sites.stop()
