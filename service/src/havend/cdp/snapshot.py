@@ -18,7 +18,7 @@ from typing import Any
 
 from havend.cdp.undo import UndoLog, Volume
 from havend.cdp.view import PointInTimeView
-from havend.errors import CheckpointError
+from havend.errors import CheckpointError, NotFound
 
 _NAME = re.compile(r"^(failback|split-brain)-[0-9a-f-]{36}$")
 
@@ -34,7 +34,7 @@ class Snapshots:
 
     def _path(self, name: str) -> str:
         if not _NAME.match(name) or not os.path.isdir(os.path.join(self.directory, name)):
-            raise CheckpointError(f"no snapshot {name!r} (havend snapshot list)")
+            raise NotFound(f"no snapshot {name!r} (havend snapshot list)")
         return os.path.join(self.directory, name)
 
     def list(self) -> list[dict[str, Any]]:
@@ -68,7 +68,7 @@ class Snapshots:
 
     def open(self, name: str, volume: str) -> PointInTimeView:
         if volume not in self.names:
-            raise CheckpointError(f"no volume {volume!r} in this group")
+            raise NotFound(f"no volume {volume!r} in this group")
         undo = self._log(name)
         if not undo.checkpoints:
             if name not in self._open:

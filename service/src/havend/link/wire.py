@@ -4,9 +4,11 @@ Every frame is ``u32 length | u8 type | payload`` (little-endian; length counts
 the payload only). Control frames carry a JSON object; the data path is binary:
 
 ``HELLO`` (source → target, JSON)
-    ``{"version", "node", "group", "name", "volumes": [{"name", "size"}], "mode"}``
+    ``{"version", "node", "group", "name", "volumes": [{"name", "size"}], "mode",
+    "retention": {"count", "max_age_seconds"}}``
 ``WELCOME`` (target → source, JSON)
-    ``{"node", "durable_seq"}``: ship from ``durable_seq + 1`` on.
+    ``{"node", "durable_seq", "state", "generation"}``: ship from
+    ``durable_seq + 1`` on (``state``: the replica's, see ``target.resync``).
 ``REFUSED`` (target → source, JSON)
     ``{"code", "error"}``; the target closes the connection after it.
 ``BATCH`` (source → target)

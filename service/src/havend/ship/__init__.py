@@ -1,6 +1,44 @@
-"""The source side of replication: capture writes into the group journal
-(``ship.source``), commit them in groups, and ship them to the target
-(``ship.shipper``) in the frames of ``link.wire``.
+"""The source side of replication: capture writes into the group journal,
+commit them in groups, and ship them to the target in the frames of
+``havend.link.wire``.
+
+Modules: ``source`` (the group: journal, acknowledgements, releases,
+durability, status), ``capture`` (the volumes the NBD server serves, every
+change journaled), ``overflow`` (region tracking while the journal is full),
+``fence`` (fencing, failover, split brain on this side), ``reverse`` (reverse
+protection's staging), ``shipper`` (the steady shipping session and its
+reconnects), ``resync`` (the hash-compare engine, push and pull),
+``failback`` and ``splitbrain`` (the sessions of their own), ``loop`` (the
+shipper's own event loop and thread).
+
+On disk, under ``<state_dir>/groups/<group uuid>/`` (every small file
+replaced atomically: write, fdatasync, rename, directory fsync):
+
+``journal/``
+    The group's journal (see ``havend.journal``).
+``volumes_synced``
+    The last seq known to be on stable storage in the volumes themselves:
+    replay at start begins after it.
+``overflowed``
+    Present from a journal overflow until its resync is done (the region map
+    is in memory only: a restart meanwhile compares every block).
+``running``
+    The boot id while havend runs, removed at a clean stop: another boot id
+    at start means the machine went down under havend (every block compared).
+``fence.json``
+    Why writes are refused (a failover in progress or done, a split brain),
+    with the target's promotion record and what never reached it; absent
+    while writes are accepted.
+``reclaimed.json``
+    Production resumed here while failed over (the recovery side was lost).
+``reverse.staging``
+    A reverse round's blocks (``havend.staging`` format), while it is pulled.
+``reverse.staged``
+    Present once a round is staged whole (its record, JSON): applied at start
+    if a crash came first.
+``failback-<generation>/``
+    An undo log with one checkpoint (``havend.cdp.undo``): what only this side
+    held in the ranges a failback or a first reverse round replaced.
 """
 
 from havend.ship.shipper import FailoverRefused, Shipper, ShipperSettings

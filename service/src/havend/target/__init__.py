@@ -9,9 +9,45 @@ records between the applied seq and the journal's end are applied again
 (applying a record twice gives the same bytes), so a replica that is read is
 always the source's state at some seq: a write-order prefix.
 
-On disk, under ``<state_dir>/groups/<group uuid>/``: ``group.json`` (name,
-volumes, replica paths), ``journal/`` (see ``havend.journal``) and ``applied``
-(the applied seq, replaced atomically).
+Modules: ``server`` (the listener: one link per group), ``group`` (receive,
+apply, views and rollback, status), ``resync`` (resync states and staging,
+the kept consistent point), ``promotion`` (failover, reverse protection,
+split brain, failback), ``promoted`` (the writable volumes of a promoted
+group), ``changes`` (what a promoted group changed).
+
+On disk, under ``<state_dir>/groups/<group uuid>/`` (small files replaced
+atomically):
+
+``group.json``
+    Name, volumes (name, size, replica path), generation, retention policy
+    (``RetentionPolicy.to_dict()``), the source node's name, and the
+    promotion record, hold, split brain and history once there are any.
+``journal/``
+    The group's journal, same seqs as the source's (see ``havend.journal``);
+    ``journal.new/`` and ``journal.old/`` only during its replacement.
+``applied``
+    The applied seq and that record's time (ns).
+``sync.json``
+    The resync state (``syncing``, ``staging``, ``applying``,
+    ``catching_up``, ``consistent``) with ``until`` and ``resume``.
+``staging.log``
+    A staged resync's blocks (``havend.staging`` format), during one only.
+``resync-base/``
+    The last consistent point while a resync has the replica away from it
+    (an undo log with one checkpoint, and ``base.json``: its seq and time).
+``cdp/``
+    The undo log of retained checkpoints (see ``havend.cdp``).
+``changes/``
+    What a promoted group wrote since its promotion (``changes.bitmap``,
+    ``changes.active``).
+``reverse/``
+    Reverse protection's round checkpoints (an undo log).
+``split-brain-<generation>/``
+    What this side held where a split brain's resolution for the old source
+    replaced it (an undo log with one checkpoint).
+
+Beside them ``<state_dir>/groups/.<uuid>.new/`` (a creation cut short,
+redone), and the replicas, ``<replica_dir>/<group>/<volume>.img``.
 """
 
 from havend.target.server import TargetNode

@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from havend.blockhash import hash_ranges
-from havend.errors import CheckpointError, RemoteProtocolError
+from havend.cdp.retention import RetentionPolicy
+from havend.errors import CheckpointError, Invalid, NotFound, RemoteProtocolError
 from havend.link import wire
 from havend.link.stream import FrameLink
 from havend.target.group import TargetGroup
@@ -107,9 +108,10 @@ class TargetNode:
             if isinstance(hello.body.get("reverse"), dict):
                 await self._reverse(group, hello.body["reverse"], link, decoder)
                 return
-            # What the link before this one delivered is made durable first:
-            # the source then knows exactly what arrived (it declares the
-            # checkpoints after durable_seq lost if its journal overflowed).
+            # What the link before this one delivered is durable first (its
+            # end synced it, unless that failed): the source then knows exactly
+            # what arrived (it declares the checkpoints after durable_seq lost
+            # if its journal overflowed).
             await asyncio.get_running_loop().run_in_executor(None, group.journal.sync)
             welcome = {
                 "node": self.name,
@@ -293,7 +295,7 @@ class TargetNode:
             log.warning("group %s: planned failover: promoting at seq %d", group.name, final_seq)
             try:
                 promoted = await group.promote(final_seq=final_seq, planned=True)
-            except CheckpointError as exc:  # not promoted: the source un-fences and says why
+            except (CheckpointError, NotFound) as exc:  # not promoted: the source un-fences
                 log.error("group %s: planned failover refused: %s", group.name, exc)
                 return wire.encode_control(wire.FrameType.REFUSED, {"error": str(exc)})
             if self.on_promoted is not None:
@@ -394,15 +396,10 @@ class TargetNode:
         if group.hold:
             return group, group.hold
         retention = hello.get("retention")
-        if isinstance(retention, dict):
+        if retention is not None:
             try:
-                group.set_retention(
-                    {
-                        "count": max(1, int(retention.get("count", 2048))),
-                        "max_age_seconds": max(0.0, float(retention.get("max_age_seconds", 0))),
-                    }
-                )
-            except (TypeError, ValueError):
+                group.set_retention(RetentionPolicy.from_dict(retention))
+            except Invalid:
                 return group, "malformed retention in HELLO"
         return group, None
 
@@ -435,7 +432,7 @@ class TargetNode:
         for group in self.groups.values():
             if group.name == name:
                 return group
-        raise CheckpointError(f"no group {name!r} on this node")
+        raise NotFound(f"no group {name!r} on this node")
 
     async def close(self) -> None:
         if self._server is not None:

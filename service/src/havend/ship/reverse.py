@@ -1,0 +1,90 @@
+"""Reverse protection on the source: while failed over, rounds pull the
+recovery side's changes into the (fenced) volumes, each as of one of its
+checkpoints, staged in a file first, so that a crash mid-way leaves the
+volumes at the previous round's point, or finishes applying this one at the
+next start.
+
+Files, in the group's state directory: ``reverse.staging`` (the round's
+blocks, see ``havend.staging``) and ``reverse.staged`` (present once a round
+is staged whole: the round's record, applied at start if need be).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from havend.fsutil import write_atomic
+from havend.staging import stage, staged
+
+if TYPE_CHECKING:
+    from havend.ship.source import SourceGroup
+
+log = logging.getLogger("havend.source")
+
+
+class ReverseStaging:
+    """SourceGroup's part: staging and applying reverse rounds."""
+
+    def _reverse_paths(self: SourceGroup) -> tuple[str, str]:
+        assert self.state_dir is not None
+        return (
+            os.path.join(self.state_dir, "reverse.staging"),
+            os.path.join(self.state_dir, "reverse.staged"),
+        )
+
+    def reverse_staging(self: SourceGroup) -> BinaryIO:
+        """An empty staging file for a round's blocks (see :meth:`stage`)."""
+        staging, marker = self._reverse_paths()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(marker)
+        return open(staging, "wb")  # the round closes it
+
+    @staticmethod
+    def stage(staging: BinaryIO, volume: int, offset: int, data: bytes) -> None:
+        stage(staging, volume, offset, data)
+
+    def apply_reverse(self: SourceGroup, staging: BinaryIO, round_: dict[str, Any]) -> None:
+        """Every block of a round is staged: make that durable, then write them
+        into the volumes and record the round in the fence."""
+        staging.flush()
+        os.fdatasync(staging.fileno())
+        staging.close()
+        _, marker = self._reverse_paths()
+        write_atomic(marker, json.dumps(round_).encode())
+        self._apply_staged(round_)
+
+    def recover_reverse(self: SourceGroup) -> None:
+        """At start: finish applying a round that was staged whole before a crash."""
+        if not self.state_dir:
+            return
+        staging, marker = self._reverse_paths()
+        try:
+            with open(marker) as f:
+                round_ = json.load(f)
+        except FileNotFoundError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staging)  # a round cut short: the volumes never saw it
+            return
+        log.warning("group %s: finishing reverse round %s", self.name, round_.get("checkpoint"))
+        self._apply_staged(round_)
+
+    def _apply_staged(self: SourceGroup, round_: dict[str, Any]) -> None:
+        staging, marker = self._reverse_paths()
+        with self.lock:
+            # The journal's records are superseded: never replayed over these blocks.
+            self._sync_volumes(self.journal.last_seq)
+            with open(staging, "rb") as f:
+                for volume, offset, data in staged(f):
+                    self.volumes[volume].volume.write(offset, data)
+            for member in self.volumes:
+                member.volume.flush()
+        fence = dict(self.fence or {})
+        done = int((fence.get("reverse") or {}).get("rounds", 0))
+        fence["reverse"] = round_ | {"rounds": done + 1}
+        self.set_fence(fence)
+        os.unlink(marker)
+        os.unlink(staging)
