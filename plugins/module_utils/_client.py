@@ -70,12 +70,12 @@ class HavenClient:
         self.session.headers["User-Agent"] = "haven.dr-ansible"
         if token:
             self.session.headers["Authorization"] = "Bearer %s" % token
-        if not validate_certs:
-            self.session.verify = False
-        elif ca_path:
-            self.session.verify = ca_path
+        # Given with every request, not set on the session: requests lets
+        # REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's verify.
+        self.verify = False if not validate_certs else (ca_path or True)
+        self.cert = None
         if client_cert:
-            self.session.cert = (client_cert, client_key) if client_key else client_cert
+            self.cert = (client_cert, client_key) if client_key else client_cert
 
     # Requests ----------------------------------------------------------------
 
@@ -111,6 +111,8 @@ class HavenClient:
                     json=body,
                     params=params,
                     timeout=self.timeout,
+                    verify=self.verify,
+                    cert=self.cert,
                     allow_redirects=False,
                 )
             except requests.exceptions.RequestException as exc:

@@ -68,6 +68,8 @@ class ExportsMixin(NodeBase):
                 "volume": group.meta["volumes"][view.volume]["name"],
                 "checkpoint": view.checkpoint.id,
                 "writable": not view.read_only,
+                "uri": f"{self.addresses['views']}/{export}",
+                "size": view.size,
             }
             for group in self.target.groups.values()
             for export, view in group.views.items()

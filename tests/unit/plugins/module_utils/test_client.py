@@ -117,6 +117,16 @@ def test_tls_is_verified_by_default_and_trusts_the_ca_given(havend_tls):
     assert unchecked.get("/v1/node") == {"name": "tgt1"}
 
 
+def test_ca_path_wins_over_the_environments_bundle(havend_tls, monkeypatch, tmp_path):
+    """requests lets REQUESTS_CA_BUNDLE override a session's verify: the CA
+    given must still be the one used (found in the integration plays)."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    monkeypatch.setenv("CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    havend_tls.script.on("GET", "/v1/node", (200, {"name": "tgt1"}))
+    trusted, dummy = client(havend_tls.url, ca_path=havend_tls.ca)
+    assert trusted.get("/v1/node") == {"name": "tgt1"}
+
+
 def test_a_body_that_is_not_json_is_an_error_not_a_crash(havend):
     havend.script.on("GET", "/v1/node", (200, b"<html>a proxy page</html>"))
     c, dummy = client(havend.url)
