@@ -16,12 +16,13 @@ RUFF_PATHS := $(wildcard service tests/service bench tools)
 BENCHES := bench/nbd_ingest.py $(filter-out bench/nbd_ingest.py bench/floor.py,\
 	$(shell grep -l '^if __name__ == .__main__.:' bench/*.py 2>/dev/null))
 
-.PHONY: test setup ruff service-tests units sanity lint changelog bench build build-check \
+.PHONY: test setup ruff structure service-tests units sanity lint changelog bench build build-check \
 	constraints openapi demo clean distclean
 
 ## test: everything CI checks, in order, stopping at the first failure
 test: setup
 	$(MAKE) --no-print-directory ruff
+	$(MAKE) --no-print-directory structure
 	$(MAKE) --no-print-directory service-tests
 	$(MAKE) --no-print-directory units
 	$(MAKE) --no-print-directory sanity
@@ -39,6 +40,10 @@ $(STAMP): requirements-dev.txt constraints.txt service/pyproject.toml tools/setu
 ruff: setup
 	$(VENV)/bin/ruff check --config service/pyproject.toml $(RUFF_PATHS)
 	$(VENV)/bin/ruff format --check --config service/pyproject.toml $(RUFF_PATHS)
+
+## structure: no import cycle between havend's packages (docs/architecture.md, section 2)
+structure: setup
+	$(VENV)/bin/python tools/import_graph.py
 
 ## service-tests: havend's pytest suite (no tests collected = failure)
 service-tests: setup
