@@ -14,7 +14,8 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from nodes import start_pair, wait_caught_up
+from nodes import app_group, start_pair
+from waiting import wait_until
 
 from havend import admin
 from havend.admin import node_handlers
@@ -217,14 +218,9 @@ def test_the_admin_socket_cannot_fail_over_a_paused_group(tmp_path: Path) -> Non
     """The bug: the state guards lived in the HTTP layer only, so a planned
     failover through the admin socket of a group an operator had paused
     fenced it (writes refused) until the drain timed out."""
-    volume = tmp_path / "db.img"
-    with open(volume, "wb") as f:
-        f.truncate(MiB)
-    group = {"name": "app", "volumes": [{"name": "db", "path": str(volume)}]}
-    sites = start_pair(tmp_path, [group], api="source")
-    source, target = sites.source, sites.target
+    pair = start_pair(tmp_path, [app_group(tmp_path, {"db": MiB})], api="source", caught_up=WAIT)
+    source = pair.source
     try:
-        wait_caught_up(source, target, timeout=WAIT)
         headers = {"Authorization": f"Bearer {_token(source)}"}
         with httpx.Client(base_url=source.address("api"), headers=headers, timeout=60) as api:
             assert api.post("/v1/groups/app/pause").json()["state"] == "paused"
@@ -239,4 +235,37 @@ def test_the_admin_socket_cannot_fail_over_a_paused_group(tmp_path: Path) -> Non
             assert "failing_over" not in history, history
             assert api.post("/v1/groups/app/resume").json()["state"] == "protecting"
     finally:
-        sites.stop()
+        pair.stop()
+
+
+def test_a_volume_that_does_not_exist_is_404_from_a_real_node(tmp_path: Path) -> None:
+    """Before: the API chose 404 by the words "no group"/"no view" in the
+    message, so "group app has no volume 'nope'" answered 409."""
+    pair = start_pair(tmp_path, [app_group(tmp_path, {"db": MiB})], api=True, caught_up=WAIT)
+    try:
+        source, target = pair.source, pair.target
+        src = {"Authorization": f"Bearer {_token(source)}"}
+        tgt = {"Authorization": f"Bearer {_token(target)}"}
+        with (
+            httpx.Client(base_url=source.address("api"), headers=src, timeout=60) as s,
+            httpx.Client(base_url=target.address("api"), headers=tgt, timeout=60) as t,
+        ):
+            made = s.post("/v1/groups/app/checkpoints", json={"label": "x"})
+            assert made.status_code == 201, made.text
+            wait_until(
+                lambda: [c["id"] for c in t.get("/v1/groups/app/checkpoints").json()],
+                WAIT,
+                "the checkpoint on the target",
+                until=lambda ids: made.json()["id"] in ids,
+            )
+            missing = t.post("/v1/exports", json={"group": "app", "volume": "nope"})
+            assert missing.status_code == 404, missing.text
+            assert "has no volume 'nope'" in missing.json()["detail"]
+            unknown = t.post(
+                "/v1/exports", json={"group": "app", "volume": "db", "checkpoint": "f" * 32}
+            )
+            assert unknown.status_code == 404 and "is not retained" in unknown.json()["detail"]
+            audit = [(e["action"], e["status"]) for e in t.get("/v1/audit").json()]
+            assert ("export_open", 404) in audit
+    finally:
+        pair.stop()
