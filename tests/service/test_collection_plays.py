@@ -22,7 +22,15 @@ TARGETS = ROOT / "tests" / "integration" / "targets"
 MiB = 1 << 20
 HAVEND = [sys.executable, "-m", "havend"]
 # In this order: group_operation fails the group over and back, last.
-ORDER = ["node_info", "api_token", "node_pair", "replication_info", "pit_export", "group_operation"]
+ORDER = [
+    "node_info",
+    "api_token",
+    "node_pair",
+    "replication_info",
+    "checkpoint",
+    "pit_export",
+    "group_operation",
+]
 
 
 def _token(node: Any, scope: str) -> str:
