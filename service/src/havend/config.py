@@ -32,8 +32,8 @@ field (``source.groups[0].volumes[1].path: required``). Example::
                 {host: db1, user: root, key_file: /etc/havend/hooks.key,
                  known_hosts: /etc/havend/known_hosts}
           volumes:
-            - {name: db, path: /srv/db.img}
-            - {name: log, path: /srv/log.img}
+            - {name: db, path: /srv/db.img, server: db1}   # server: the protected
+            - {name: log, path: /srv/log.img, server: db1}  # server it is a disk of
 
     api: {host: 0.0.0.0, port: 8443}  # the REST API over HTTPS (bearer tokens); optional
 
@@ -60,6 +60,8 @@ import yaml
 from havend.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A protected server's name, as its inventory knows it (a host name or FQDN).
+SERVER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,9 @@ class Endpoint:
 class VolumeConfig:
     name: str
     path: str
+    # The protected server this volume is a disk of (a label: the API lists
+    # servers and filters volumes by it; replication does not use it).
+    server: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +197,16 @@ def _name(reader: _Reader, key: str = "name") -> str:
     return value
 
 
+def _server(reader: _Reader) -> str | None:
+    value = reader.get("server", str, None)
+    if value is not None and not SERVER_NAME.match(value):
+        raise ConfigError(
+            f"{reader._path('server')}: {value!r} is not a server name (a host name: letters, "
+            "digits, '.', '-', '_', up to 253 characters)"
+        )
+    return value
+
+
 def _endpoint(reader: _Reader | None) -> Endpoint | None:
     if reader is None:
         return None
@@ -204,7 +219,9 @@ def _endpoint(reader: _Reader | None) -> Endpoint | None:
 
 
 def _group(reader: _Reader) -> GroupConfig:
-    volumes = tuple(VolumeConfig(_name(v), v.get("path", str)) for v in reader.items("volumes"))
+    volumes = tuple(
+        VolumeConfig(_name(v), v.get("path", str), _server(v)) for v in reader.items("volumes")
+    )
     names = [v.name for v in volumes]
     if len(set(names)) != len(names):
         raise ConfigError(f"{reader._path('volumes')}: volume names must be unique")

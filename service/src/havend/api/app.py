@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from havend import __version__
 from havend.api.metrics import render_metrics
+from havend.config import SERVER_NAME
 from havend.errors import Conflict, HavendError, Invalid, status_code
 from havend.node import Node
 from havend.operations import Operations
@@ -40,6 +41,7 @@ from havend.state import SCOPES, StateStore, Token
 log = logging.getLogger("havend.api")
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+SERVER = SERVER_NAME.pattern
 
 
 class Strict(BaseModel):
@@ -76,6 +78,11 @@ class VolumeSpec(Strict):
     )
     size: int | None = Field(
         None, gt=0, le=1 << 50, multiple_of=4096, description="create the file, sparse, if missing"
+    )
+    server: str | None = Field(
+        None,
+        pattern=SERVER,
+        description="the protected server this volume is a disk of (a label, see /v1/servers)",
     )
 
 
@@ -339,8 +346,36 @@ def create_app(node: Node, operations: Operations, store: StateStore) -> FastAPI
         return await _act(token, "pair", f"{body.host}:{body.port}", body.model_dump(), run)
 
     @app.get("/v1/volumes", summary="every volume of every group, and where it is served")
-    async def list_volumes(_: Token = read) -> list[dict[str, Any]]:
-        return node.volumes()
+    async def list_volumes(
+        group: str | None = Query(None, pattern=NAME, description="only this group's"),
+        server: str | None = Query(None, pattern=SERVER, description="only this server's"),
+        _: Token = read,
+    ) -> list[dict[str, Any]]:
+        return [
+            v
+            for v in node.volumes()
+            if (group is None or v["group"] == group) and (server is None or v["server"] == server)
+        ]
+
+    @app.get(
+        "/v1/servers",
+        summary="the protected servers (volume labels), their groups, volumes and state",
+    )
+    async def list_servers(_: Token = read) -> list[dict[str, Any]]:
+        states = {g["name"]: g for g in map(_described, node.status()["groups"])}
+        out = []
+        for server in node.servers():
+            groups = [states[g] for g in server["groups"] if g in states]
+            out.append(
+                server
+                | {
+                    "node": node.config.name,
+                    "state": groups[0]["state"] if len(groups) == 1 else "mixed",
+                    "lag_seconds": max((g.get("lag_seconds") or 0 for g in groups), default=0),
+                    "rpo_ok": all(g.get("rpo_ok", True) for g in groups),
+                }
+            )
+        return out
 
     @app.get("/v1/peers", summary="the other side of replication, and this node's certificate")
     async def list_peers(_: Token = read) -> dict[str, Any]:

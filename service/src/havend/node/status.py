@@ -53,9 +53,12 @@ class StatusMixin(NodeBase):
         return (total - before) / (now - then) if now > then and total >= before else 0.0
 
     def volumes(self) -> list[dict[str, Any]]:
-        """Every volume of every group: size, file, and the NBD URI serving it."""
+        """Every volume of every group: size, file, the NBD URI serving it, and
+        the protected server it is a disk of (source node; None without one)."""
         out: list[dict[str, Any]] = []
         for group in self.source_groups:
+            config = self._group_configs.get(group.name)
+            servers = {v.name: v.server for v in config.volumes} if config else {}
             for member in group.volumes:
                 out.append(
                     {
@@ -65,6 +68,7 @@ class StatusMixin(NodeBase):
                         "path": member.path,
                         "uri": f"{self.addresses.get('nbd')}/{member.name}",
                         "writable": group.fence is None,
+                        "server": servers.get(member.name),
                     }
                 )
         if self.target is not None:
@@ -81,9 +85,26 @@ class StatusMixin(NodeBase):
                             if promoted
                             else None,
                             "writable": promoted,
+                            "server": spec.get("server"),
                         }
                     )
         return out
+
+    def servers(self) -> list[dict[str, Any]]:
+        """The protected servers: each volume label, with its group and volumes."""
+        found: dict[str, dict[str, Any]] = {}
+        for volume in self.volumes():
+            if volume["server"] is None:
+                continue
+            server = found.setdefault(
+                volume["server"], {"name": volume["server"], "groups": [], "volumes": []}
+            )
+            if volume["group"] not in server["groups"]:
+                server["groups"].append(volume["group"])
+            server["volumes"].append(
+                {k: volume[k] for k in ("name", "group", "size", "uri", "writable")}
+            )
+        return sorted(found.values(), key=lambda s: s["name"])
 
     def peers(self) -> dict[str, Any]:
         """The replication peer(s) and this node's certificate."""
