@@ -58,9 +58,10 @@ def _token(node: Any, scope: str) -> str:
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pair, Path]]:
     tmp = tmp_path_factory.mktemp("plays")
-    pair = start_pair(
-        tmp, [app_group(tmp, {"db": 4 * MiB, "log": 2 * MiB})], tls=True, api=True, caught_up=60
-    )
+    group = app_group(tmp, {"db": 4 * MiB, "log": 2 * MiB})
+    for volume in group["volumes"]:
+        volume["server"] = "db1.example.com"  # both disks of one protected server
+    pair = start_pair(tmp, [group], tls=True, api=True, caught_up=60)
     try:
         collections = tmp / "collections" / "ansible_collections" / "haven"
         collections.mkdir(parents=True)
@@ -105,9 +106,7 @@ def _play(tmp: Path, target: str) -> Path:
     return play
 
 
-@pytest.mark.parametrize("target", ORDER)
-def test_target_plays(sites: tuple[Pair, Path], target: str) -> None:
-    pair, tmp = sites
+def _env(tmp: Path) -> dict[str, str]:
     bin_dir = Path(sys.executable).parent
     env = os.environ | {
         "ANSIBLE_COLLECTIONS_PATH": str(tmp / "collections"),
@@ -119,6 +118,52 @@ def test_target_plays(sites: tuple[Pair, Path], target: str) -> None:
     }
     env.pop("HAVEN_URL", None)
     env.pop("HAVEN_TOKEN", None)
+    return env
+
+
+def _trusted(obj: dict[str, Any]) -> Any:
+    """ansible-inventory marks what an inventory plugin read from elsewhere as
+    unsafe (never templated): ``{"__ansible_unsafe": value}`` in its JSON."""
+    return obj["__ansible_unsafe"] if set(obj) == {"__ansible_unsafe"} else obj
+
+
+def test_the_inventory_lists_the_protected_servers(sites: tuple[Pair, Path]) -> None:
+    """``ansible-inventory`` with haven.dr.nodes over the real source node, and
+    a node that does not answer, reported once while the other is listed."""
+    tmp = sites[1]
+    variables = json.loads((tmp / "vars.json").read_text())
+    source = tmp / "inventory.haven.yml"
+    source.write_text(
+        "plugin: haven.dr.nodes\n"
+        f"token: {variables['haven_source_tokens']['read']}\n"
+        f"ca_path: {variables['haven_ca']}\n"
+        f"nodes:\n  - url: {variables['haven_source_url']}\n"
+        f"  - url: {variables['haven_closed_url']}\n"
+        "groups:\n  rpo_met: haven_rpo_ok\n"
+    )
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-inventory"), "-i", str(source), "--list"],
+        cwd=tmp,
+        env=_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    listed = json.loads(done.stdout, object_hook=_trusted)
+    db1 = listed["_meta"]["hostvars"]["db1.example.com"]
+    assert db1["haven_group"] == "app" and db1["haven_node"] == "src1"
+    assert {v["name"] for v in db1["haven_volumes"]} == {"db", "log"}
+    assert listed["haven_group_app"]["hosts"] == ["db1.example.com"]
+    assert listed["rpo_met"]["hosts"] == ["db1.example.com"]
+    assert done.stderr.count("connection refused") == 1, done.stderr
+
+
+@pytest.mark.parametrize("target", ORDER)
+def test_target_plays(sites: tuple[Pair, Path], target: str) -> None:
+    pair, tmp = sites
+    bin_dir = Path(sys.executable).parent
+    env = _env(tmp)
     done = subprocess.run(
         [str(bin_dir / "ansible-playbook"), "-i", "localhost,", str(_play(tmp, target))],
         cwd=tmp,
