@@ -27,6 +27,7 @@ ORDER = [
     "api_token",
     "node_pair",
     "replication_info",
+    "protection_group",
     "checkpoint",
     "pit_export",
     "group_operation",

@@ -31,6 +31,8 @@ class StatusMixin(NodeBase):
         for group in groups:
             moved = group.get("shipped_bytes", group.get("applied_bytes", 0))
             group["throughput_bytes_per_s"] = round(self._throughput(group["group"], moved))
+            if group["name"] in self._group_configs:  # a source group: what it was set to
+                group["settings"] = self.group_settings(group["name"])
         return {
             "node": self.config.name,
             "role": self.config.role,
@@ -40,6 +42,36 @@ class StatusMixin(NodeBase):
             "time": time.time(),
             "uptime_s": round(time.time() - self.started, 1),
             "groups": groups,
+        }
+
+    def group_settings(self, name: str) -> dict[str, Any]:
+        """A source group's settings as ``POST /v1/groups`` takes them, and
+        where they are defined (``api`` or ``config``: the file's are
+        changed in the file). Hooks run commands: only whether there are any."""
+        config = self._group_configs[name]
+        policy = config.checkpoints
+        return {
+            "defined_in": "api" if name in self.api_groups else "config",
+            "mode": config.mode,
+            "rpo_seconds": config.rpo_seconds,
+            "compression_level": config.compression_level,
+            "bandwidth_limit": config.bandwidth_limit,
+            "reverse_interval_seconds": config.reverse_interval_seconds,
+            "journal": {
+                "segment_size": config.segment_size,
+                "max_segments": config.max_segments,
+                "cache_bytes": config.cache_bytes,
+                "background_sync_bytes": config.background_sync_bytes,
+            },
+            "checkpoints": {
+                "interval_seconds": policy.interval_seconds,
+                "retain": policy.retain,
+                "max_age_seconds": policy.max_age_seconds,
+                "hooks": policy.hooks is not None,
+            },
+            "volumes": [
+                {"name": v.name, "path": v.path, "server": v.server} for v in config.volumes
+            ],
         }
 
     def _throughput(self, key: str, total: int, window: float = 5.0) -> float:
