@@ -22,21 +22,25 @@ if TYPE_CHECKING:
 log = logging.getLogger("havend.ship")
 
 
+async def _hello(
+    shipper: Shipper, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, extra: dict
+) -> tuple[wire.FrameDecoder, wire.Frame]:
+    """Open a session of its own: the group's HELLO with ``extra``; (the
+    session's decoder, the target's answer)."""
+    decoder = wire.FrameDecoder()
+    writer.write(wire.encode_control(wire.FrameType.HELLO, shipper.hello() | extra))
+    await writer.drain()
+    return decoder, await read_frame(reader, decoder, shipper.settings.connect_timeout)
+
+
 async def failback_session(
     shipper: Shipper, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, promoted: dict
 ) -> dict:
     group = shipper.group
     loop = asyncio.get_running_loop()
-    decoder = wire.FrameDecoder()
     started = time.monotonic()
-    writer.write(
-        wire.encode_control(
-            wire.FrameType.HELLO,
-            shipper.hello() | {"failback": {"generation": promoted["generation"]}},
-        )
-    )
-    await writer.drain()
-    welcome = await read_frame(reader, decoder, shipper.settings.connect_timeout)
+    request = {"generation": promoted["generation"]}
+    decoder, welcome = await _hello(shipper, reader, writer, {"failback": request})
     finished = welcome.body.get("failback_done") if isinstance(welcome, wire.Control) else None
     if finished:  # the target switched back but we did not hear it: finish here
         resume = int(finished["resume_seq"])
@@ -115,13 +119,10 @@ async def reverse_session(
 ) -> dict:
     group = shipper.group
     loop = asyncio.get_running_loop()
-    decoder = wire.FrameDecoder()
     started = time.monotonic()
     base = ((group.fence or {}).get("reverse") or {}).get("checkpoint")
     request = {"generation": promoted["generation"], "base": base}
-    writer.write(wire.encode_control(wire.FrameType.HELLO, shipper.hello() | {"reverse": request}))
-    await writer.drain()
-    welcome = await read_frame(reader, decoder, shipper.settings.connect_timeout)
+    decoder, welcome = await _hello(shipper, reader, writer, {"reverse": request})
     if not isinstance(welcome, wire.Control) or not welcome.body.get("reverse"):
         why = welcome.body.get("error") if isinstance(welcome, wire.Control) else welcome
         raise CheckpointError(f"the target refused reverse protection: {why}")

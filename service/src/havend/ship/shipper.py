@@ -191,19 +191,26 @@ class Shipper:
         differ in the ranges either side changed since the promotion (the old
         source's unshipped writes are saved first, as a recoverable snapshot),
         then make the target a replica again and resume shipping."""
+        promoted = self._failed_over(
+            "fail back",
+            "choose the surviving side first (havend group resolve --survivor recovery|production)",
+        )
+        return await self._exclusive_session(
+            lambda reader, writer: failback_session(self, reader, writer, promoted), timeout
+        )
+
+    def _failed_over(self, nothing: str, split_brain: str) -> dict:
+        """The promotion record of a failed-over group, for a session that
+        needs one (else CheckpointError: nothing to ``nothing``; or, in a split
+        brain, ``split_brain``)."""
         group = self.group
         fence = group.fence or {}
         promoted = fence.get("promoted")
         if not promoted:
-            raise CheckpointError(f"group {group.name} has not failed over: nothing to fail back")
+            raise CheckpointError(f"group {group.name} has not failed over: nothing to {nothing}")
         if fence.get("split_brain"):
-            raise CheckpointError(
-                f"group {group.name} is in a split brain: choose the surviving side first "
-                "(havend group resolve --survivor recovery|production)"
-            )
-        return await self._exclusive_session(
-            lambda reader, writer: failback_session(self, reader, writer, promoted), timeout
-        )
+            raise CheckpointError(f"group {group.name} is in a split brain: {split_brain}")
+        return promoted
 
     async def _exclusive_session(
         self,
@@ -237,13 +244,7 @@ class Shipper:
         then applied here), so losing that side too loses one round at most.
         The first round also saves this side's unshipped writes (the
         failback's snapshot) before the recovery side's data replaces them."""
-        group = self.group
-        fence = group.fence or {}
-        promoted = fence.get("promoted")
-        if not promoted:
-            raise CheckpointError(f"group {group.name} has not failed over: nothing to protect")
-        if fence.get("split_brain"):
-            raise CheckpointError(f"group {group.name} is in a split brain: resolve it first")
+        promoted = self._failed_over("protect", "resolve it first")
         return await self._exclusive_session(
             lambda reader, writer: reverse_session(self, reader, writer, promoted),
             timeout,

@@ -169,17 +169,16 @@ class TargetNode:
     async def _link_ended(self, group: TargetGroup) -> None:
         """Make durable what the link delivered and its commit did not reach
         (it broke mid-commit): the status then says what the replica holds
-        (no received seq above the durable one on an idle group), and the
-        applier goes on with those records. A new link of the group waits
-        for this (it waits until this link is gone from ``_links``)."""
+        (no received seq above the durable one on an idle group); the
+        applier finds those records at its next look (it looks every second
+        without a wake-up). A new link of the group waits for this (it waits
+        until this link is gone from ``_links``)."""
         if group.journal.durable_seq >= group.journal.last_seq:
             return
         try:
             await asyncio.get_running_loop().run_in_executor(None, group.journal.sync)
         except OSError as exc:  # the next link's HELLO syncs it again
             log.error("group %s: syncing the journal after the link failed: %s", group.name, exc)
-            return
-        group.new_records.set()
 
     async def _resolve(
         self,
