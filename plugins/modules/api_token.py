@@ -25,6 +25,8 @@ author:
 extends_documentation_fragment:
   - haven.dr.connection
   - ansible.builtin.action_common_attributes
+  - haven.dr.attributes
+  - haven.dr.attributes.changes
 options:
   name:
     description:
@@ -51,13 +53,6 @@ options:
         the right scope exists.
     type: bool
     default: false
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
-  platform:
-    platforms: all
 """
 
 EXAMPLES = r"""

@@ -27,6 +27,8 @@ author:
 extends_documentation_fragment:
   - haven.dr.connection
   - ansible.builtin.action_common_attributes
+  - haven.dr.attributes
+  - haven.dr.attributes.changes
 options:
   group:
     description:
@@ -52,12 +54,8 @@ options:
     type: bool
     default: false
 attributes:
-  check_mode:
-    support: full
   diff_mode:
     support: none
-  platform:
-    platforms: all
 """
 
 EXAMPLES = r"""

@@ -21,6 +21,8 @@ author:
 extends_documentation_fragment:
   - haven.dr.connection
   - ansible.builtin.action_common_attributes
+  - haven.dr.attributes
+  - haven.dr.attributes.info_module
 options:
   group:
     description:
@@ -40,13 +42,6 @@ options:
       - Only the newest checkpoint left after the filters (RV(checkpoints) holds one or none).
     type: bool
     default: false
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: none
-  platform:
-    platforms: all
 """
 
 EXAMPLES = r"""

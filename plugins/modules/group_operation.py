@@ -30,6 +30,8 @@ extends_documentation_fragment:
   - haven.dr.connection
   - haven.dr.wait
   - ansible.builtin.action_common_attributes
+  - haven.dr.attributes
+  - haven.dr.attributes.changes
 options:
   group:
     description:
@@ -63,10 +65,6 @@ attributes:
   check_mode:
     support: full
     details: In check mode the group's state is read and nothing is started.
-  diff_mode:
-    support: full
-  platform:
-    platforms: all
 """
 
 EXAMPLES = r"""

@@ -21,13 +21,8 @@ author:
 extends_documentation_fragment:
   - haven.dr.connection
   - ansible.builtin.action_common_attributes
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: none
-  platform:
-    platforms: all
+  - haven.dr.attributes
+  - haven.dr.attributes.info_module
 """
 
 EXAMPLES = r"""

@@ -23,6 +23,8 @@ author:
 extends_documentation_fragment:
   - haven.dr.connection
   - ansible.builtin.action_common_attributes
+  - haven.dr.attributes
+  - haven.dr.attributes.changes
 options:
   target_host:
     description:
@@ -38,13 +40,6 @@ options:
     description:
       - The name the target's certificate must carry. Defaults to O(target_host).
     type: str
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
-  platform:
-    platforms: all
 """
 
 EXAMPLES = r"""

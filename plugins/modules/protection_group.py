@@ -28,6 +28,8 @@ author:
 extends_documentation_fragment:
   - haven.dr.connection
   - ansible.builtin.action_common_attributes
+  - haven.dr.attributes
+  - haven.dr.attributes.changes
 options:
   name:
     description:
@@ -109,13 +111,6 @@ options:
       - With a volume removed from the group, also delete its replica on the target.
     type: bool
     default: false
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
-  platform:
-    platforms: all
 """
 
 EXAMPLES = r"""

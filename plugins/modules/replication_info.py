@@ -25,6 +25,8 @@ author:
 extends_documentation_fragment:
   - haven.dr.connection
   - ansible.builtin.action_common_attributes
+  - haven.dr.attributes
+  - haven.dr.attributes.info_module
 options:
   group:
     description:
@@ -49,13 +51,6 @@ options:
       - Seconds between two reads while waiting.
     type: float
     default: 1
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: none
-  platform:
-    platforms: all
 """
 
 EXAMPLES = r"""
