@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import struct
 import time
@@ -13,9 +14,11 @@ import uuid
 import pytest
 import zstandard
 
+from havend.cdp.retention import RetentionPolicy
 from havend.errors import RemoteProtocolError
 from havend.journal.record import Kind, Record
 from havend.link import wire
+from havend.link.hello import Hello, HelloVolume, MalformedFrame, Welcome
 from havend.link.stream import FrameLink
 
 GROUP = uuid.uuid4()
@@ -176,3 +179,131 @@ def test_a_link_closed_inside_a_frame_is_an_incomplete_read_and_drain_fails() ->
             await link.drain()
 
     asyncio.run(main())
+
+
+# HELLO and WELCOME as records ------------------------------------------------
+
+_HELLO_BODY = {
+    "version": wire.VERSION,
+    "node": "src",
+    "group": str(GROUP),
+    "name": "g",
+    "mode": "sync",
+    "volumes": [{"name": "a", "size": 1 << 20}, {"name": "b", "size": 4096}],
+    "retention": {"count": 7, "max_age_seconds": 60.0},
+}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"split_brain": {"generation": "g1", "production": {"records": 3}}},
+        {"failback": {"generation": "g1"}},
+        {"reverse": {"generation": "g1", "base": None}},
+        {"resolve": {"generation": "g1", "survivor": "production"}},
+    ],
+)
+def test_a_hello_round_trips_to_the_same_bytes(extra: dict) -> None:
+    """A HELLO read from its JSON gives back the same keys in the same order
+    (the bytes on the wire are those sent before it was a record)."""
+    body = _HELLO_BODY | extra
+    hello = Hello.from_body(body)
+    assert hello.group == GROUP and hello.volumes[1] == HelloVolume("b", 4096)
+    assert hello.retention == RetentionPolicy(7, 60.0)
+    framed = wire.encode_control(wire.FrameType.HELLO, hello.to_body())
+    assert framed == wire.encode_control(wire.FrameType.HELLO, body)
+    decoder = wire.FrameDecoder()
+    decoder.feed(framed)
+    frame = decoder.next_frame()
+    assert isinstance(frame, wire.Control) and Hello.from_body(frame.body) == hello
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"node": "tgt", "durable_seq": 12, "state": "consistent", "generation": "g1"},
+        {
+            "node": "tgt",
+            "durable_seq": 12,
+            "state": "consistent",
+            "generation": "g1",
+            "failback": True,
+            "applied_seq": 10,
+            "changed": [[[0, 4096]], []],
+        },
+        {
+            "node": "tgt",
+            "durable_seq": 12,
+            "state": "consistent",
+            "generation": "g2",
+            "failback_done": None,
+        },
+        {
+            "node": "tgt",
+            "durable_seq": 12,
+            "state": "consistent",
+            "generation": "g2",
+            "failback_done": {"resume_seq": 12},
+        },
+        {"node": "tgt", "resolve": True, "changed": [[], [[8192, 4096]]], "applied_seq": 10},
+        {
+            "node": "tgt",
+            "reverse": True,
+            "checkpoint": {"id": "c1", "time": 1.5},
+            "incremental": False,
+            "changed": [[], []],
+            "applied_seq": 10,
+        },
+    ],
+)
+def test_a_welcome_round_trips_to_the_same_bytes(body: dict) -> None:
+    welcome = Welcome.from_body(body)
+    assert json.dumps(welcome.to_body()) == json.dumps(body)
+    assert Welcome.from_body(welcome.to_body()) == welcome
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"group": None}, "group"),
+        ({"group": "not-a-uuid"}, "group"),
+        ({"name": 7}, "name"),
+        ({"version": "1"}, "version"),
+        ({"node": ["src"]}, "node"),
+        ({"volumes": {"a": 1}}, "volumes"),
+        ({"volumes": [{"name": "a", "size": "big"}]}, "size"),
+        ({"volumes": [{"size": 4096}]}, "name"),
+        ({"retention": {"count": "many"}}, "retention"),
+        ({"retention": ["count", 7]}, "retention"),
+        ({"failback": "g1"}, "failback"),
+        ({"resolve": True}, "resolve"),
+    ],
+)
+def test_a_malformed_hello_is_a_protocol_error_naming_its_key(change: dict, key: str) -> None:
+    body = _HELLO_BODY | change
+    with pytest.raises(RemoteProtocolError, match=f"'{key}'") as caught:
+        Hello.from_body(body)
+    assert isinstance(caught.value, MalformedFrame) and caught.value.key == key
+
+
+@pytest.mark.parametrize("key", ["version", "node", "group", "name", "mode", "volumes"])
+def test_a_hello_without_a_required_key_is_a_protocol_error_naming_it(key: str) -> None:
+    body = {k: v for k, v in _HELLO_BODY.items() if k != key}
+    with pytest.raises(RemoteProtocolError, match=f"'{key}' is missing"):
+        Hello.from_body(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ({"durable_seq": 1}, "node"),
+        ({"node": "tgt"}, "durable_seq"),
+        ({"node": "tgt", "durable_seq": "1"}, "durable_seq"),
+        ({"node": "tgt", "durable_seq": 1, "failback": True, "changed": []}, "applied_seq"),
+        ({"node": "tgt", "reverse": True, "changed": [], "applied_seq": 1}, "checkpoint"),
+    ],
+)
+def test_a_malformed_welcome_is_a_protocol_error_naming_its_key(body: dict, key: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=f"'{key}'"):
+        Welcome.from_body(body)

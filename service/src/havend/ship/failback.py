@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from havend.errors import CheckpointError, RemoteProtocolError
 from havend.link import wire
+from havend.link.hello import Hello, Welcome
 from havend.link.stream import read_frame
 from havend.ship.resync import pull
 
@@ -23,14 +25,23 @@ log = logging.getLogger("havend.ship")
 
 
 async def _hello(
-    shipper: Shipper, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, extra: dict
-) -> tuple[wire.FrameDecoder, wire.Frame]:
-    """Open a session of its own: the group's HELLO with ``extra``; (the
-    session's decoder, the target's answer)."""
+    shipper: Shipper, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: Hello
+) -> tuple[wire.FrameDecoder, Welcome | None, wire.Frame]:
+    """Open a session of its own with ``hello`` (the group's, with what the
+    session is for); (the session's decoder, the target's WELCOME or None,
+    its answer as it came)."""
     decoder = wire.FrameDecoder()
-    writer.write(wire.encode_control(wire.FrameType.HELLO, shipper.hello() | extra))
+    writer.write(wire.encode_control(wire.FrameType.HELLO, hello.to_body()))
     await writer.drain()
-    return decoder, await read_frame(reader, decoder, shipper.settings.connect_timeout)
+    answer = await read_frame(reader, decoder, shipper.settings.connect_timeout)
+    if isinstance(answer, wire.Control) and answer.type == wire.FrameType.WELCOME:
+        return decoder, Welcome.from_body(answer.body), answer
+    return decoder, None, answer
+
+
+def _refusal(answer: wire.Frame) -> object:
+    """Why the target did not welcome a session (its words, or its frame)."""
+    return answer.body.get("error") if isinstance(answer, wire.Control) else answer
 
 
 async def failback_session(
@@ -40,8 +51,9 @@ async def failback_session(
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     request = {"generation": promoted["generation"]}
-    decoder, welcome = await _hello(shipper, reader, writer, {"failback": request})
-    finished = welcome.body.get("failback_done") if isinstance(welcome, wire.Control) else None
+    hello = replace(shipper.hello(), failback=request)
+    decoder, welcome, answer = await _hello(shipper, reader, writer, hello)
+    finished = welcome.failback_done if welcome is not None else None
     if finished:  # the target switched back but we did not hear it: finish here
         resume = int(finished["resume_seq"])
         if resume != group.journal.last_seq:
@@ -57,16 +69,14 @@ async def failback_session(
             "group": group.name,
             "resume_seq": resume,
             "finished_earlier": True,
-            "generation": welcome.body.get("generation"),
+            "generation": welcome.generation if welcome is not None else None,
         }
-    if not isinstance(welcome, wire.Control) or not welcome.body.get("failback"):
-        why = welcome.body.get("error") if isinstance(welcome, wire.Control) else welcome
-        raise CheckpointError(f"the target refused the failback: {why}")
-    applied = int(welcome.body["applied_seq"])
+    if welcome is None or not welcome.failback:
+        raise CheckpointError(f"the target refused the failback: {_refusal(answer)}")
+    assert welcome.applied_seq is not None and welcome.changed is not None
+    applied = welcome.applied_seq
     # The delta: what either side changed since the promotion.
-    delta, changed_there, unshipped = group.promotion_delta(
-        welcome.body["changed"], applied, "failback"
-    )
+    delta, changed_there, unshipped = group.promotion_delta(welcome.changed, applied, "failback")
     regions = [(i, delta.ranges(i)) for i in range(len(group.volumes))]
     delta_bytes = sum(n for _, ranges in regions for _, n in ranges)
     # Keep what only this side has before overwriting it: a recoverable snapshot.
@@ -122,21 +132,21 @@ async def reverse_session(
     started = time.monotonic()
     base = ((group.fence or {}).get("reverse") or {}).get("checkpoint")
     request = {"generation": promoted["generation"], "base": base}
-    decoder, welcome = await _hello(shipper, reader, writer, {"reverse": request})
-    if not isinstance(welcome, wire.Control) or not welcome.body.get("reverse"):
-        why = welcome.body.get("error") if isinstance(welcome, wire.Control) else welcome
-        raise CheckpointError(f"the target refused reverse protection: {why}")
-    checkpoint = welcome.body["checkpoint"]
-    incremental = bool(welcome.body["incremental"])
+    hello = replace(shipper.hello(), reverse=request)
+    decoder, welcome, answer = await _hello(shipper, reader, writer, hello)
+    if welcome is None or not welcome.reverse:
+        raise CheckpointError(f"the target refused reverse protection: {_refusal(answer)}")
+    assert welcome.checkpoint is not None and welcome.changed is not None
+    assert welcome.applied_seq is not None
+    checkpoint = welcome.checkpoint
+    incremental = bool(welcome.incremental)
     regions: list[tuple[int, list[tuple[int, int]]]] = []
     snapshot = None
     if incremental:  # exactly the blocks written there since the last round
-        regions = [
-            (i, [(int(o), int(n)) for o, n in r]) for i, r in enumerate(welcome.body["changed"])
-        ]
+        regions = [(i, [(int(o), int(n)) for o, n in r]) for i, r in enumerate(welcome.changed)]
     else:  # the first round: what either side changed since the promotion
         delta, _, _ = group.promotion_delta(
-            welcome.body["changed"], int(welcome.body["applied_seq"]), "reverse protection"
+            welcome.changed, welcome.applied_seq, "reverse protection"
         )
         regions = [(i, delta.ranges(i)) for i in range(len(group.volumes))]
         snapshot = await loop.run_in_executor(

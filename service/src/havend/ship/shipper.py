@@ -27,6 +27,7 @@ import zstandard
 from havend.errors import CheckpointError, JournalError, RemoteProtocolError
 from havend.journal.record import Record
 from havend.link import wire
+from havend.link.hello import Hello, HelloVolume, Welcome
 from havend.link.stream import STREAM_LIMIT, read_frame
 from havend.ship import resync
 from havend.ship.failback import failback_session, reverse_session
@@ -354,18 +355,19 @@ class Shipper:
         self._stopping = True
         self._soon(self._wake.set)
 
-    def hello(self) -> dict:
+    def hello(self) -> Hello:
         """The HELLO of this group (sessions of their own add to it)."""
         group = self.group
-        return {
-            "version": wire.VERSION,
-            "node": self.node_name,
-            "group": str(group.id),
-            "name": group.name,
-            "mode": group.mode,
-            "volumes": [{"name": v.name, "size": v.size} for v in group.volumes],
-            "retention": group.retention.to_dict(),
-        } | split_brain_report(self)
+        return Hello(
+            version=wire.VERSION,
+            node=self.node_name,
+            group=group.id,
+            name=group.name,
+            mode=group.mode,
+            volumes=tuple(HelloVolume(v.name, v.size) for v in group.volumes),
+            retention=group.retention,
+            split_brain=split_brain_report(self),
+        )
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         s = self.settings
@@ -391,16 +393,17 @@ class Shipper:
         group = self.group
         decoder = wire.FrameDecoder()
         sent = time.time()
-        writer.write(wire.encode_control(wire.FrameType.HELLO, self.hello()))
+        writer.write(wire.encode_control(wire.FrameType.HELLO, self.hello().to_body()))
         await writer.drain()
-        welcome = await read_frame(reader, decoder, self.settings.connect_timeout)
+        answer = await read_frame(reader, decoder, self.settings.connect_timeout)
         received = time.time()
-        if not isinstance(welcome, wire.Control) or welcome.type != wire.FrameType.WELCOME:
-            if isinstance(welcome, wire.Control) and welcome.type == wire.FrameType.REFUSED:
-                if welcome.body.get("code") in ("promoted", "split_brain"):
-                    refused_promoted(self, welcome.body, sent, received)
-                raise RemoteProtocolError(f"target refused: {welcome.body.get('error')}")
+        if not isinstance(answer, wire.Control) or answer.type != wire.FrameType.WELCOME:
+            if isinstance(answer, wire.Control) and answer.type == wire.FrameType.REFUSED:
+                if answer.body.get("code") in ("promoted", "split_brain"):
+                    refused_promoted(self, answer.body, sent, received)
+                raise RemoteProtocolError(f"target refused: {answer.body.get('error')}")
             raise RemoteProtocolError("target did not answer HELLO with WELCOME")
+        welcome = Welcome.from_body(answer.body)
         fence = group.fence
         interrupted = fence and not fence.get("promoted") and fence.get("stage")
         if interrupted and (fence.get("stage") == "promoting" or fence.get("pid") != os.getpid()):
@@ -408,12 +411,13 @@ class Shipper:
             # the target (it just welcomed us as its source): writes resume here.
             log.warning("group %s: an interrupted planned failover is called off", group.name)
             group.set_fence(None)
-        group.generation = welcome.body.get("generation") or group.generation
-        cursor = int(welcome.body["durable_seq"])
+        group.generation = welcome.generation or group.generation
+        assert welcome.durable_seq is not None  # a steady session's WELCOME has it
+        cursor = welcome.durable_seq
         journal = group.journal
         lost = cursor + 1 < journal.tail_seq  # released before the target had them
         ahead = cursor > journal.last_seq  # the target holds writes we never made
-        syncing = welcome.body.get("state") == "syncing"
+        syncing = welcome.state == "syncing"
         dirty: DirtyRegions | None = None
         if not ahead and not syncing:  # what the target holds is acknowledged, overflow or not
             group.on_ack(cursor)
@@ -439,9 +443,7 @@ class Shipper:
         group.on_ack(cursor)
         group.connected = True
         group.last_error = ""
-        log.info(
-            "group %s: shipping to %s from seq %d", group.name, welcome.body.get("node"), cursor + 1
-        )
+        log.info("group %s: shipping to %s from seq %d", group.name, welcome.node, cursor + 1)
         inflight: dict[int, int] = {}  # last seq of a batch -> its wire bytes
         credit = asyncio.Event()
         credit.set()

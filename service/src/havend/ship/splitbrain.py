@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from havend.errors import CheckpointError, RemoteProtocolError
 from havend.link import wire
+from havend.link.hello import Welcome
 from havend.link.stream import read_frame
 
 if TYPE_CHECKING:
@@ -32,13 +34,13 @@ class SplitBrain(Exception):
     """This side took writes after the target's promotion: both sides fenced."""
 
 
-def split_brain_report(shipper: Shipper) -> dict:
+def split_brain_report(shipper: Shipper) -> dict[str, Any] | None:
     """While this side is fenced in a split brain: what it wrote after the
-    promotion, for the target to record (and fence itself)."""
+    promotion, for the target to record (and fence itself); None otherwise."""
     split = (shipper.group.fence or {}).get("split_brain")
     if not split:
-        return {}
-    return {"split_brain": {"generation": split["generation"], "production": split["production"]}}
+        return None
+    return {"generation": split["generation"], "production": split["production"]}
 
 
 def refused_promoted(shipper: Shipper, body: dict, sent: float, received: float) -> None:
@@ -85,7 +87,8 @@ async def resolve_session(
     decoder = wire.FrameDecoder()
     generation = fence["promoted"]["generation"]
     request = {"generation": generation, "survivor": survivor}
-    writer.write(wire.encode_control(wire.FrameType.HELLO, shipper.hello() | {"resolve": request}))
+    hello = replace(shipper.hello(), resolve=request)
+    writer.write(wire.encode_control(wire.FrameType.HELLO, hello.to_body()))
     await writer.drain()
     answer = await read_frame(reader, decoder, shipper.settings.connect_timeout)
     if not isinstance(answer, wire.Control) or answer.type not in (
@@ -95,13 +98,15 @@ async def resolve_session(
         why = answer.body.get("error") if isinstance(answer, wire.Control) else answer
         raise CheckpointError(f"the target refused to resolve the split brain: {why}")
     if answer.type == wire.FrameType.WELCOME:  # production survives: the target's delta
+        welcome = Welcome.from_body(answer.body)
+        assert welcome.changed is not None and welcome.applied_seq is not None
         with group.lock:
             if group.overflow is None:
                 group.enter_overflow(reason="split brain resolved for production")
             overflow = group.overflow
             assert overflow is not None
             delta, _, _ = group.promotion_delta(
-                answer.body["changed"], int(answer.body.get("applied_seq", 0)), overflow.reason
+                welcome.changed, welcome.applied_seq, overflow.reason
             )
             overflow.merge(delta)
             replaced = [overflow.ranges(i) for i in range(len(group.volumes))]

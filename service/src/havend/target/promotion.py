@@ -376,18 +376,18 @@ class Promotion:
 
     # Failback ----------------------------------------------------------------
 
-    def begin_failback(self: TargetGroup) -> dict:
+    def begin_failback(self: TargetGroup) -> tuple[int, list[list[tuple[int, int]]]]:
         """The old source is taking the data home: the promoted volumes stop
-        taking writes, the change map is flushed; what the source needs to know."""
+        taking writes, the change map is flushed; what the source needs to know
+        (the seq it was promoted at; per volume, the ranges written since)."""
         volumes = self.promoted_volumes()
         assert self.changes is not None and self.promoted is not None
         self._pause_promoted(f"group {self.name} is failing back: writes are paused")
         log.warning("group %s: failback begins: promoted volumes paused", self.name)
-        return {
-            "failback": True,
-            "applied_seq": self.promoted["applied_seq"],
-            "changed": [self.changes.ranges(i) for i in range(len(volumes))],
-        }
+        return (
+            self.promoted["applied_seq"],
+            [self.changes.ranges(i) for i in range(len(volumes))],
+        )
 
     def failback_done(self: TargetGroup, generation: str) -> dict | None:
         """The record of a finished failback of that promoted generation, if any."""

@@ -9,12 +9,13 @@ import ssl
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from havend.blockhash import hash_ranges
-from havend.cdp.retention import RetentionPolicy
-from havend.errors import CheckpointError, Invalid, NotFound, RemoteProtocolError
+from havend.errors import CheckpointError, NotFound, RemoteProtocolError
 from havend.link import wire
+from havend.link.hello import Hello, MalformedFrame, Welcome
 from havend.link.stream import FrameLink
 from havend.target.group import TargetGroup
 
@@ -63,10 +64,20 @@ class TargetNode:
         group: TargetGroup | None = None
         decoder = wire.FrameDecoder()
         try:
-            hello = await link.read_frame(decoder, timeout=30)
-            if not isinstance(hello, wire.Control) or hello.type != wire.FrameType.HELLO:
+            first = await link.read_frame(decoder, timeout=30)
+            if not isinstance(first, wire.Control) or first.type != wire.FrameType.HELLO:
                 raise RemoteProtocolError("the first frame must be HELLO")
-            group, refusal = self._admit(hello.body)
+            try:
+                hello = Hello.from_body(first.body)
+            except MalformedFrame as exc:
+                refusal = (
+                    "malformed retention in HELLO" if exc.key == "retention" else "malformed HELLO"
+                )
+                log.warning("source %s refused: %s (%s)", peer, refusal, exc)
+                link.write(wire.encode_control(wire.FrameType.REFUSED, {"error": refusal}))
+                await link.drain()
+                return
+            group, refusal = self._admit(hello)
             if refusal:
                 log.warning("source %s refused: %s", peer, refusal)
                 body: dict = {"error": refusal}
@@ -74,10 +85,10 @@ class TargetNode:
                     # With this clock's time: the source tells whether it wrote
                     # after the promotion (a split brain), and reports it here.
                     body |= {"code": "promoted", "promoted": group.promoted, "clock": time.time()}
-                    report = hello.body.get("split_brain")
+                    report = hello.split_brain
                     split = (
-                        group.record_split_brain(report, hello.body.get("node"))
-                        if isinstance(report, dict)
+                        group.record_split_brain(report, hello.node)
+                        if report is not None
                         else group.meta.get("split_brain")
                     )
                     if split is not None:
@@ -101,32 +112,33 @@ class TargetNode:
                     await asyncio.sleep(0.05)
             self._links[group.id] = link
             group.connected = True
-            group.peer = str(hello.body.get("node") or "") or group.peer
-            if isinstance(hello.body.get("resolve"), dict):
-                await self._resolve(group, hello.body, link, decoder)
+            group.peer = hello.node or group.peer
+            if hello.resolve is not None:
+                await self._resolve(group, hello.resolve, link, decoder)
                 return
-            if isinstance(hello.body.get("reverse"), dict):
-                await self._reverse(group, hello.body["reverse"], link, decoder)
+            if hello.reverse is not None:
+                await self._reverse(group, hello.reverse, link, decoder)
                 return
             # What the link before this one delivered is durable first (its
             # end synced it, unless that failed): the source then knows exactly
             # what arrived (it declares the checkpoints after durable_seq lost
             # if its journal overflowed).
             await asyncio.get_running_loop().run_in_executor(None, group.journal.sync)
-            welcome = {
-                "node": self.name,
-                "durable_seq": group.journal.durable_seq,
-                "state": group.state,
-                "generation": group.generation,
-            }
+            welcome = Welcome(
+                node=self.name,
+                durable_seq=group.journal.durable_seq,
+                state=group.state,
+                generation=group.generation,
+            )
             if failback:
-                welcome |= group.begin_failback()
-            elif isinstance(hello.body.get("failback"), dict):
-                done = group.failback_done(str(hello.body["failback"].get("generation")))
-                welcome |= {"failback_done": done}
-            link.write(wire.encode_control(wire.FrameType.WELCOME, welcome))
+                applied, changed = group.begin_failback()
+                welcome = replace(welcome, failback=True, applied_seq=applied, changed=changed)
+            elif hello.failback is not None:
+                done = group.failback_done(str(hello.failback.get("generation")))
+                welcome = replace(welcome, answers_failback=True, failback_done=done)
+            link.write(wire.encode_control(wire.FrameType.WELCOME, welcome.to_body()))
             await link.drain()
-            log.info("group %s: receiving from %s", group.name, hello.body.get("node"))
+            log.info("group %s: receiving from %s", group.name, hello.node)
             # This link's own: a batch another link left unsynced must not make
             # this one acknowledge before its source asks for anything (an ACK
             # before SYNC_READY breaks the resync handshake).
@@ -183,28 +195,22 @@ class TargetNode:
     async def _resolve(
         self,
         group: TargetGroup,
-        hello: dict,
+        request: dict[str, Any],
         link: FrameLink,
         decoder: wire.FrameDecoder,
     ) -> None:
         """The old source brings the operator's choice of the side that survives
         a split brain (see ``Shipper.resolve``)."""
         loop = asyncio.get_running_loop()
-        request = hello["resolve"]
         done = group.resolution(str(request.get("generation")))
         if done is not None:  # resolved already (an answer that was lost): say so again
             result = done | {"earlier": True}
         elif request.get("survivor") == "recovery":
             result = group.keep_recovery()
         else:
-            paused = group.begin_failback()  # writes paused; what changed, from where
-            welcome = {
-                "node": self.name,
-                "resolve": True,
-                "changed": paused["changed"],
-                "applied_seq": paused["applied_seq"],
-            }
-            link.write(wire.encode_control(wire.FrameType.WELCOME, welcome))
+            applied, changed = group.begin_failback()  # writes paused; what changed, from where
+            welcome = Welcome(node=self.name, resolve=True, changed=changed, applied_seq=applied)
+            link.write(wire.encode_control(wire.FrameType.WELCOME, welcome.to_body()))
             await link.drain()
             frame = await link.read_frame(decoder, timeout=300)
             if not isinstance(frame, wire.Control) or frame.type != wire.FrameType.RESOLVE_DONE:
@@ -233,15 +239,15 @@ class TargetNode:
         )
         try:
             assert group.promoted is not None
-            welcome = {
-                "node": self.name,
-                "reverse": True,
-                "checkpoint": checkpoint.to_dict(),
-                "incremental": incremental,
-                "changed": changed,
-                "applied_seq": group.promoted["applied_seq"],
-            }
-            link.write(wire.encode_control(wire.FrameType.WELCOME, welcome))
+            welcome = Welcome(
+                node=self.name,
+                reverse=True,
+                checkpoint=checkpoint.to_dict(),
+                incremental=incremental,
+                changed=changed,
+                applied_seq=group.promoted["applied_seq"],
+            )
+            link.write(wire.encode_control(wire.FrameType.WELCOME, welcome.to_body()))
             await link.drain()
             while True:
                 frame = await link.read_frame(decoder, timeout=300)
@@ -340,15 +346,10 @@ class TargetNode:
                 link.write(wire.encode_ack(group.id, acked))
                 await link.drain()
 
-    def _admit(self, hello: dict) -> tuple[TargetGroup | None, str | None]:
-        try:
-            group_id = uuid.UUID(str(hello["group"]))
-            name = str(hello["name"])
-            volumes = list(hello["volumes"])
-        except (KeyError, ValueError, TypeError):
-            return None, "malformed HELLO"
-        if hello.get("version") != wire.VERSION:
-            return None, f"protocol version {hello.get('version')} is not {wire.VERSION}"
+    def _admit(self, hello: Hello) -> tuple[TargetGroup | None, str | None]:
+        group_id, name, volumes = hello.group, hello.name, hello.volume_dicts()
+        if hello.version != wire.VERSION:
+            return None, f"protocol version {hello.version} is not {wire.VERSION}"
         group = self.groups.get(group_id)
         if group is None:
             if not name or "/" in name or name.startswith("."):
@@ -363,8 +364,8 @@ class TargetNode:
             return group, refusal
         if group.refusing:
             return group, f"group {group.name} is {group.refusing}"
-        resolve = hello.get("resolve")
-        if isinstance(resolve, dict):
+        resolve = hello.resolve
+        if resolve is not None:
             generation = str(resolve.get("generation"))
             if resolve.get("survivor") not in ("recovery", "production"):
                 return group, f"bad survivor {resolve.get('survivor')!r}"
@@ -375,15 +376,15 @@ class TargetNode:
             if not group.meta.get("split_brain"):
                 return group, f"group {group.name} is not in a split brain"
             return group, None
-        reverse = hello.get("reverse")
-        if isinstance(reverse, dict):
+        reverse = hello.reverse
+        if reverse is not None:
             if not group.promoted or reverse.get("generation") != group.generation:
                 return group, f"group {group.name} is not promoted as generation " + str(
                     reverse.get("generation")
                 )
             return group, group.split_brain_reason() or None
-        failback = hello.get("failback")
-        if isinstance(failback, dict):
+        failback = hello.failback
+        if failback is not None:
             if group.promoted:
                 if failback.get("generation") != group.generation:
                     return group, f"failback of generation {failback.get('generation')}, not ours"
@@ -394,12 +395,8 @@ class TargetNode:
                 return group, None  # done, but the source did not hear it: WELCOME says so
         if group.hold:
             return group, group.hold
-        retention = hello.get("retention")
-        if retention is not None:
-            try:
-                group.set_retention(RetentionPolicy.from_dict(retention))
-            except Invalid:
-                return group, "malformed retention in HELLO"
+        if hello.retention is not None:
+            group.set_retention(hello.retention)
         return group, None
 
     async def _send_ranges(
