@@ -172,26 +172,41 @@ class StatusMixin(NodeBase):
         }
 
     async def _report(self) -> None:
+        """Write status.json every ``status_period``, hand the status to the
+        listeners, and log progress lines every ``status_interval``; a tick that
+        fails (any exception: a status made while a group changes, a listener)
+        is logged and the next one runs: the reports never stop for good."""
         path = os.path.join(self.config.state_dir, "status.json")
         last_line = 0.0
+        failing = False  # the traceback once, while ticks keep failing
         while True:
-            status = self.status()
-            # A view of the node, rewritten often: atomic, but not worth an fsync.
             try:
-                write_atomic(path, json.dumps(status, indent=1).encode(), durable=False)
-            except OSError as exc:  # a full disk must not stop the reports for good
-                log.error("cannot write %s: %s", path, exc)
-            for listener in self.status_listeners:  # e.g. each group's state history
-                try:
-                    listener(status)
-                except Exception as exc:  # the database is full or gone: say it, go on
-                    log.error("cannot record group states: %s", exc)
-            now = time.monotonic()
-            if now - last_line >= self.config.status_interval:
-                last_line = now
-                for group in status["groups"]:
-                    log.info("%s", self._progress_line(group))
+                last_line = self._report_tick(path, last_line)
+                failing = False
+            except Exception:
+                log.error("the status report failed; the next runs", exc_info=not failing)
+                failing = True
             await asyncio.sleep(self.config.status_period)
+
+    def _report_tick(self, path: str, last_line: float) -> float:
+        """One report; returns when the progress lines were last logged."""
+        status = self.status()
+        # A view of the node, rewritten often: atomic, but not worth an fsync.
+        try:
+            write_atomic(path, json.dumps(status, indent=1).encode(), durable=False)
+        except OSError as exc:  # a full disk must not stop the reports for good
+            log.error("cannot write %s: %s", path, exc)
+        for listener in self.status_listeners:  # e.g. each group's state history
+            try:
+                listener(status)
+            except Exception as exc:  # the database is full or gone: say it, go on
+                log.error("cannot record group states: %s", exc)
+        now = time.monotonic()
+        if now - last_line >= self.config.status_interval:
+            last_line = now
+            for group in status["groups"]:
+                log.info("%s", self._progress_line(group))
+        return last_line
 
     @staticmethod
     def _progress_line(group: dict[str, Any]) -> str:
