@@ -8,7 +8,9 @@ checkpoint can be read back (a view) or made the latest again (a rollback).
 See docs/cdp.md.
 
 On disk, an undo log is a directory of ``undo-<16 hex digits>.log`` segments
-and a ``state.json`` (see ``havend.cdp.undo`` for every byte): the target's
+and a ``state.json`` (see ``havend.cdp.undo_format`` for every byte;
+``cdp.undo`` is the log, writing and recovery, ``cdp.undo_history`` its
+reading back, retention and rollback): the target's
 ``groups/<uuid>/cdp/``, and the snapshots of ``cdp.snapshot`` (an undo log
 with one checkpoint: a failback's ``failback-<generation>/`` on the source, a
 split brain's ``split-brain-<generation>/`` on the target). The retention

@@ -15,34 +15,9 @@ the log holds every block a write touched (a torn tail held only blocks whose
 writes were never issued, and is cut). A redo of the journal after a crash
 finds its blocks saved already and saves nothing twice.
 
-On-disk format, in the group's ``cdp/`` directory (integers little-endian):
-
-``undo-<index, 16 hex digits>.log``
-    Entries appended one after the other; a new file once one passes
-    ``segment_bytes``. An entry::
-
-        magic "HUL1" | u32 crc32c (of the rest of the header, the table and,
-        for checkpoint and rollback entries, the data) | u8 type | u8 flags
-        | 2 pad | u64 epoch | u64 time ns | u32 count | u32 data length
-        count x (u16 volume | u16 flags | u32 length | u64 block | u32 crc32c)
-        data (the blocks not flagged zero, in table order; or a JSON body)
-        with entry flag 1 (aligned): zeroes up to the next multiple of 4 KiB
-
-    Entries are aligned and written with O_DIRECT from one reused buffer: the
-    saved blocks are read back only by views and rollbacks, and putting them
-    in the page cache cost more CPU than anything else the undo log does (new
-    pages, then their write-back). Where the file system refuses O_DIRECT
-    they go through the page cache, in the same format. Files written before
-    entries were aligned are read as they are; appends then go to a new file.
-
-    Types: 1 blocks (the table says which; flag 1: all zeroes, no data),
-    2 checkpoint (epoch = its seq; JSON id, time, label, consistency),
-    3 rollback (epoch = the checkpoint seq made latest again).
-
-``state.json``
-    ``{"oldest_seq"}``: checkpoints below it were reclaimed (their entries
-    may still sit in a file shared with newer epochs); ``"rolling_back_to"``
-    while a rollback is being carried out (finished at the next open).
+The on-disk format (segments of entries, ``state.json``) is in
+``cdp.undo_format``; reading back, retention and rollback are
+``cdp.undo_history``'s part of :class:`UndoLog`.
 
 Retention drops the oldest checkpoints (by count and age, never one that an
 open view uses) and deletes the files that hold only their epochs.
@@ -53,113 +28,51 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
-import contextlib
 import errno
 import json
 import logging
 import mmap
 import os
-import re
-import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from crc32c import crc32c
 
 from havend.cdp.checkpoint import Checkpoint
+from havend.cdp.undo_format import (
+    _HEADER,
+    _SEGMENT_NAME,
+    _SLOT,
+    ALIGN,
+    BLOCK,
+    ENTRY_ALIGNED,
+    ENTRY_BLOCKS,
+    FLAG_ZERO,
+    MAGIC,
+    SEGMENT_BYTES,
+    T_BLOCKS,
+    T_CHECKPOINT,
+    T_ROLLBACK,
+    Saved,
+    Volume,
+    _aligned,
+    _close,
+    _is_zero,
+    _key,
+    _runs,
+    _Segment,
+    _Slot,
+)
+from havend.cdp.undo_history import UndoHistory
 from havend.errors import CheckpointError, UndoCorruptError
 from havend.fsutil import fsync_dir, write_atomic
 
 log = logging.getLogger("havend.cdp")
 
-BLOCK = 4096
-SEGMENT_BYTES = 64 << 20
-# Blocks per entry: bounds the memory of one preserve step.
-ENTRY_BLOCKS = 2048
-_HEADER = struct.Struct("<4sIBB2xQQII")
-_SLOT = struct.Struct("<HHIQI")
-MAGIC = b"HUL1"
-T_BLOCKS, T_CHECKPOINT, T_ROLLBACK = 1, 2, 3
-FLAG_ZERO = 1
-# Entry flag: zeroes follow the entry up to the next multiple of ALIGN, where
-# the next entry starts (entries written with O_DIRECT).
-ENTRY_ALIGNED = 1
-ALIGN = 4096
-_ZERO_BLOCK = bytes(BLOCK)
-_ZERO_CRC = crc32c(_ZERO_BLOCK)
-_SEGMENT_NAME = re.compile(r"^undo-([0-9a-f]{16})\.log$")
-# Index keys: volume << 48 | block number.
-_VOLUME_SHIFT = 48
 
-
-class Volume(Protocol):
-    size: int
-
-    def read(self, offset: int, length: int) -> bytes: ...
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
-
-    def flush(self) -> None: ...
-
-
-@dataclass(slots=True)
-class _Segment:
-    index: int
-    path: str
-    fd: int
-    size: int
-    max_epoch: int  # newest epoch with an entry here (-1: none)
-    direct_fd: int = -1  # the same file opened with O_DIRECT, for appending
-
-
-def _close(segment: _Segment) -> None:
-    for fd in (segment.fd, segment.direct_fd):
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-# Where a saved block is: (epoch, segment, offset of its data or -1 for zeroes,
-# length, crc32c). Tuples sort by epoch first, for bisect.
-Saved = tuple[int, int, int, int, int]
-# A block of an entry being written: (volume, block, all zeroes, length, crc32c).
-_Slot = tuple[int, int, bool, int, int]
-
-
-def _key(volume: int, block: int) -> int:
-    return volume << _VOLUME_SHIFT | block
-
-
-def _is_zero(data: memoryview, crc: int) -> bool:
-    """All zeroes? The CRC rules out nearly every block at no cost (comparing
-    a memoryview element by element is slow); a short last block is compared."""
-    if len(data) == BLOCK:
-        return crc == _ZERO_CRC and data.tobytes() == _ZERO_BLOCK
-    return not data.tobytes().strip(b"\0")
-
-
-def _runs(blocks: list[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
-    """(volume, first block, count) of consecutive blocks, from sorted (volume, block)."""
-    run_volume, run_first, run_count = -1, 0, 0
-    for volume, block in blocks:
-        if volume == run_volume and block == run_first + run_count:
-            run_count += 1
-            continue
-        if run_count:
-            yield run_volume, run_first, run_count
-        run_volume, run_first, run_count = volume, block, 1
-    if run_count:
-        yield run_volume, run_first, run_count
-
-
-class UndoLog:
+class UndoLog(UndoHistory):
     """One group's undo log and checkpoint catalog. Writes come from one
     thread (the applier); views read from any thread (``lock`` guards the index)."""
 
@@ -579,192 +492,6 @@ class UndoLog:
                 continue  # a redo after a crash: saved already
             entries.append(saved)
             keys.append(key)
-
-    # Reading --------------------------------------------------------------------
-
-    def read(
-        self, volumes: Sequence[Volume], volume: int, seq: int, offset: int, length: int
-    ) -> bytes:
-        """``length`` bytes at ``offset`` of ``volume`` as it was at the checkpoint
-        of seq ``seq``. The replica is read first, then the saved blocks laid
-        over it: a block the applier overwrites meanwhile was saved before."""
-        if length <= 0:
-            return b""
-        first, last = offset // BLOCK, (offset + length - 1) // BLOCK
-        base = first * BLOCK
-        buf = bytearray(
-            volumes[volume].read(base, min((last + 1) * BLOCK, self.sizes[volume]) - base)
-        )
-        hits: list[tuple[int, Saved]] = []
-        with self.lock:
-            for block in range(first, last + 1):
-                entries = self._index.get(_key(volume, block))
-                if entries:
-                    i = bisect.bisect_left(entries, (seq,))
-                    if i < len(entries):
-                        hits.append((block, entries[i]))
-            fds = {s.index: s.fd for s in self._segments.values()}
-        for block, (_, segment, where, n, crc) in hits:
-            at = (block - first) * BLOCK
-            if where < 0:
-                buf[at : at + n] = _ZERO_BLOCK[:n]
-                continue
-            data = os.pread(fds[segment], n, where)
-            if len(data) != n or crc32c(data) != crc:
-                raise UndoCorruptError(
-                    f"undo segment {segment:016x} offset {where}: saved block {block} of "
-                    f"volume {volume} fails its CRC"
-                )
-            buf[at : at + n] = data
-        return bytes(buf[offset - base : offset - base + length])
-
-    # Retention ------------------------------------------------------------------
-
-    def expire(
-        self, retain: int, max_age: float = 0.0, now: float | None = None
-    ) -> list[Checkpoint]:
-        """Drop the oldest checkpoints beyond ``retain`` or older than ``max_age``
-        seconds (0: no limit), never one an open view pins; delete the files
-        that held only their epochs. Returns the checkpoints dropped."""
-        now = time.time() if now is None else now
-        dropped: list[Checkpoint] = []
-        with self.lock:
-            while self.checkpoints:
-                oldest = self.checkpoints[0]
-                too_many = len(self.checkpoints) > retain
-                too_old = max_age > 0 and oldest.time < now - max_age
-                if not (too_many or too_old) or self.pins[oldest.seq]:
-                    break
-                self.checkpoints.pop(0)
-                self._seqs.pop(0)
-                del self._by_id[oldest.id]
-                dropped.append(oldest)
-            if not dropped:
-                return []
-            new_oldest = self._seqs[0] if self._seqs else dropped[-1].seq + 1
-            self._write_state(oldest_seq=new_oldest)
-            self._forget_before(new_oldest)
-            gone = [
-                s
-                for s in self._segments.values()
-                if s is not self._active and s.max_epoch < new_oldest
-            ]
-            for segment in gone:
-                del self._segments[segment.index]
-        for segment in gone:
-            _close(segment)
-            os.unlink(segment.path)
-        if gone:
-            fsync_dir(self.directory)
-        return dropped
-
-    def changed_between(self, first: int, last: int) -> list[list[tuple[int, int]]]:
-        """Per volume, the (offset, length) runs of blocks written in the epochs
-        from checkpoint seq ``first`` up to, not including, ``last``: what
-        changed between those two checkpoints (each block's first write in an
-        epoch saved it)."""
-        with self.lock:
-            keys = sorted(
-                {k for e, ks in self._epoch_keys.items() if first <= e < last for k in ks}
-            )
-        mask = (1 << _VOLUME_SHIFT) - 1
-        out: list[list[tuple[int, int]]] = [[] for _ in self.sizes]
-        for volume, block, count in _runs([(k >> _VOLUME_SHIFT, k & mask) for k in keys]):
-            end = min((block + count) * BLOCK, self.sizes[volume])
-            out[volume].append((block * BLOCK, end - block * BLOCK))
-        return out
-
-    def _forget_before(self, seq: int) -> None:
-        """Drop saved blocks of epochs before ``seq`` (lock held)."""
-        for epoch in [e for e in self._epoch_keys if e < seq]:
-            for key in self._epoch_keys.pop(epoch):
-                entries = self._index.get(key)
-                if entries and entries[0][0] == epoch:
-                    entries.pop(0)
-                    if not entries:
-                        del self._index[key]
-        keep = [c for c in self.checkpoints if c.seq >= seq]
-        if len(keep) != len(self.checkpoints):
-            self.checkpoints = keep
-            self._seqs = [c.seq for c in keep]
-            self._by_id = {c.id: c for c in keep}
-
-    def _forget_from(self, seq: int) -> None:
-        """A rollback to the checkpoint of ``seq``: drop the checkpoints after it
-        and every block saved in epochs from it on (lock held)."""
-        for epoch in [e for e in self._epoch_keys if e >= seq]:
-            for key in self._epoch_keys.pop(epoch):
-                entries = self._index.get(key)
-                if entries and entries[-1][0] == epoch:
-                    entries.pop()
-                    if not entries:
-                        del self._index[key]
-        keep = [c for c in self.checkpoints if c.seq <= seq]
-        self.checkpoints = keep
-        self._seqs = [c.seq for c in keep]
-        self._by_id = {c.id: c for c in keep}
-
-    # Rollback -------------------------------------------------------------------
-
-    def rollback(self, volumes: Sequence[Volume], checkpoint_id: str) -> tuple[Checkpoint, int]:
-        """Make the replica what it was at the checkpoint; the checkpoints after
-        it are dropped. Returns (checkpoint, bytes rewritten). Crash-safe: an
-        interrupted rollback is finished by :meth:`finish_rollback` at open."""
-        checkpoint = self.get(checkpoint_id)
-        with self.lock:
-            busy = [c for c in self.checkpoints if self.pins[c.seq]]
-            if busy:
-                raise CheckpointError(
-                    f"close the {sum(self.pins.values())} open views first "
-                    f"(checkpoints {', '.join(c.id for c in busy)})"
-                )
-            self._write_state(rolling_back_to=checkpoint.seq)
-        return checkpoint, self._roll_back(volumes, checkpoint.seq)
-
-    def finish_rollback(self, volumes: Sequence[Volume]) -> int | None:
-        """Carry out a rollback a crash interrupted; returns its seq, or None."""
-        if self._pending_rollback is None:
-            return None
-        seq = self._pending_rollback
-        self._roll_back(volumes, seq)
-        return seq
-
-    def _roll_back(self, volumes: Sequence[Volume], seq: int) -> int:
-        with self.lock:
-            plan = []
-            for key, entries in self._index.items():
-                i = bisect.bisect_left(entries, (seq,))
-                if i < len(entries):
-                    plan.append((key >> _VOLUME_SHIFT, key & ((1 << _VOLUME_SHIFT) - 1)))
-        rewritten = 0
-        for volume, block in sorted(plan):
-            n = min(BLOCK, self.sizes[volume] - block * BLOCK)
-            data = self.read(volumes, volume, seq, block * BLOCK, n)
-            volumes[volume].write(block * BLOCK, data)
-            rewritten += n
-        for volume in volumes:
-            volume.flush()
-        with self.lock:
-            segment, _ = self._append(T_ROLLBACK, seq, b"", 0, [b"{}"], True)
-            os.fdatasync(segment.fd)
-            self._forget_from(seq)
-            self._write_state(rolling_back_to=None)
-            self._pending_rollback = None
-        return rewritten
-
-    # Views ----------------------------------------------------------------------
-
-    def pin(self, checkpoint: Checkpoint) -> None:
-        with self.lock:
-            if checkpoint.id not in self._by_id:
-                raise CheckpointError(f"checkpoint {checkpoint.id} is no longer retained")
-            self.pins[checkpoint.seq] += 1
-
-    def unpin(self, checkpoint: Checkpoint) -> None:
-        with self.lock:
-            self.pins[checkpoint.seq] -= 1
-            if self.pins[checkpoint.seq] <= 0:
-                del self.pins[checkpoint.seq]
 
     # Figures ----------------------------------------------------------------------
 
