@@ -10,11 +10,11 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from havend.errors import CheckpointError, RemoteProtocolError
 from havend.link import wire
-from havend.link.hello import Hello, Welcome
+from havend.link.hello import Welcome
 from havend.link.stream import read_frame
 from havend.ship.resync import pull
 
@@ -25,12 +25,16 @@ log = logging.getLogger("havend.ship")
 
 
 async def _hello(
-    shipper: Shipper, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: Hello
+    shipper: Shipper,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    **session: dict[str, Any],
 ) -> tuple[wire.FrameDecoder, Welcome | None, wire.Frame]:
-    """Open a session of its own with ``hello`` (the group's, with what the
-    session is for); (the session's decoder, the target's WELCOME or None,
-    its answer as it came)."""
+    """Open a session of its own: the group's HELLO with what the session is
+    for (``failback=`` or ``reverse=``, the request); (the session's decoder,
+    the target's WELCOME or None, its answer as it came)."""
     decoder = wire.FrameDecoder()
+    hello = replace(shipper.hello(), **session)
     writer.write(wire.encode_control(wire.FrameType.HELLO, hello.to_body()))
     await writer.drain()
     answer = await read_frame(reader, decoder, shipper.settings.connect_timeout)
@@ -51,8 +55,7 @@ async def failback_session(
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     request = {"generation": promoted["generation"]}
-    hello = replace(shipper.hello(), failback=request)
-    decoder, welcome, answer = await _hello(shipper, reader, writer, hello)
+    decoder, welcome, answer = await _hello(shipper, reader, writer, failback=request)
     finished = welcome.failback_done if welcome is not None else None
     if finished:  # the target switched back but we did not hear it: finish here
         resume = int(finished["resume_seq"])
@@ -132,8 +135,7 @@ async def reverse_session(
     started = time.monotonic()
     base = ((group.fence or {}).get("reverse") or {}).get("checkpoint")
     request = {"generation": promoted["generation"], "base": base}
-    hello = replace(shipper.hello(), reverse=request)
-    decoder, welcome, answer = await _hello(shipper, reader, writer, hello)
+    decoder, welcome, answer = await _hello(shipper, reader, writer, reverse=request)
     if welcome is None or not welcome.reverse:
         raise CheckpointError(f"the target refused reverse protection: {_refusal(answer)}")
     assert welcome.checkpoint is not None and welcome.changed is not None
