@@ -77,8 +77,8 @@ from havend.journal.record import (
     decode_record,
 )
 from havend.journal.superblock import read_superblock
-from havend.nbd.client import NBDClient
 from havend.link import wire
+from havend.nbd.client import NBDClient
 from havend.stamp import (
     DEFAULT_BLOCK_SIZE,
     StampWriter,
