@@ -27,30 +27,8 @@ class FailoverMixin(NodeBase):
         now, in its own words (None: it would not refuse outright). The
         operations layer says it together with the state machine's refusal."""
         if self.config.role == "source":
-            fence = self._source_group(name).fence or {}
-            split, promoted = fence.get("split_brain"), fence.get("promoted")
-            if kind == "failover" and fence:
-                return f"group {name} is fenced already: {fence.get('reason')}"
-            if kind == "resolve" and not split:
-                return f"group {name} is not in a split brain"
-            if kind in ("failback", "reverse", "reclaim"):
-                if not promoted:
-                    nothing = {"failback": "fail back", "reverse": "protect", "reclaim": "reclaim"}
-                    return f"group {name} has not failed over: nothing to {nothing[kind]}"
-                if split:
-                    return (
-                        f"group {name} is in a split brain: choose the surviving side first "
-                        "(havend group resolve --survivor recovery|production)"
-                    )
-            return None
-        group = self._target_group(name)
-        if kind in ("promote", "rollback") and group.promoted:
-            if kind == "promote":
-                return f"group {name} is promoted already"
-            return f"group {name} is promoted: its volumes are live, not rolled back"
-        if kind == "rollback" and group.views:
-            return f"close the {len(group.views)} open views of {name} first"
-        return None
+            return self._source_group(name).refusal(kind)
+        return self._target_group(name).refusal(kind)
 
     async def checkpoint(self, name: str, label: str = "", app: bool | None = None) -> Any:
         """Take a checkpoint of a source group: application-consistent through its

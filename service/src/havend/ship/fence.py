@@ -31,6 +31,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("havend.source")
 
+# Operations that need a failed-over group: (what there is nothing to do, the
+# advice in a split brain).
+_NEEDS_FAILED_OVER = {
+    "failback": (
+        "fail back",
+        "choose the surviving side first (havend group resolve --survivor recovery|production)",
+    ),
+    "reverse": ("protect", "resolve it first"),
+    "reclaim": ("reclaim", "resolve it instead"),
+}
+
 
 class Fencing:
     """SourceGroup's part: the fence, failover, failback and split brain."""
@@ -166,22 +177,41 @@ class Fencing:
         except FileNotFoundError:
             return None
 
+    def refusal(self: SourceGroup, kind: str) -> str | None:
+        """Why this group cannot run ``kind`` (a failover operation) as it is
+        now, in the words its refusal uses; None when nothing here forbids it.
+        The one place these preconditions are written: the operations run
+        here check them, and the operations layer quotes them."""
+        fence = self.fence or {}
+        promoted, split = fence.get("promoted"), fence.get("split_brain")
+        if kind == "failover":
+            return f"group {self.name} is fenced already: {fence.get('reason')}" if fence else None
+        if kind == "resolve":
+            return None if split else f"group {self.name} is not in a split brain"
+        if kind not in _NEEDS_FAILED_OVER:
+            return None
+        nothing, advice = _NEEDS_FAILED_OVER[kind]
+        if not promoted:
+            return f"group {self.name} has not failed over: nothing to {nothing}"
+        if split:
+            return f"group {self.name} is in a split brain: {advice}"
+        if kind == "reclaim" and not fence.get("reverse"):
+            return (
+                f"group {self.name} has no round of reverse protection: these volumes hold "
+                "production as it was at the failover, not the recovery side's data"
+            )
+        return None
+
     def reclaim(self: SourceGroup) -> dict[str, Any]:
         """The recovery side is lost while failed over: production resumes here,
         from the last round of reverse protection. Its writes after that round
         are not here; if it comes back, both sides took writes: a split brain,
         reported, and resolved by an operator's choice."""
+        refused = self.refusal("reclaim")
+        if refused:
+            raise CheckpointError(refused)
         fence = self.fence or {}
-        promoted, reverse = fence.get("promoted"), fence.get("reverse")
-        if not promoted:
-            raise CheckpointError(f"group {self.name} has not failed over: nothing to reclaim")
-        if fence.get("split_brain"):
-            raise CheckpointError(f"group {self.name} is in a split brain: resolve it instead")
-        if not reverse:
-            raise CheckpointError(
-                f"group {self.name} has no round of reverse protection: these volumes hold "
-                "production as it was at the failover, not the recovery side's data"
-            )
+        promoted, reverse = fence["promoted"], fence["reverse"]
         record = {
             "time": time.time(),
             "generation": promoted["generation"],

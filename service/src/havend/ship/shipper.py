@@ -192,26 +192,18 @@ class Shipper:
         differ in the ranges either side changed since the promotion (the old
         source's unshipped writes are saved first, as a recoverable snapshot),
         then make the target a replica again and resume shipping."""
-        promoted = self._failed_over(
-            "fail back",
-            "choose the surviving side first (havend group resolve --survivor recovery|production)",
-        )
+        promoted = self._failed_over("failback")
         return await self._exclusive_session(
             lambda reader, writer: failback_session(self, reader, writer, promoted), timeout
         )
 
-    def _failed_over(self, nothing: str, split_brain: str) -> dict:
-        """The promotion record of a failed-over group, for a session that
-        needs one (else CheckpointError: nothing to ``nothing``; or, in a split
-        brain, ``split_brain``)."""
-        group = self.group
-        fence = group.fence or {}
-        promoted = fence.get("promoted")
-        if not promoted:
-            raise CheckpointError(f"group {group.name} has not failed over: nothing to {nothing}")
-        if fence.get("split_brain"):
-            raise CheckpointError(f"group {group.name} is in a split brain: {split_brain}")
-        return promoted
+    def _failed_over(self, kind: str) -> dict:
+        """The promotion record of a failed-over group, for a session (``kind``)
+        that needs one; else CheckpointError with the group's refusal."""
+        refused = self.group.refusal(kind)
+        if refused:
+            raise CheckpointError(refused)
+        return (self.group.fence or {})["promoted"]
 
     async def _exclusive_session(
         self,
@@ -245,7 +237,7 @@ class Shipper:
         then applied here), so losing that side too loses one round at most.
         The first round also saves this side's unshipped writes (the
         failback's snapshot) before the recovery side's data replaces them."""
-        promoted = self._failed_over("protect", "resolve it first")
+        promoted = self._failed_over("reverse")
         return await self._exclusive_session(
             lambda reader, writer: reverse_session(self, reader, writer, promoted),
             timeout,
@@ -261,11 +253,10 @@ class Shipper:
         it changed since the promotion in a snapshot, becomes a replica again,
         and the blocks either side changed are resynced from here (by hash).
         """
-        group = self.group
-        fence = group.fence or {}
-        split = fence.get("split_brain")
-        if not split:
-            raise CheckpointError(f"group {group.name} is not in a split brain")
+        refused = self.group.refusal("resolve")
+        if refused:
+            raise CheckpointError(refused)
+        fence = self.group.fence or {}
         if survivor not in ("recovery", "production"):
             raise CheckpointError(f"survivor must be recovery or production, not {survivor!r}")
         return await self._exclusive_session(

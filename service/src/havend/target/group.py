@@ -360,18 +360,30 @@ class TargetGroup(Resync, Promotion):
             raise NotFound(f"no view {export!r} is open on group {self.name}")
         view.close()
 
+    def refusal(self, kind: str) -> str | None:
+        """Why this group cannot be promoted or rolled back (``kind``) as it is
+        now, in the words its refusal uses; None when nothing here forbids it.
+        The one place these preconditions are written: promote and rollback
+        check them, and the operations layer quotes them."""
+        if kind == "promote" and self.promoted:
+            return f"group {self.name} is promoted already"
+        if kind == "rollback" and self.promoted:
+            return (
+                f"group {self.name} is promoted: its volumes are live, not rolled back under "
+                "the servers using them"
+            )
+        if kind == "rollback" and self.views:
+            return f"close the {len(self.views)} open views of {self.name} first"
+        return None
+
     async def rollback(self, checkpoint_id: str) -> dict:
         """Make a retained checkpoint the replica's latest point. Records from the
         source are refused from now on (a new generation: the source is on the
         abandoned timeline); the checkpoints after it are dropped."""
         checkpoint = self.undo.get(checkpoint_id)
-        if self.promoted:
-            raise CheckpointError(
-                f"group {self.name} is promoted: its volumes are live, not rolled back under "
-                "the servers using them"
-            )
-        if self.views:
-            raise CheckpointError(f"close the {len(self.views)} open views of {self.name} first")
+        refused = self.refusal("rollback")
+        if refused:
+            raise CheckpointError(refused)
         previous = self.generation
         self.meta["hold"] = (
             f"rolled back to checkpoint {checkpoint.id} (seq {checkpoint.seq}); records of "

@@ -56,8 +56,9 @@ class Promotion:
         it; it is applied first. Without a ``checkpoint`` the latest
         consistent point is promoted: every durable record applied.
         """
-        if self.promoted:
-            raise CheckpointError(f"group {self.name} is promoted already")
+        refused = self.refusal("promote")
+        if refused:
+            raise CheckpointError(refused)
         if self.views and checkpoint is not None:
             raise CheckpointError(f"close the {len(self.views)} open views of {self.name} first")
         self.refusing = "being promoted"  # no new link from here on
