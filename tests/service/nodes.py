@@ -290,3 +290,27 @@ def wait_caught_up(source: NodeProcess, target: NodeProcess, timeout: float = 60
             f"--- source log\n{source.log()[-3000:]}\n--- target log\n{target.log()[-3000:]}"
         ),
     )
+
+
+def make_token(node: NodeProcess, name: str, scope: str) -> str:
+    """A new API token of ``node`` (``havend token create``), its secret."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "havend",
+            "token",
+            "create",
+            "--config",
+            str(node.config_path),
+            "--name",
+            name,
+            "--scope",
+            scope,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return json.loads(out.stdout)["token"]

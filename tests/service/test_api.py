@@ -18,7 +18,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
-from nodes import app_group, free_port, start_pair, wait_caught_up
+from nodes import app_group, free_port, make_token, start_pair, wait_caught_up
 from schemathesis.checks import (
     not_a_server_error,
     response_schema_conformance,
@@ -33,29 +33,6 @@ MiB = 1 << 20
 VOLUMES = ["db", "log"]
 SIZES = [4 * MiB, 2 * MiB]
 WAIT = 60
-
-
-def make_token(node: Any, name: str, scope: str) -> str:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "havend",
-            "token",
-            "create",
-            "--config",
-            str(node.config_path),
-            "--name",
-            name,
-            "--scope",
-            scope,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return json.loads(out.stdout)["token"]
 
 
 class Api:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nodes import Pair, app_group, free_port, start_pair
+from nodes import Pair, app_group, free_port, make_token, start_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ROOT / "tests" / "integration" / "targets"
@@ -32,28 +32,6 @@ ORDER = [
     "pit_export",
     "group_operation",
 ]
-
-
-def _token(node: Any, scope: str) -> str:
-    config = str(node.config_path)
-    out = subprocess.run(
-        [
-            *HAVEND,
-            "token",
-            "create",
-            "--name",
-            f"plays-{scope}",
-            "--scope",
-            scope,
-            "--config",
-            config,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return json.loads(out.stdout)["token"]
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +53,10 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pair, Path
             "haven_source_url": pair.source.address("api"),
             "haven_target_url": pair.target.address("api"),
             "haven_source_tokens": {
-                s: _token(pair.source, s) for s in ("read", "operate", "admin")
+                s: make_token(pair.source, f"plays-{s}", s) for s in ("read", "operate", "admin")
             },
             "haven_target_tokens": {
-                s: _token(pair.target, s) for s in ("read", "operate", "admin")
+                s: make_token(pair.target, f"plays-{s}", s) for s in ("read", "operate", "admin")
             },
             "haven_ca": pair.tls[0]["ca"],
             "haven_target_replication_port": int(

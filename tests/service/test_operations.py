@@ -5,8 +5,6 @@ errors answered by their class, never by their text."""
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from nodes import app_group, start_pair
+from nodes import app_group, make_token, start_pair
 from waiting import wait_until
 
 from havend import admin
@@ -202,18 +200,6 @@ def test_the_api_maps_errors_by_class_not_by_text(tmp_path: Path) -> None:
 # Real processes: the admin socket cannot start what the API refuses ----------
 
 
-def _token(node: Any) -> str:
-    config = str(node.config_path)
-    out = subprocess.run(
-        [*HAVEND, "token", "create", "--name", "ops", "--scope", "admin", "--config", config],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return json.loads(out.stdout)["token"]
-
-
 def test_the_admin_socket_cannot_fail_over_a_paused_group(tmp_path: Path) -> None:
     """The bug: the state guards lived in the HTTP layer only, so a planned
     failover through the admin socket of a group an operator had paused
@@ -221,7 +207,7 @@ def test_the_admin_socket_cannot_fail_over_a_paused_group(tmp_path: Path) -> Non
     pair = start_pair(tmp_path, [app_group(tmp_path, {"db": MiB})], api="source", caught_up=WAIT)
     source = pair.source
     try:
-        headers = {"Authorization": f"Bearer {_token(source)}"}
+        headers = {"Authorization": f"Bearer {make_token(source, 'ops', 'admin')}"}
         with httpx.Client(base_url=source.address("api"), headers=headers, timeout=60) as api:
             assert api.post("/v1/groups/app/pause").json()["state"] == "paused"
             with pytest.raises(admin.AdminError, match="not possible while the group is paused"):
@@ -244,8 +230,8 @@ def test_a_volume_that_does_not_exist_is_404_from_a_real_node(tmp_path: Path) ->
     pair = start_pair(tmp_path, [app_group(tmp_path, {"db": MiB})], api=True, caught_up=WAIT)
     try:
         source, target = pair.source, pair.target
-        src = {"Authorization": f"Bearer {_token(source)}"}
-        tgt = {"Authorization": f"Bearer {_token(target)}"}
+        src = {"Authorization": f"Bearer {make_token(source, 'ops', 'admin')}"}
+        tgt = {"Authorization": f"Bearer {make_token(target, 'ops', 'admin')}"}
         with (
             httpx.Client(base_url=source.address("api"), headers=src, timeout=60) as s,
             httpx.Client(base_url=target.address("api"), headers=tgt, timeout=60) as t,

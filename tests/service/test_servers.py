@@ -5,31 +5,18 @@ the field named, in the config file as in the API."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from nodes import app_group, start_pair
+from nodes import app_group, make_token, start_pair
 
 from havend.config import load
 from havend.errors import ConfigError
 
 MiB = 1 << 20
 HAVEND = [sys.executable, "-m", "havend"]
-
-
-def _token(config: Path) -> str:
-    out = subprocess.run(
-        [*HAVEND, "token", "create", "--name", "t", "--scope", "admin", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return json.loads(out.stdout)["token"]
 
 
 def test_servers_by_label_from_the_config_file_and_the_api(tmp_path: Path) -> None:
@@ -39,7 +26,7 @@ def test_servers_by_label_from_the_config_file_and_the_api(tmp_path: Path) -> No
     pair = start_pair(tmp_path, [group], api="source", caught_up=60)
     try:
         source = pair.source
-        headers = {"Authorization": f"Bearer {_token(source.config_path)}"}
+        headers = {"Authorization": f"Bearer {make_token(source, 't', 'admin')}"}
         with httpx.Client(base_url=source.address("api"), headers=headers, timeout=60) as api:
             made = api.post(
                 "/v1/groups",
