@@ -221,6 +221,7 @@ def create_app(node: Node, operations: Operations, store: StateStore) -> FastAPI
             detail = [{"field": exc.field, "error": str(exc)}]
         return JSONResponse({"detail": detail}, status_code=code)
 
+    # None only when the app is built for its schema (``schema()``), never serving.
     _group_status = operations.group_status if operations is not None else None
     _described = operations.describe if operations is not None else None
 
