@@ -52,7 +52,8 @@ options:
   retries:
     description:
       - How many times a request is sent again, with exponential back-off, after a connection that
-        was never made, or, for requests that change nothing when repeated, after a 502, 503 or 504.
+        was never made, or, for a request that only reads, after a 502, 503 or 504. A request that
+        may have reached the node is never sent again.
     type: int
     default: 3
 requirements:

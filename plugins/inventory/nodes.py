@@ -127,7 +127,8 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
                 read = None
         if read is None:
             read = self._read_nodes()
-            if self.get_option("cache"):
+            # Never cache a node's failure: it would hide its servers until the cache expires.
+            if self.get_option("cache") and all(entry[2] is None for entry in read):
                 self._cache[key] = read
         self._populate(read)
 

@@ -10,8 +10,9 @@ by default (``ca_path`` for the deployment CA, optional client certificate
 for mTLS); a bearer token. Retries with exponential back-off only where the
 request cannot have been carried out twice: a connection that was never
 made (refused, connect timeout, name resolution) for every method, and a
-502/503/504 from a proxy or a broken read for the idempotent methods only
-(a POST is never sent again once it may have arrived).
+502/503/504 for the requests that only read (GET, HEAD). A request that may
+have reached the node (a broken read, a timeout waiting for the answer) is
+never sent again: a DELETE or PATCH repeated could fail on its own success.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -35,7 +36,7 @@ except ImportError:  # reported by the module with missing_required_lib
     REQUESTS_IMPORT_ERROR = traceback.format_exc()
 
 RETRY_STATUS = (502, 503, 504)
-IDEMPOTENT = ("GET", "HEAD", "PUT", "PATCH", "DELETE")
+READS = ("GET", "HEAD")  # sent again after a 502/503/504
 
 
 class HavenClient:
@@ -118,13 +119,12 @@ class HavenClient:
             except requests.exceptions.RequestException as exc:
                 # A certificate problem does not go away by asking again.
                 tls = isinstance(exc, requests.exceptions.SSLError)
-                retry = not tls and (_never_sent(exc) or method in IDEMPOTENT)
-                if retry and attempt < self.retries:
+                if not tls and _never_sent(exc) and attempt < self.retries:
                     attempt += 1
                     self._sleep(self.backoff * (2 ** (attempt - 1)))
                     continue
                 raise HavenConnectionError(self._cause(exc), url=self.url)
-            if response.status_code in RETRY_STATUS and method in IDEMPOTENT and attempt < self.retries:
+            if response.status_code in RETRY_STATUS and method in READS and attempt < self.retries:
                 attempt += 1
                 self._sleep(self.backoff * (2 ** (attempt - 1)))
                 continue

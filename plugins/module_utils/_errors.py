@@ -16,12 +16,14 @@ __metaclass__ = type
 
 
 class HavenError(Exception):
-    """Base of every error of the collection. ``url`` is the node's."""
+    """Base of every error of the collection. ``url`` is the node's; ``result``
+    what the task must still return although it failed (a partial result)."""
 
-    def __init__(self, message, url=None):
+    def __init__(self, message, url=None, result=None):
         super(HavenError, self).__init__(message)
         self.message = message
         self.url = url
+        self.result = result
 
     def __str__(self):
         if self.url:
@@ -60,10 +62,6 @@ class HavenInvalid(HavenApiError):
 
 class HavenTimeout(HavenError):
     """A wait ran out of time; ``result`` is the last thing seen (kept for the caller)."""
-
-    def __init__(self, message, url=None, result=None):
-        super(HavenTimeout, self).__init__(message, url)
-        self.result = result
 
 
 _BY_STATUS = {401: HavenAuthError, 403: HavenAuthError, 404: HavenNotFound, 409: HavenConflict, 422: HavenInvalid}

@@ -15,7 +15,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.haven.dr.plugins.module_utils._argspec import connection_argspec
 from ansible_collections.haven.dr.plugins.module_utils._client import REQUESTS_IMPORT_ERROR, HavenClient
-from ansible_collections.haven.dr.plugins.module_utils._errors import HavenError, HavenTimeout
+from ansible_collections.haven.dr.plugins.module_utils._errors import HavenError
 
 
 class HavenModule:
@@ -59,11 +59,9 @@ class HavenModule:
         the module with one line naming the node and the cause."""
         try:
             result = body(self)
-        except HavenTimeout as exc:
-            self.module.fail_json(msg=str(exc), **(exc.result or {}))
         except HavenError as exc:
-            extra = {}
+            extra = dict(exc.result or {})
             if getattr(exc, "status", None) is not None:
-                extra = {"status": exc.status, "detail": exc.detail}
+                extra.update(status=exc.status, detail=exc.detail)
             self.module.fail_json(msg=str(exc), **extra)
         self.module.exit_json(**result)

@@ -107,6 +107,7 @@ revoked:
   sample: ["9f8e7d6c5b4a"]
 """
 
+from ansible_collections.haven.dr.plugins.module_utils._errors import HavenError
 from ansible_collections.haven.dr.plugins.module_utils._module import HavenModule
 
 
@@ -149,8 +150,15 @@ def run_module(haven):
         result.update(token=made["token"], id=made["id"], scope=made["scope"])
         after[-1] = {"id": made["id"], "scope": made["scope"]}
     own = _token_id(p["token"])
-    for token in sorted(revoke, key=lambda t: t["id"] == own):  # our own token last
-        client.delete("/v1/tokens/%s" % token["id"])
+    try:
+        for token in sorted(revoke, key=lambda t: t["id"] == own):  # our own token last
+            client.delete("/v1/tokens/%s" % token["id"])
+    except HavenError as exc:  # the new secret exists once: never lose it with the failure
+        raise HavenError(
+            "made token %s but revoking the old ones failed: %s" % (result["id"], exc.message),
+            url=exc.url,
+            result=dict(result, changed=True),
+        )
     return dict(result, **haven.diff(_state(active), _state(after)))
 
 

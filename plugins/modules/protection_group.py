@@ -18,9 +18,8 @@ description:
     (O(state=absent), its volumes and journal stay on disk).
   - All the volumes of a group share one write order, so a multi-tier application (a database and its
     log, an application server) is replicated as one consistent whole.
-  - Only the settings given are compared and changed. Volumes are identified by name; a volume added to
-    a running group is synced while the others keep replicating, and a volume removed stops being
-    replicated (its replica is kept on the target unless O(purge=true)).
+  - Only the settings given are compared and changed. Volumes are identified by name; the volume list of
+    a live group cannot be changed yet (the task fails naming the difference, before changing anything).
   - Groups defined in the node's config file are read but changed in the file, not by this module.
   - Needs a token of the C(admin) scope (C(operate) for pausing and resuming only).
 author:
@@ -63,7 +62,7 @@ options:
         type: int
       server:
         description:
-          - The protected server this volume is a disk of (a label; see M(haven.dr.protected_server)).
+          - The protected server this volume is a disk of (a label; the C(haven.dr.nodes) inventory lists servers).
         type: str
   mode:
     description:
@@ -106,11 +105,6 @@ options:
       max_age_seconds:
         description: Seconds a checkpoint is kept at most (0 is no limit).
         type: float
-  purge:
-    description:
-      - With a volume removed from the group, also delete its replica on the target.
-    type: bool
-    default: false
 """
 
 EXAMPLES = r"""
@@ -163,7 +157,7 @@ changes:
   returned: success
   type: list
   elements: str
-  sample: ["rpo_seconds", "checkpoints.interval_seconds", "volumes +shop-web"]
+  sample: ["rpo_seconds", "checkpoints.interval_seconds"]
 """
 
 from ansible_collections.haven.dr.plugins.module_utils._errors import HavenError
@@ -179,7 +173,8 @@ def _number(value):
 
 
 def differences(current, p):
-    """(changes for PATCH, their names, volumes to add, volume names to remove)."""
+    """(changes for PATCH, their names, volumes to add, volume names to remove);
+    a different volume list raises (havend cannot change it on a live group)."""
     settings = current.get("settings") or {}
     patch, names = {}, []
     for key in SETTINGS:
@@ -205,12 +200,18 @@ def differences(current, p):
         wanted_names = [v["name"] for v in p["volumes"]]
         add = [v for v in p["volumes"] if v["name"] not in existing]
         remove = [name for name in existing if name not in wanted_names]
+        if add or remove:
+            change = ["+" + v["name"] for v in add] + ["-" + n for n in remove]
+            raise HavenError(
+                "group %s: its volumes would change (%s); havend cannot change the volume list "
+                "of a live group yet: make a new group" % (p["name"], ", ".join(change))
+            )
         for volume in p["volumes"]:
             have_server = (existing.get(volume["name"]) or {}).get("server")
             if volume["name"] in existing and volume.get("server") is not None and have_server != volume["server"]:
                 raise HavenError(
                     "group %s: volume %s is labelled %r on the node; relabelling a volume is not supported "
-                    "(remove it and add it again)" % (p["name"], volume["name"], have_server)
+                    "(make a new group)" % (p["name"], volume["name"], have_server)
                 )
         names += ["volumes +%s" % v["name"] for v in add] + ["volumes -%s" % n for n in remove]
     return patch, names, add, remove
@@ -263,11 +264,11 @@ def run_module(haven):
             client.post(path + "/pause")
         result["group"] = _shown(client.get(path))
         return result
-    patch, changes, add, remove = differences(current, p)
+    patch, changes, dummy, dummy2 = differences(current, p)
     toggle = None
-    if p["state"] == "paused" and current.get("state") != "paused":
+    if p["state"] == "paused" and not current.get("paused"):
         toggle = "pause"
-    elif p["state"] == "present" and current.get("state") == "paused":
+    elif p["state"] == "present" and current.get("paused"):
         toggle = "resume"
     if toggle:
         changes.append("paused" if toggle == "pause" else "resumed")
@@ -279,10 +280,6 @@ def run_module(haven):
         return dict(result, **haven.diff(before, dict(before, changes=changes)))
     if patch:
         client.patch(path, patch)
-    for volume in add:
-        client.post(path + "/volumes", _volume_body(volume))
-    for name in remove:
-        client.request("DELETE", "%s/volumes/%s" % (path, name), params={"purge": str(p["purge"]).lower()})
     if toggle:
         client.post("%s/%s" % (path, toggle))
     after = _shown(client.get(path))
@@ -316,7 +313,6 @@ def main():
                     max_age_seconds=dict(type="float"),
                 ),
             ),
-            purge=dict(type="bool", default=False),
         )
     )
     haven.run(run_module)

@@ -104,6 +104,54 @@ def test_one_exclusive_operation_at_a_time_whoever_asks() -> None:
     asyncio.run(scenario())
 
 
+class FakeTarget(FakeNode):
+    """A target whose rollback runs until ``release``, and views to open."""
+
+    def __init__(self) -> None:
+        super().__init__("target")
+        self.group = {"name": "app", "connected": True, "state": "consistent"}
+
+    async def rollback(self, name: str, ref: str) -> dict[str, Any]:
+        self.calls.append("rollback")
+        self.entered.set()
+        await self.release.wait()
+        return {"group": name, "checkpoint": ref}
+
+    def open_view(self, name: str, volume: str, ref: str, writable: bool) -> dict[str, Any]:
+        self.calls.append("open_view")
+        if volume == "explode":
+            raise ValueError("a bug of the node, not a bad argument")
+        return {"export": f"{name}/{volume}@{ref}"}
+
+
+def test_nothing_starts_on_a_group_an_exclusive_operation_holds() -> None:
+    """A view opened during a rollback would show blocks being rewritten:
+    refused while it runs, opened once it is done; and an error of the node
+    itself is not turned into a 'bad arguments' answer."""
+
+    async def scenario() -> None:
+        node = FakeTarget()
+        operations = Operations(node, None)  # type: ignore[arg-type]
+        handlers = node_handlers(node, operations)  # type: ignore[arg-type]
+        rollback = {"op": "rollback", "group": "app", "checkpoint": "c1"}
+        running = asyncio.ensure_future(handlers["rollback"](rollback))
+        await asyncio.wait_for(node.entered.wait(), 5)
+        view = {"op": "view_open", "group": "app", "volume": "db", "checkpoint": "c1"}
+        with pytest.raises(Conflict, match="rollback is running on app"):
+            await handlers["view_open"](view)
+        assert node.calls == ["rollback"]
+        node.release.set()
+        await asyncio.wait_for(running, 5)
+        assert await handlers["view_open"](view) == {"export": "app/db@c1"}
+        with pytest.raises(ValueError, match="a bug of the node"):
+            await operations.run("export_open", "app", {"volume": "explode"})
+        with pytest.raises(Invalid, match="bad arguments for checkpoint"):
+            operations.node.config.role = "source"
+            await operations.run("checkpoint", "app", {"app": "yes"})
+
+    asyncio.run(scenario())
+
+
 def test_a_running_failover_is_a_state_every_caller_sees() -> None:
     async def scenario() -> None:
         node = FakeNode()

@@ -50,6 +50,7 @@ set (tests and benchmarks on one machine).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -170,6 +171,8 @@ class _Reader:
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ConfigError(f"{self._path(key)}: must be {kind.__name__}, not {value!r}")
+        if kind is float and not math.isfinite(value):
+            raise ConfigError(f"{self._path(key)}: must be a finite number, not {value!r}")
         if choices and value not in choices:
             raise ConfigError(f"{self._path(key)}: must be one of {', '.join(choices)}")
         return value

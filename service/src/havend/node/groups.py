@@ -262,12 +262,13 @@ class GroupsMixin(NodeBase):
         merged = current | {k: v for k, v in changes.items() if k != "checkpoints"}
         if "checkpoints" in changes:
             merged["checkpoints"] = (current.get("checkpoints") or {}) | changes["checkpoints"]
-        new = group_from_dict(merged)
+        new = group_from_dict(merged)  # everything checked before anything changes
         old = self._group_configs[name]
+        policy = new.checkpoints
+        retention = RetentionPolicy(policy.retain, policy.max_age_seconds)
         group.mode = new.mode
         group.rpo_seconds = new.rpo_seconds
-        policy = new.checkpoints
-        group.retention = RetentionPolicy(policy.retain, policy.max_age_seconds)
+        group.retention = retention
         self._shipper(name).reconfigure(
             compression_level=new.compression_level,
             bandwidth_limit=new.bandwidth_limit,

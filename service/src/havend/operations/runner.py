@@ -15,7 +15,7 @@ import asyncio
 import logging
 from typing import Any
 
-from havend.errors import Conflict, HavendError, Invalid, NotFound
+from havend.errors import Conflict, Invalid, NotFound
 from havend.node import Node
 from havend.operations import machine
 from havend.operations.table import OPERATIONS, OperationSpec
@@ -76,7 +76,9 @@ class Operations:
         for name in spec.requires:
             if args.get(name) is None:
                 raise Invalid(f"bad arguments for {kind}: {name} is required", name)
-        holder = self.running.get(group) if spec.exclusive else None
+        # Nothing starts on a group an exclusive operation holds (a view opened
+        # during a rollback would show blocks being rewritten).
+        holder = self.running.get(group) if spec.on_group else None
         if holder is not None:
             raise Conflict(f"{holder} is running on {group}")
         return spec
@@ -124,11 +126,10 @@ class Operations:
 
     async def _execute(self, spec: OperationSpec, group: str, args: dict[str, Any]) -> Any:
         try:
-            return await spec.run(self.node, group, args)
-        except HavendError:
-            raise
+            work = spec.run(self.node, group, args)  # reads the arguments only
         except (KeyError, TypeError, ValueError) as exc:  # an argument of the wrong kind
             raise Invalid(f"bad arguments for {spec.name}: {exc!r}") from None
+        return await work  # the node's own errors, whatever they are, as they are
 
     def progress(self, name: str) -> dict[str, Any] | None:
         """What a running operation on the group has done so far (bytes, ETA, lag)."""

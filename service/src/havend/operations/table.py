@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from havend.node import Node
 
-# (node, group name or "", arguments) -> result
+# (node, group name or "", arguments) -> the operation to await. Calling it only
+# reads the arguments (a bad one raises KeyError/TypeError/ValueError there);
+# the node's work happens when it is awaited.
 Executor = Callable[["Node", str, dict[str, Any]], Awaitable[Any]]
 
 
@@ -53,82 +55,90 @@ def _optional(args: dict[str, Any], key: str) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
-async def _checkpoint(node: Node, group: str, a: dict[str, Any]) -> Any:
+async def _later(fn: Callable[..., Any], *args: Any) -> Any:
+    """A synchronous node method as an operation to await."""
+    return fn(*args)
+
+
+def _checkpoint(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
     app = a.get("app")
-    return await node.checkpoint(group, str(a.get("label") or ""), None if app is None else app)
+    if app is not None and not isinstance(app, bool):
+        raise TypeError(f"app must be true, false or null, not {app!r}")
+    return node.checkpoint(group, str(a.get("label") or ""), app)
 
 
-async def _failover(node: Node, group: str, a: dict[str, Any]) -> Any:
-    return await node.failover(group, _timeout(a, 300))
+def _failover(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return node.failover(group, _timeout(a, 300))
 
 
-async def _failback(node: Node, group: str, a: dict[str, Any]) -> Any:
-    return await node.failback(group, _timeout(a, 3600))
+def _failback(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return node.failback(group, _timeout(a, 3600))
 
 
-async def _reverse(node: Node, group: str, a: dict[str, Any]) -> Any:
-    return await node.reverse(group, _timeout(a, 3600))
+def _reverse(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return node.reverse(group, _timeout(a, 3600))
 
 
-async def _reclaim(node: Node, group: str, a: dict[str, Any]) -> Any:
-    return node.reclaim(group)
+def _reclaim(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return _later(node.reclaim, group)
 
 
-async def _resolve(node: Node, group: str, a: dict[str, Any]) -> Any:
-    return await node.resolve(group, str(a["survivor"]), _timeout(a, 3600))
+def _resolve(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return node.resolve(group, str(a["survivor"]), _timeout(a, 3600))
 
 
-async def _promote(node: Node, group: str, a: dict[str, Any]) -> Any:
-    return await node.promote(group, _optional(a, "checkpoint"))
+def _promote(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return node.promote(group, _optional(a, "checkpoint"))
 
 
-async def _rollback(node: Node, group: str, a: dict[str, Any]) -> Any:
-    return await node.rollback(group, str(a["checkpoint"]))
+def _rollback(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return node.rollback(group, str(a["checkpoint"]))
 
 
-async def _pause(node: Node, group: str, a: dict[str, Any]) -> Any:
-    return node.pause(group)
+def _pause(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return _later(node.pause, group)
 
 
-async def _resume(node: Node, group: str, a: dict[str, Any]) -> Any:
-    return node.resume(group)
+def _resume(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return _later(node.resume, group)
 
 
-async def _export_open(node: Node, group: str, a: dict[str, Any]) -> Any:
+def _export_open(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
     checkpoint = str(a.get("checkpoint") or "latest")
-    return node.open_view(group, str(a["volume"]), checkpoint, bool(a.get("writable", False)))
+    volume, writable = str(a["volume"]), bool(a.get("writable", False))
+    return _later(node.open_view, group, volume, checkpoint, writable)
 
 
-async def _export_close(node: Node, group: str, a: dict[str, Any]) -> Any:
-    return node.close_view(str(a["export"]))
+def _export_close(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return _later(node.close_view, str(a["export"]))
 
 
-async def _snapshot_open(node: Node, group: str, a: dict[str, Any]) -> Any:
-    return node.open_snapshot(group, str(a["volume"]), str(a["snapshot"]))
+def _snapshot_open(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return _later(node.open_snapshot, group, str(a["volume"]), str(a["snapshot"]))
 
 
-async def _snapshot_close(node: Node, group: str, a: dict[str, Any]) -> Any:
-    return node.close_snapshot(str(a["export"]))
+def _snapshot_close(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return _later(node.close_snapshot, str(a["export"]))
 
 
-async def _snapshot_delete(node: Node, group: str, a: dict[str, Any]) -> Any:
-    return node.delete_snapshot(group, str(a["snapshot"]))
+def _snapshot_delete(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return _later(node.delete_snapshot, group, str(a["snapshot"]))
 
 
-async def _group_create(node: Node, group: str, a: dict[str, Any]) -> Any:
-    return await node.create_group(a)
+def _group_create(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return node.create_group(a)
 
 
-async def _group_update(node: Node, group: str, a: dict[str, Any]) -> Any:
-    return await node.update_group(group, a)
+def _group_update(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return node.update_group(group, a)
 
 
-async def _group_delete(node: Node, group: str, a: dict[str, Any]) -> Any:
-    return await node.delete_group(group)
+def _group_delete(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return node.delete_group(group)
 
 
-async def _pair(node: Node, group: str, a: dict[str, Any]) -> Any:
-    return await node.pair(str(a["host"]), int(a["port"]), _optional(a, "server_name"))
+def _pair(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return node.pair(str(a["host"]), int(a["port"]), _optional(a, "server_name"))
 
 
 # The failover operations: long, one at a time per group, from the states of

@@ -89,6 +89,39 @@ def test_retries_run_out_with_the_last_error(havend):
     assert raised.value.status == 504 and naps == [0.1, 0.2]
 
 
+@pytest.mark.parametrize("method", ["DELETE", "PATCH", "GET"])
+def test_a_request_that_may_have_arrived_is_never_sent_again(method):
+    """A node that reads the request and drops the connection: it may have
+    carried it out, so the client reports it instead of sending it again."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    arrived = []
+
+    def serve():
+        server.settimeout(5)
+        try:
+            while True:
+                conn, dummy = server.accept()
+                arrived.append(conn.recv(65536))
+                conn.close()
+        except (socket.timeout, OSError):
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = "http://127.0.0.1:%d" % server.getsockname()[1]
+    c, naps = client(url, retries=3)
+    with pytest.raises(HavenConnectionError):
+        c.request(method, "/v1/groups/x", body={} if method == "PATCH" else None)
+    server.close()
+    thread.join(6)
+    assert len(arrived) == 1 and naps == []
+
+
 def test_a_refused_connection_says_so_in_one_line_after_the_retries(closed_port):
     url = "http://127.0.0.1:%d" % closed_port
     c, naps = client(url, retries=2, backoff=0.1)

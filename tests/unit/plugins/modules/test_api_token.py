@@ -113,3 +113,12 @@ def test_an_unreachable_node_is_one_line(closed_port, capsys):
     url = "http://127.0.0.1:%d" % closed_port
     failed = run(capsys, url=url, name="ci", scope="read", retries=0)
     assert failed["msg"] == url + ": connection refused (is havend running and its API on?)"
+
+
+def test_a_failed_revoke_still_returns_the_new_secret(havend, capsys):
+    tokens = Tokens(havend.script)
+    havend.script.on("DELETE", "/v1/tokens/a0", (500, {"detail": "disk full"}))
+    failed = run(capsys, url=havend.url, name="ops", scope="admin", rotate=True)
+    assert failed["failed"] and "revoking the old ones failed" in failed["msg"]
+    assert failed["token"] == "hvn_t0_s3cret" and failed["id"] == "t0"
+    assert ("t0", "admin") in tokens.active("ops")

@@ -49,11 +49,12 @@ def test_only_what_differs_is_changed():
     assert names == ["mode", "checkpoints.interval_seconds"] and add == remove == []
 
 
-def test_volumes_by_name():
+def test_volumes_by_name_and_a_different_list_is_refused_before_any_change():
+    same = [{"name": "db", "path": "elsewhere.img", "server": None, "size": None}, {"name": "web", "path": "w.img", "server": None, "size": None}]
+    assert differences(CURRENT, params(volumes=same)) == ({}, [], [], [])
     wanted = [{"name": "db", "path": "db.img", "server": None, "size": None}, {"name": "app", "path": "app.img", "server": "app1", "size": 4096}]
-    patch, names, add, remove = differences(CURRENT, params(volumes=wanted))
-    assert [v["name"] for v in add] == ["app"] and remove == ["web"]
-    assert names == ["volumes +app", "volumes -web"] and patch == {}
+    with pytest.raises(HavenError, match=r"its volumes would change \(\+app, -web\)"):
+        differences(CURRENT, params(volumes=wanted))
 
 
 def test_a_live_groups_journal_cannot_change():
@@ -62,6 +63,6 @@ def test_a_live_groups_journal_cannot_change():
 
 
 def test_relabelling_a_volume_is_refused():
-    wanted = [{"name": "db", "path": "db.img", "server": "db2", "size": None}]
+    wanted = [{"name": "db", "path": "db.img", "server": "db2", "size": None}, {"name": "web", "path": "w.img", "server": None, "size": None}]
     with pytest.raises(HavenError, match="volume db is labelled 'db1'"):
         differences(CURRENT, params(volumes=wanted))
