@@ -48,7 +48,7 @@ options:
   checkpoint:
     description:
       - The checkpoint to promote (default the latest consistent point) or to roll back to (required
-        then), by its id, a unique prefix of it, V(latest) or V(oldest).
+        then), by its id, a unique prefix of it (6 characters at least), V(latest) or V(oldest).
     type: str
   survivor:
     description:
