@@ -61,6 +61,17 @@ def _resync_blocks(group: TargetGroup, image: bytes, blocks: range) -> None:
         group.write_block(0, block * BLOCK, image[block * BLOCK : (block + 1) * BLOCK])
 
 
+def _new_group(tmp_path: Path) -> TargetGroup:
+    """A target group of one volume, as a new source's first HELLO makes it."""
+    return TargetGroup.create(
+        str(tmp_path / "state"),
+        str(tmp_path / "rep"),
+        uuid.uuid4(),
+        "g",
+        [{"name": "v", "size": SIZE}],
+    )
+
+
 def _replica(group: TargetGroup) -> bytes:
     return group.volumes[0].read(0, SIZE)
 
@@ -69,13 +80,7 @@ def test_a_second_overflow_while_catching_up_keeps_a_consistent_point(tmp_path: 
     source = Source(tmp_path)
 
     async def scenario() -> None:
-        group = TargetGroup.create(
-            str(tmp_path / "state"),
-            str(tmp_path / "rep"),
-            uuid.uuid4(),
-            "g",
-            [{"name": "v", "size": SIZE}],
-        )
+        group = _new_group(tmp_path)
         applier = asyncio.ensure_future(group.applier())
         try:
             # A new replica, then records up to seq 10: consistent there.
@@ -127,13 +132,7 @@ def test_the_kept_point_goes_once_the_replica_is_consistent_again(tmp_path: Path
     source = Source(tmp_path)
 
     async def scenario() -> None:
-        group = TargetGroup.create(
-            str(tmp_path / "state"),
-            str(tmp_path / "rep"),
-            uuid.uuid4(),
-            "g",
-            [{"name": "v", "size": SIZE}],
-        )
+        group = _new_group(tmp_path)
         applier = asyncio.ensure_future(group.applier())
         try:
             await group.begin_resync(0)
