@@ -35,12 +35,16 @@ class Operations:
 
     # Groups and their states ----------------------------------------------------
 
+    def _status_of(self, name: str) -> dict[str, Any] | None:
+        """The node's status of one group (None: no such group)."""
+        return next((g for g in self.node.status()["groups"] if g["name"] == name), None)
+
     def group_status(self, name: str) -> dict[str, Any]:
         """The group's status with its failover state; NotFound if there is none."""
-        for group in self.node.status()["groups"]:
-            if group["name"] == name:
-                return self.describe(group)
-        raise NotFound(f"no group {name!r} on this node")
+        group = self._status_of(name)
+        if group is None:
+            raise NotFound(f"no group {name!r} on this node")
+        return self.describe(group)
 
     def describe(self, group: dict[str, Any]) -> dict[str, Any]:
         """A group's status with its state and why; a change of state is
@@ -133,7 +137,7 @@ class Operations:
 
     def progress(self, name: str) -> dict[str, Any] | None:
         """What a running operation on the group has done so far (bytes, ETA, lag)."""
-        group = next((g for g in self.node.status()["groups"] if g["name"] == name), None)
+        group = self._status_of(name)
         if group is None:
             return None
         resync = group.get("resync") or {}
