@@ -56,11 +56,10 @@ options:
 """
 
 EXAMPLES = r"""
+# url, token and ca_path come from HAVEN_URL, HAVEN_TOKEN and HAVEN_CA_PATH here (as an AWX
+# credential injects them); managing tokens needs a token of the admin scope.
 - name: A read-only token for the monitoring
   haven.dr.api_token:
-    url: https://src1.example.com:8443
-    token: "{{ haven_admin_token }}"
-    ca_path: /etc/havend/ca.pem
     name: prometheus
     scope: read
   register: made
@@ -69,15 +68,34 @@ EXAMPLES = r"""
 - name: Keep the new secret (returned only by the task that made it)
   ansible.builtin.copy:
     content: "{{ made.token }}"
-    dest: /etc/prometheus/havend.token
+    dest: "{{ prometheus_config_dir }}/havend.token"
     mode: "0600"
   when: made.token is not none
   no_log: true
 
+- name: Run again, it makes none (changed=false, no secret)
+  haven.dr.api_token:
+    name: prometheus
+    scope: read
+  register: again
+
+- name: A new secret for it, the old one revoked (say, every 90 days)
+  haven.dr.api_token:
+    name: prometheus
+    scope: read
+    rotate: true
+  register: rotated
+  no_log: true
+
+- name: Keep the new secret
+  ansible.builtin.copy:
+    content: "{{ rotated.token }}"
+    dest: "{{ prometheus_config_dir }}/havend.token"
+    mode: "0600"
+  no_log: true
+
 - name: Revoke it
   haven.dr.api_token:
-    url: https://src1.example.com:8443
-    token: "{{ haven_admin_token }}"
     name: prometheus
     state: absent
 """

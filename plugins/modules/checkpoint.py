@@ -59,20 +59,30 @@ attributes:
 """
 
 EXAMPLES = r"""
+# url, token and ca_path of the source node come from HAVEN_URL, HAVEN_TOKEN and HAVEN_CA_PATH here.
 - name: An application-consistent checkpoint before the upgrade
   haven.dr.checkpoint:
-    url: https://src1.example.com:8443
-    token: "{{ haven_operate_token }}"
-    ca_path: /etc/havend/ca.pem
     group: app
     label: before-upgrade-2026-12
-    consistency: app
+    consistency: app  # between the freeze and thaw hooks of the group (node's config file)
   register: before_upgrade
+
+- name: Wait until the recovery site keeps it (it travels in the group's write order)
+  haven.dr.checkpoint_info:
+    url: "{{ haven_recovery_url }}"
+    token: "{{ haven_recovery_token }}"
+    group: app
+    label: before-upgrade-2026-12
+    latest: true
+  register: kept
+  until: kept.latest is not none and kept.latest.id == before_upgrade.checkpoint.id
+  retries: 60
+  delay: 2
 
 - name: Roll the replica back to it if the upgrade went wrong
   haven.dr.group_operation:
-    url: https://tgt1.example.com:8443
-    token: "{{ haven_operate_token }}"
+    url: "{{ haven_recovery_url }}"
+    token: "{{ haven_recovery_token }}"
     group: app
     operation: rollback
     checkpoint: "{{ before_upgrade.checkpoint.id }}"

@@ -45,28 +45,29 @@ options:
 """
 
 EXAMPLES = r"""
-- name: The newest checkpoint of the upgrade
-  haven.dr.checkpoint_info:
-    url: https://tgt1.example.com:8443
-    token: "{{ haven_read_token }}"
-    ca_path: /etc/havend/ca.pem
-    group: app
-    label: before-upgrade-2026-12
-    latest: true
-  register: found
+- name: On the recovery site's node, which keeps the checkpoints
+  module_defaults:
+    group/haven.dr.haven:  # every module of the collection; ca_path from HAVEN_CA_PATH
+      url: "{{ haven_recovery_url }}"
+      token: "{{ haven_recovery_token }}"
+  block:
+    - name: The newest checkpoint of the upgrade
+      haven.dr.checkpoint_info:
+        group: app
+        label: before-upgrade-2026-12
+        latest: true
+      register: found
 
-- name: The checkpoints of the last hour
-  haven.dr.checkpoint_info:
-    url: https://tgt1.example.com:8443
-    token: "{{ haven_read_token }}"
-    group: app
-    max_age_seconds: 3600
-  register: recent
+    - name: The checkpoints of the last hour
+      haven.dr.checkpoint_info:
+        group: app
+        max_age_seconds: 3600
+      register: recent
 
-- name: Fail when there was none
-  ansible.builtin.assert:
-    that: recent.checkpoints | length > 0
-    fail_msg: "no checkpoint of app in the last hour (the target keeps {{ recent.retained }})"
+    - name: Fail when there was none
+      ansible.builtin.assert:
+        that: recent.checkpoints | length > 0
+        fail_msg: "no checkpoint of app in the last hour (the target keeps {{ recent.retained }})"
 """
 
 RETURN = r"""

@@ -68,11 +68,9 @@ attributes:
 """
 
 EXAMPLES = r"""
+# url, token and ca_path of the source node come from HAVEN_URL, HAVEN_TOKEN and HAVEN_CA_PATH here.
 - name: Planned failover of the application's group (RPO 0)
   haven.dr.group_operation:
-    url: https://src1.example.com:8443
-    token: "{{ haven_operate_token }}"
-    ca_path: /etc/havend/ca.pem
     group: app
     operation: failover
   register: failed_over
@@ -81,18 +79,18 @@ EXAMPLES = r"""
   ansible.builtin.debug:
     msg: "final seq {{ failed_over.result.final_seq }}, lost writes {{ failed_over.result.lost_writes }}"
 
+# Unplanned, on the recovery site's node (after the planned failover above there
+# is nothing left to promote: the task reports ok and starts nothing).
 - name: The source site is gone - promote the replica at a checkpoint
   haven.dr.group_operation:
-    url: https://tgt1.example.com:8443
-    token: "{{ haven_operate_token }}"
+    url: "{{ haven_recovery_url }}"
+    token: "{{ haven_recovery_token }}"
     group: app
     operation: promote
-    checkpoint: before-upgrade-3f9a2c
+    checkpoint: 3f9a2c  # its id, or a unique prefix of it; latest when not given
 
 - name: Bring production home, moving only the blocks that changed
   haven.dr.group_operation:
-    url: https://src1.example.com:8443
-    token: "{{ haven_operate_token }}"
     group: app
     operation: failback
     wait_timeout: 7200

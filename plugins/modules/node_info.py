@@ -26,11 +26,8 @@ extends_documentation_fragment:
 """
 
 EXAMPLES = r"""
-- name: Read the source node
+- name: Read the source node (url, token and ca_path from HAVEN_URL, HAVEN_TOKEN, HAVEN_CA_PATH)
   haven.dr.node_info:
-    url: https://src1.example.com:8443
-    token: "{{ haven_read_token }}"
-    ca_path: /etc/havend/ca.pem
   register: src1
 
 - name: Fail when the node reports a group in error
@@ -38,11 +35,22 @@ EXAMPLES = r"""
     that: src1.node.health == 'ok'
     fail_msg: "unhealthy groups: {{ src1.node.unhealthy_groups }}"
 
-- name: The same with the connection in the environment (HAVEN_URL, HAVEN_TOKEN)
+- name: The recovery site's node, its connection in the task's environment
   haven.dr.node_info:
   environment:
-    HAVEN_URL: https://tgt1.example.com:8443
-    HAVEN_TOKEN: "{{ haven_read_token }}"
+    HAVEN_URL: "{{ haven_recovery_url }}"
+    HAVEN_TOKEN: "{{ haven_recovery_token }}"
+  register: tgt1
+
+- name: The same, given once for every module of the collection in a block
+  module_defaults:
+    group/haven.dr.haven:
+      url: "{{ haven_recovery_url }}"
+      token: "{{ haven_recovery_token }}"
+  block:
+    - name: Its peers, the source nodes replicating to it
+      haven.dr.node_info:
+      register: recovery
 """
 
 RETURN = r"""

@@ -43,14 +43,11 @@ options:
 """
 
 EXAMPLES = r"""
-- name: Replicate src1 to the recovery site's node
+- name: Replicate this source node (HAVEN_URL, HAVEN_TOKEN, HAVEN_CA_PATH) to the recovery site's node
   haven.dr.node_pair:
-    url: https://src1.example.com:8443
-    token: "{{ haven_admin_token }}"
-    ca_path: /etc/havend/ca.pem
-    target_host: 10.20.0.5
-    target_port: 10900
-    server_name: tgt1
+    target_host: "{{ haven_recovery_listen_host }}"  # the target's replication listener (target.listen)
+    target_port: "{{ haven_recovery_listen_port }}"
+    server_name: tgt1  # the name in the target's certificate
 """
 
 RETURN = r"""

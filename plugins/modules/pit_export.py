@@ -56,26 +56,28 @@ options:
 """
 
 EXAMPLES = r"""
-- name: The database volume as of the latest checkpoint, writable, for a drill
-  haven.dr.pit_export:
-    url: https://tgt1.example.com:8443
-    token: "{{ haven_operate_token }}"
-    ca_path: /etc/havend/ca.pem
-    group: app
-    volume: db
-    writable: true
-  register: db_view
+- name: A restore drill on the recovery site's node
+  module_defaults:
+    group/haven.dr.haven:  # every module of the collection; ca_path from HAVEN_CA_PATH
+      url: "{{ haven_recovery_url }}"
+      token: "{{ haven_recovery_token }}"
+  block:
+    - name: The database volume as of the latest checkpoint, writable (copy-on-write)
+      haven.dr.pit_export:
+        group: app
+        volume: db
+        writable: true
+      register: db_view
 
-- name: Copy it out with nbdcopy
-  ansible.builtin.command: nbdcopy {{ db_view.export.uri }} /srv/restore/db.img
-  changed_when: true
+    - name: Copy it out with nbdcopy
+      ansible.builtin.command: nbdcopy {{ db_view.export.uri }} {{ restore_dir }}/db.img
+      changed_when: true
 
-- name: Close every export of the group
-  haven.dr.pit_export:
-    url: https://tgt1.example.com:8443
-    token: "{{ haven_operate_token }}"
-    group: app
-    state: absent
+  always:
+    - name: Close every export of the group
+      haven.dr.pit_export:
+        group: app
+        state: absent
 """
 
 RETURN = r"""

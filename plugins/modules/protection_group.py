@@ -108,27 +108,34 @@ options:
 """
 
 EXAMPLES = r"""
+# url, token and ca_path of the source node come from HAVEN_URL, HAVEN_TOKEN and HAVEN_CA_PATH
+# here; making, changing and deleting a group needs a token of the admin scope.
 - name: The three tiers of the shop, one write order, RPO 15 s
   haven.dr.protection_group:
-    url: https://src1.example.com:8443
-    token: "{{ haven_admin_token }}"
-    ca_path: /etc/havend/ca.pem
     name: shop
     rpo_seconds: 15
     checkpoints:
       interval_seconds: 300
       retain: 2048
-    volumes:
+    volumes:  # made, sparse, inside the node's volume_dir when missing
       - {name: shop-db, path: shop/db.img, size: 68719476736, server: db1}
       - {name: shop-app, path: shop/app.img, size: 17179869184, server: app1}
       - {name: shop-web, path: shop/web.img, size: 8589934592, server: web1}
 
 - name: Pause shipping during the maintenance window (writes are journaled)
   haven.dr.protection_group:
-    url: https://src1.example.com:8443
-    token: "{{ haven_operate_token }}"
     name: shop
     state: paused
+
+- name: Resume after it (what was journaled meanwhile is shipped)
+  haven.dr.protection_group:
+    name: shop
+    state: present
+
+- name: The shop is retired - stop replicating it (its volumes and journal stay on disk)
+  haven.dr.protection_group:
+    name: shop
+    state: absent
 """
 
 RETURN = r"""

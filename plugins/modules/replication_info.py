@@ -54,11 +54,9 @@ options:
 """
 
 EXAMPLES = r"""
+# url, token and ca_path of the source node come from HAVEN_URL, HAVEN_TOKEN and HAVEN_CA_PATH here.
 - name: Wait for the initial sync of the group, then for the lag to be within the RPO
   haven.dr.replication_info:
-    url: https://src1.example.com:8443
-    token: "{{ haven_read_token }}"
-    ca_path: /etc/havend/ca.pem
     group: app
     wait_for:
       - caught_up
@@ -68,8 +66,6 @@ EXAMPLES = r"""
 
 - name: Report the RPO compliance of every group
   haven.dr.replication_info:
-    url: https://src1.example.com:8443
-    token: "{{ haven_read_token }}"
   register: everything
 
 - name: Show the groups that breach their RPO

@@ -1,0 +1,129 @@
+"""Each module's EXAMPLES, as written in the module's file, run as a play by
+``ansible-playbook`` against a real source and target havend (TLS, tokens).
+
+The text is read from the module file (its ``EXAMPLES`` string, found with
+ast: nothing is imported), wrapped as ``hosts: localhost, gather_facts:
+false, tasks: <examples>``, and run with the source node's connection in
+the environment (HAVEN_URL, HAVEN_TOKEN of the admin scope, HAVEN_CA_PATH),
+as an AWX credential gives it. What else an example names is set up here:
+group ``app`` (volumes ``db`` and ``log``, freeze and thaw hooks) and the
+variables of ``EXAMPLE_VARS`` (the recovery site's node, directories).
+Examples that need a state run after those that make it (a checkpoint
+before the exports of it); group_operation's fail the group over and
+back, last."""
+
+from __future__ import annotations
+
+import ast
+import json
+from collections.abc import Iterator
+
+import pytest
+import yaml
+from plays import ROOT, Sites, ansible, ansible_env, collection_sites
+
+MODULES = ROOT / "plugins" / "modules"
+# In this order: each one's examples find what the ones before left.
+ORDER = [
+    "node_info",
+    "node_pair",
+    "api_token",
+    "replication_info",
+    "protection_group",
+    "checkpoint",  # takes before-upgrade-2026-12 with the hooks
+    "checkpoint_info",  # finds it on the target
+    "pit_export",  # exports the db volume as of it
+    "group_operation",  # failover, then failback: last
+]
+
+
+def examples(module: str) -> str:
+    """The ``EXAMPLES`` string of ``plugins/modules/<module>.py``."""
+    tree = ast.parse((MODULES / f"{module}.py").read_text())
+    for node in tree.body:
+        if (
+            isinstance(node, ast.Assign)
+            and [getattr(t, "id", None) for t in node.targets] == ["EXAMPLES"]
+            and isinstance(node.value, ast.Constant)
+        ):
+            return node.value.value
+    raise AssertionError(f"{module} has no EXAMPLES string")
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
+    tmp = tmp_path_factory.mktemp("examples")
+    hooks = tmp / "hooks.log"
+    policy = {
+        "hooks": {
+            "pre": ["sh", "-c", f"echo freeze >>{hooks}"],
+            "post": ["sh", "-c", f"echo thaw >>{hooks}"],
+            "timeout_seconds": 10,
+        }
+    }
+    with collection_sites(tmp, checkpoints=policy) as made:
+        for name in ("prometheus", "restore"):
+            (tmp / name).mkdir()
+        yield made
+
+
+def _run(sites: Sites, module: str) -> str:
+    text = examples(module)
+    tasks = yaml.safe_load(text)
+    assert isinstance(tasks, list) and tasks, f"{module}: EXAMPLES is not a list of tasks"
+    play = sites.tmp / f"examples-{module}.yml"
+    # The text itself, indented under tasks: (comments, anchors, order as written).
+    body = "".join(f"    {line}" if line.strip() else "\n" for line in text.splitlines(True))
+    play.write_text(
+        "- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n" + body
+    )
+    assert yaml.safe_load(play.read_text())[0]["tasks"] == tasks
+    v, tmp = sites.variables, sites.tmp
+    extra = sites.tmp / "example-vars.json"
+    extra.write_text(
+        json.dumps(
+            {
+                "haven_recovery_url": v["haven_target_url"],
+                "haven_recovery_token": v["haven_target_tokens"]["operate"],
+                "haven_recovery_listen_host": "127.0.0.1",
+                "haven_recovery_listen_port": v["haven_target_replication_port"],
+                "prometheus_config_dir": str(tmp / "prometheus"),
+                "restore_dir": str(tmp / "restore"),
+                "ansible_python_interpreter": v["ansible_python_interpreter"],
+            }
+        )
+    )
+    env = ansible_env(
+        tmp,
+        HAVEN_URL=v["haven_source_url"],
+        HAVEN_TOKEN=v["haven_source_tokens"]["admin"],
+        HAVEN_CA_PATH=v["haven_ca"],
+    )
+    done = ansible(
+        tmp, "ansible-playbook", "-i", "localhost,", "-e", f"@{extra}", str(play), env=env
+    )
+    output = done.stdout + done.stderr
+    (tmp / f"examples-{module}.log").write_text(output)  # to read after a run
+    assert done.returncode == 0, f"{module}'s examples failed:\n{output[-8000:]}"
+    recap = output[output.rindex("PLAY RECAP") :]
+    assert "failed=0" in recap and "unreachable=0" in recap, output[-4000:]
+    return output
+
+
+def test_every_module_is_run() -> None:
+    assert sorted(ORDER) == sorted(p.stem for p in MODULES.glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("module", ORDER)
+def test_examples_run_as_written(sites: Sites, module: str) -> None:
+    output = _run(sites, module)
+    tmp = sites.tmp
+    if module == "api_token":  # the secret kept, then rotated, then revoked
+        secret = (tmp / "prometheus" / "havend.token").read_text()
+        assert secret.startswith("hvn_") and secret not in output
+    elif module == "checkpoint":  # between the hooks
+        assert (tmp / "hooks.log").read_text() == "freeze\nthaw\n"
+    elif module == "pit_export":  # the db volume copied out, then the exports closed
+        assert (tmp / "restore" / "db.img").stat().st_size == 4 << 20
+    for node in (sites.pair.source, sites.pair.target):  # no traceback on either side
+        assert "Traceback" not in node.log(), node.log()[-3000:]
