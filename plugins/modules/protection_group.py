@@ -18,8 +18,9 @@ description:
     (O(state=absent), its volumes and journal stay on disk).
   - All the volumes of a group share one write order, so a multi-tier application (a database and its
     log, an application server) is replicated as one consistent whole.
-  - Only the settings given are compared and changed. Volumes are identified by name; the volume list of
-    a live group cannot be changed yet (the task fails naming the difference, before changing anything).
+  - Only the settings given are compared and changed. Volumes are identified by name; this module does not
+    change the volume list of a live group (the task fails naming the difference, before changing anything);
+    M(haven.dr.protected_server) adds and removes a live group's volumes, a server's disks at a time.
   - Groups defined in the node's config file are read but changed in the file, not by this module.
   - Needs a token of the C(admin) scope (C(operate) for pausing and resuming only).
 author:
@@ -181,7 +182,7 @@ def _number(value):
 
 def differences(current, p):
     """(changes for PATCH, their names, volumes to add, volume names to remove);
-    a different volume list raises (havend cannot change it on a live group)."""
+    a different volume list raises (protected_server changes it)."""
     settings = current.get("settings") or {}
     patch, names = {}, []
     for key in SETTINGS:
@@ -210,8 +211,8 @@ def differences(current, p):
         if add or remove:
             change = ["+" + v["name"] for v in add] + ["-" + n for n in remove]
             raise HavenError(
-                "group %s: its volumes would change (%s); havend cannot change the volume list "
-                "of a live group yet: make a new group" % (p["name"], ", ".join(change))
+                "group %s: its volumes would change (%s); this module does not change the volume list "
+                "of a live group: add and remove them with haven.dr.protected_server" % (p["name"], ", ".join(change))
             )
         for volume in p["volumes"]:
             have_server = (existing.get(volume["name"]) or {}).get("server")

@@ -33,8 +33,14 @@ ORDER = [
     "checkpoint",  # takes before-upgrade-2026-12 with the hooks
     "checkpoint_info",  # finds it on the target
     "pit_export",  # exports the db volume as of it
+    "protected_server",  # makes group crm, adds a server's disks to it, removes them
     "group_operation",  # failover, then failback: last
 ]
+
+# Modules whose havend API is not in this checkout's havend yet: skipped, named.
+WAITING_FOR_HAVEND = {
+    "protected_server": "POST/DELETE /v1/groups/{group}/volumes are not in havend yet",
+}
 
 
 def examples(module: str) -> str:
@@ -114,7 +120,15 @@ def test_every_module_is_run() -> None:
     assert sorted(ORDER) == sorted(p.stem for p in MODULES.glob("*.py") if p.stem != "__init__")
 
 
-@pytest.mark.parametrize("module", ORDER)
+@pytest.mark.parametrize(
+    "module",
+    [
+        pytest.param(m, marks=pytest.mark.skip(reason=WAITING_FOR_HAVEND[m]))
+        if m in WAITING_FOR_HAVEND
+        else m
+        for m in ORDER
+    ],
+)
 def test_examples_run_as_written(sites: Sites, module: str) -> None:
     output = _run(sites, module)
     tmp = sites.tmp
