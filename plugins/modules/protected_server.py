@@ -89,7 +89,7 @@ options:
     default: true
 attributes:
   diff_mode:
-    details: The server's disks before and after (name, path, size).
+    details: The server's disks before and after (name, group, path, size).
 """
 
 EXAMPLES = r"""
@@ -183,9 +183,10 @@ from ansible_collections.haven.dr.plugins.module_utils._module import HavenModul
 from ansible_collections.haven.dr.plugins.module_utils._waiter import wait
 
 
-def _disk(volume):
+def _disk(volume, group=None):
     """What the diff shows of a disk."""
-    return {"name": volume.get("name"), "path": volume.get("path"), "size": volume.get("size")}
+    keys = ("name", "group", "path", "size")
+    return dict((k, volume.get(k, group if k == "group" else None)) for k in keys)
 
 
 def _same_file(given, on_node):
@@ -301,11 +302,10 @@ def run_module(haven):
     for warning in warnings:
         haven.module.warn(warning)
     before = [v for v in volumes if v.get("server") == p["name"]]
-    group = p["group"] if p["state"] == "present" else None
-    if group is None and before:
-        group = before[0].get("group")
 
     def shown(disks):
+        groups = sorted(set(d.get("group") for d in disks if d.get("group")))
+        group = p["group"] if p["state"] == "present" else (groups[0] if len(groups) == 1 else None)
         return {"name": p["name"], "group": group if disks else None, "disks": disks}
 
     result = {
@@ -315,7 +315,7 @@ def run_module(haven):
         "removed": [v["name"] for v in remove],
     }
     removed_names = result["removed"]
-    after = [_disk(v) for v in before if v["name"] not in removed_names] + [_disk(d) for d in add]
+    after = [_disk(v) for v in before if v["name"] not in removed_names] + [_disk(d, p["group"]) for d in add]
     if result["changed"]:
         result.update(haven.diff(shown([_disk(v) for v in before]), shown(after)))
     if haven.check_mode:
@@ -342,15 +342,14 @@ def run_module(haven):
         raise failed
 
     def fetch():
-        if group is None:
-            return []
-        return client.get("/v1/volumes", params={"group": group, "server": p["name"]})
+        query = {"group": p["group"], "server": p["name"]} if p["state"] == "present" else {"server": p["name"]}
+        return client.get("/v1/volumes", params=query)
 
     if p["state"] == "present" and p["wait"]:
         disks, lines = _wait_synced(haven, fetch)
         result["progress_lines"] = lines
     else:
-        disks = fetch() if p["state"] == "present" else []
+        disks = fetch()
     result["server"] = shown(disks)
     return result
 

@@ -112,7 +112,7 @@ def test_new_disks_are_added_labelled_and_waited_for(havend, capsys):
     lines = [line.split(" after ")[0] for line in result["progress_lines"]]
     assert lines[0] == "db1: db-data 5461 of 16384 bytes (33 %), db-wal 2730 of 8192 bytes (33 %)"
     assert lines[-1] == "db1: every disk protected"
-    assert result["diff"]["before"]["disks"] == [{"name": "db-log", "path": "/srv/havend/db-log.img", "size": 8192}]
+    assert result["diff"]["before"]["disks"] == [{"name": "db-log", "group": "app", "path": "/srv/havend/db-log.img", "size": 8192}]
     assert [d["name"] for d in result["diff"]["after"]["disks"]] == ["db-log", "db-data", "db-wal"]
     assert not [v for v in node.volumes if v["server"] == "web1" and v["state"] != "protected"]
 
@@ -167,6 +167,7 @@ def test_absent_in_one_group_leaves_the_others(havend, capsys):
     node.volumes.append(node.volume("db-wal", "batch", "db1", 4096))
     result = run(capsys, havend, name="db1", group="batch", state="absent")
     assert result["removed"] == ["db-wal"] and [v["name"] for v in node.volumes] == ["db-log", "web-root", "other"]
+    assert result["server"]["group"] == "app" and [d["name"] for d in result["server"]["disks"]] == ["db-log"]
 
 
 @pytest.mark.parametrize(
