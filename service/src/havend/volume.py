@@ -138,9 +138,45 @@ class FileVolume:
         self.close()
 
 
+class DiscardVolume(FileVolume):
+    """A volume whose file is gone (a removed volume's local copy, a purged
+    replica): it reads zeroes and forgets what is written to it, so that
+    records and undo entries of its past have somewhere to go."""
+
+    def __init__(self, path: str, size: int) -> None:  # no file to open
+        self.path = path
+        self.size = size
+        self.fd = -1
+        self.read_only = False
+        self.is_block_device = False
+        self._dsync = False
+        self._can_punch = False
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(max(0, min(length, self.size - offset)))
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def write_fua(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def trim(self, offset: int, length: int) -> None:
+        pass
+
+    def write_zeroes(self, offset: int, length: int, *, may_trim: bool = False) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def apply_record(volume: FileVolume, record: Record) -> None:
     """Carry out one journal record on a volume (source replay, target apply)."""
     if record.kind == Kind.WRITE:
         volume.write(record.offset, record.data)
-    elif record.kind != Kind.CHECKPOINT:  # ZERO and TRIM leave zeroes (a hole if possible)
+    elif not record.kind.is_marker:  # ZERO and TRIM leave zeroes (a hole if possible)
         volume.write_zeroes(record.offset, record.length, may_trim=True)

@@ -299,6 +299,37 @@ def create_app(node: Node, operations: Operations, store: StateStore) -> FastAPI
 
         return await _act(token, "group_delete", group, {}, run)
 
+    @app.post(
+        "/v1/groups/{group}/volumes",
+        status_code=201,
+        summary="add a volume to a live group: captured at once, copied while the others "
+        "replicate (source node)",
+        responses={404: {"model": Problem}, 409: {"model": Problem}},
+    )
+    async def add_volume(group: str, body: VolumeSpec, token: Token = admin) -> dict[str, Any]:
+        async def run() -> Any:
+            return await _run("volume_add", group, body.model_dump())
+
+        return await _act(token, "volume_add", group, body.model_dump(), run, 201)
+
+    @app.delete(
+        "/v1/groups/{group}/volumes/{volume}",
+        summary="stop replicating a volume of a live group (its replica is kept unless purge)",
+        responses={404: {"model": Problem}, 409: {"model": Problem}},
+    )
+    async def remove_volume(
+        group: str,
+        volume: str,
+        purge: bool = Query(False, description="delete the volume's replica on the target too"),
+        token: Token = admin,
+    ) -> dict[str, Any]:
+        args = {"volume": volume, "purge": purge}
+
+        async def run() -> Any:
+            return await _run("volume_remove", group, args)
+
+        return await _act(token, "volume_remove", f"{group}/{volume}", args, run)
+
     @app.patch(
         "/v1/groups/{group}",
         summary="change a group's settings in place (source node)",

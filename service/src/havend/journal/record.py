@@ -28,6 +28,12 @@ class Kind(enum.IntEnum):
     ZERO = 2  # length bytes at offset now read as zeroes
     TRIM = 3  # length bytes at offset were discarded (read as zeroes here)
     CHECKPOINT = 4  # a marker in the sequence (payload: JSON, see havend.cdp); no data
+    VOLUME = 5  # a change of the group's volumes (payload: JSON, see havend.members); no data
+
+    @property
+    def is_marker(self) -> bool:
+        """A mark in the write order that changes no block."""
+        return self in (Kind.CHECKPOINT, Kind.VOLUME)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 from havend.cdp.retention import RetentionPolicy
 from havend.errors import Invalid, RemoteProtocolError
+from havend.members import STATES
 
 
 class MalformedFrame(RemoteProtocolError):
@@ -57,9 +58,19 @@ class HelloVolume:
 
     name: str
     size: int
+    state: str = "protected"  # syncing, protected or removed (see havend.members)
+    purge: bool = False  # removed, and its replica deleted
+    server: str | None = None  # the protected server it is a disk of (a label)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "size": self.size}
+        body: dict[str, Any] = {"name": self.name, "size": self.size}
+        if self.state != "protected":
+            body["state"] = self.state
+        if self.purge:
+            body["purge"] = True
+        if self.server is not None:
+            body["server"] = self.server
+        return body
 
 
 @dataclass(frozen=True)
@@ -114,8 +125,17 @@ class Hello:
         for entry in _required(f, body, "volumes", list):
             if not isinstance(entry, dict):
                 raise MalformedFrame(f, "volumes", f"holds a {type(entry).__name__}")
+            state = _optional(f, entry, "state", str) or "protected"
+            if state not in STATES:
+                raise MalformedFrame(f, "volumes", f"holds a volume in state {state!r}")
             volumes.append(
-                HelloVolume(_required(f, entry, "name", str), _required(f, entry, "size", int))
+                HelloVolume(
+                    _required(f, entry, "name", str),
+                    _required(f, entry, "size", int),
+                    state,
+                    bool(_optional(f, entry, "purge", bool)),
+                    _optional(f, entry, "server", str),
+                )
             )
         retention = None
         if "retention" in body and body["retention"] is not None:

@@ -4,7 +4,8 @@ Every frame is ``u32 length | u8 type | payload`` (little-endian; length counts
 the payload only). Control frames carry a JSON object; the data path is binary:
 
 ``HELLO`` (source → target, JSON)
-    ``{"version", "node", "group", "name", "volumes": [{"name", "size"}], "mode",
+    ``{"version", "node", "group", "name", "volumes": [{"name", "size", "state"?,
+    "purge"?}] (every slot, see havend.members), "mode",
     "retention": {"count", "max_age_seconds"}}``
 ``WELCOME`` (target → source, JSON)
     ``{"node", "durable_seq", "state", "generation"}``: ship from

@@ -79,6 +79,8 @@ class ExportsMixin(NodeBase):
         assert self.views is not None
         exports = []
         for member in group.promoted_volumes():
+            if group.meta["volumes"][member.index].get("state") == "removed":
+                continue
             export = f"{group.name}/{member.name}"
             if export not in self.views.volumes:
                 self.views.add_export(export, member, f"{member.name} of {group.name} (promoted)")

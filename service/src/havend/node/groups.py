@@ -25,7 +25,9 @@ from havend.errors import CheckpointError, ConfigError, Conflict, HavendError
 from havend.fsutil import write_atomic
 from havend.journal import Journal
 from havend.node.base import NodeBase
+from havend.node.volumes import VolumesMixin
 from havend.ship import Shipper, ShipperSettings, SourceGroup, group_dir
+from havend.ship.members import open_slot_volume, read_slots
 from havend.volume import FileVolume
 
 log = logging.getLogger("havend")
@@ -55,7 +57,16 @@ def open_source_group(state_dir: str, config: GroupConfig) -> SourceGroup:
             max_segments=config.max_segments,
         )
     journal.cache_bytes = config.cache_bytes
-    volumes = [(v.name, FileVolume(v.path)) for v in config.volumes]
+    slots = read_slots(group_dir(state_dir, group_id))
+    if slots is None:  # a group older than live volume changes: its volumes are its slots
+        volumes = [(v.name, FileVolume(v.path)) for v in config.volumes]
+    else:  # the config's path of a volume wins (its file may have moved)
+        paths = {v.name: v.path for v in config.volumes}
+        slots = [
+            s.but(path=paths[s.name]) if s.state != "removed" and s.name in paths else s
+            for s in slots
+        ]
+        volumes = [(s.name, open_slot_volume(s)) for s in slots]
     group = SourceGroup(
         group_id,
         config.name,
@@ -64,11 +75,15 @@ def open_source_group(state_dir: str, config: GroupConfig) -> SourceGroup:
         mode=config.mode,
         rpo_seconds=config.rpo_seconds,
         background_sync_bytes=config.background_sync_bytes,
+        slots=slots,
     )
     policy = config.checkpoints
     group.retention = RetentionPolicy(policy.retain, policy.max_age_seconds)
     group.attach_state(group_dir(state_dir, group_id))
+    if slots is None:
+        group.save_slots()
     group.load_fence()
+    group.load_last_checkpoint()
     group.recover_reverse()  # before the replay: a whole staged round supersedes the journal
     replayed = group.replay()
     if replayed:
@@ -76,7 +91,7 @@ def open_source_group(state_dir: str, config: GroupConfig) -> SourceGroup:
     return group
 
 
-class GroupsMixin(NodeBase):
+class GroupsMixin(VolumesMixin, NodeBase):
     def _configured_groups(self) -> list[GroupConfig]:
         """The config file's groups, then those created through the API."""
         groups = list(self.config.groups)
@@ -101,6 +116,10 @@ class GroupsMixin(NodeBase):
         loop = asyncio.get_running_loop()
         group = open_source_group(config.state_dir, group_config)
         group.bind(loop)
+        try:
+            self._reconcile_volumes(group, group_config.volumes)
+        except HavendError as exc:  # e.g. fenced: the volumes change once it protects again
+            log.error("group %s: its volumes cannot change now: %s", group.name, exc)
         target = self.target_endpoint or Endpoint("", 0)  # none yet: waits to be paired
         settings = ShipperSettings(
             host=target.host,
@@ -116,14 +135,16 @@ class GroupsMixin(NodeBase):
             shipper.paused = True
             group.paused = True
         tasks: list[asyncio.Future[Any]] = [shipper.start_thread()]
+        tasks.append(loop.create_task(self._copier(group)))
         if group_config.checkpoints.interval_seconds:
             tasks.append(loop.create_task(self._periodic(group, group_config)))
         self.source_groups.append(group)
         self._shippers.append(shipper)
         self._group_tasks[group.name] = tasks
         self._group_configs[group.name] = group_config
+        group.labels = {v.name: v.server for v in group_config.volumes}
         self._tasks.extend(tasks)
-        for member in group.volumes:
+        for member in group.live_volumes():
             self.nbd.add_export(member.name, member, f"{member.name} of {group.name}")  # type: ignore[arg-type]
         return group
 
@@ -276,10 +297,10 @@ class GroupsMixin(NodeBase):
         )
         if policy.interval_seconds != old.checkpoints.interval_seconds:
             tasks = self._group_tasks[name]
-            for task in tasks[1:]:  # the periodic checkpoints
+            for task in tasks[2:]:  # the periodic checkpoints (after the shipper, the copy)
                 task.cancel()
                 self._tasks.remove(task)
-            del tasks[1:]
+            del tasks[2:]
             if policy.interval_seconds:
                 task = asyncio.get_running_loop().create_task(self._periodic(group, new))
                 tasks.append(task)
@@ -329,7 +350,7 @@ class GroupsMixin(NodeBase):
                 await task
         await shipper.join()
         assert self.nbd is not None
-        for member in group.volumes:
+        for member in group.live_volumes():
             self.nbd.remove_export(member.name)
         self.source_groups.remove(group)
         self._shippers.remove(shipper)

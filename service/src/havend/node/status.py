@@ -89,28 +89,16 @@ class StatusMixin(NodeBase):
         the protected server it is a disk of (source node; None without one)."""
         out: list[dict[str, Any]] = []
         for group in self.source_groups:
-            config = self._group_configs.get(group.name)
-            servers = {v.name: v.server for v in config.volumes} if config else {}
-            for member in group.volumes:
-                out.append(
-                    {
-                        "name": member.name,
-                        "group": group.name,
-                        "size": member.size,
-                        "path": member.path,
-                        "uri": f"{self.addresses.get('nbd')}/{member.name}",
-                        "writable": group.fence is None,
-                        "server": servers.get(member.name),
-                    }
-                )
+            out += [self._volume_status(group, m.index) for m in group.live_volumes()]
         if self.target is not None:
             for tgroup in self.target.groups.values():
-                for spec in tgroup.meta["volumes"]:
+                for index, spec in tgroup.live_specs():
                     promoted = tgroup.promoted is not None
                     out.append(
                         {
                             "name": spec["name"],
                             "group": tgroup.name,
+                            "index": index,
                             "size": spec["size"],
                             "path": spec["path"],
                             "uri": f"{self.addresses.get('views')}/{tgroup.name}/{spec['name']}"
@@ -118,6 +106,8 @@ class StatusMixin(NodeBase):
                             else None,
                             "writable": promoted,
                             "server": spec.get("server"),
+                            "state": spec.get("state", "protected"),
+                            "sync": None,
                         }
                     )
         return out

@@ -137,6 +137,14 @@ def _group_delete(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
     return node.delete_group(group)
 
 
+def _volume_add(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return node.add_volume(group, a)
+
+
+def _volume_remove(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return node.remove_volume(group, str(a["volume"]), bool(a.get("purge", False)))
+
+
 def _pair(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
     return node.pair(str(a["host"]), int(a["port"]), _optional(a, "server_name"))
 
@@ -297,6 +305,26 @@ OPERATIONS: dict[str, OperationSpec] = {
             _group_delete,
             exclusive=True,
             wrong_role="groups are deleted on their source node",
+        ),
+        OperationSpec(
+            "volume_add",
+            "source",
+            "add a volume to a live group (copied while the others replicate)",
+            _volume_add,
+            allowed=("protecting", "paused"),
+            exclusive=True,
+            requires=("name", "path"),
+            wrong_role="volumes are added on their group's source node",
+        ),
+        OperationSpec(
+            "volume_remove",
+            "source",
+            "stop replicating a volume of a live group",
+            _volume_remove,
+            allowed=("protecting", "paused"),
+            exclusive=True,
+            requires=("volume",),
+            wrong_role="volumes are removed on their group's source node",
         ),
         OperationSpec(
             "pair",

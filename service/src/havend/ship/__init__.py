@@ -8,7 +8,8 @@ change journaled), ``overflow`` (region tracking while the journal is full),
 ``fence`` (fencing, failover, split brain on this side), ``reverse`` (reverse
 protection's staging), ``shipper`` (the steady shipping session and its
 reconnects), ``resync`` (the hash-compare engine, push and pull),
-``failback`` and ``splitbrain`` (the sessions of their own), ``loop`` (the
+``failback`` and ``splitbrain`` (the sessions of their own), ``members``
+(volumes added and removed live), ``loop`` (the
 shipper's own event loop and thread).
 
 On disk, under ``<state_dir>/groups/<group uuid>/`` (every small file
@@ -16,6 +17,12 @@ replaced atomically: write, fdatasync, rename, directory fsync):
 
 ``journal/``
     The group's journal (see ``havend.journal``).
+``members.json``
+    The group's volume slots (``havend.members.Slot``, in slot order): a
+    volume added live is ``syncing`` until its copy is journaled whole.
+``last_checkpoint.json``
+    The last checkpoint taken here (its id, seq, time, label), shown after
+    a restart too.
 ``volumes_synced``
     The last seq known to be on stable storage in the volumes themselves:
     replay at start begins after it.

@@ -37,6 +37,7 @@ class ReplicatedVolume:
         self.path = volume.path
         self.size = volume.size
         self.read_only = False
+        self.removed = False  # taken out of its group: no longer captured
 
     def read(self, offset: int, length: int) -> bytes:
         return self.volume.read(offset, length)
@@ -53,6 +54,8 @@ class ReplicatedVolume:
         with group.lock:
             if group.fence is not None:  # failed over (or failing over): not the live copy
                 raise OSError(errno.EROFS, f"group {group.name}: {group.fence['reason']}")
+            if self.removed:
+                raise OSError(errno.EROFS, f"volume {self.name} was removed from {group.name}")
             group.last_write_time = time.time()
             # The record goes first: if havend dies between the two steps, the
             # restart replays the record into the volume (never a volume change
@@ -116,7 +119,7 @@ class ReplicatedVolume:
             except OSError as broken:  # the volume cannot even be synced: compare them all
                 log.error("group %s: %s: every region will be compared", group.name, broken)
                 group.overflow = DirtyRegions(
-                    [v.size for v in group.volumes], everything=True, reason="volume failing"
+                    group.region_sizes(), everything=True, reason="volume failing"
                 )
         group.overflow.mark(self.index, offset, length)
 

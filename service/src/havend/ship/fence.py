@@ -23,7 +23,6 @@ from havend.cdp.checkpoint import Checkpoint
 from havend.cdp.undo import snapshot_ranges
 from havend.errors import CheckpointError, JournalCorruptError
 from havend.fsutil import write_atomic
-from havend.journal import Kind
 from havend.ship.overflow import DirtyRegions
 
 if TYPE_CHECKING:
@@ -109,7 +108,7 @@ class Fencing:
         return [
             (r.volume, r.offset, r.length)
             for r in self.records_after(seq, durable_only=False)
-            if r.kind != Kind.CHECKPOINT
+            if not r.kind.is_marker
         ]
 
     def promotion_delta(
@@ -119,7 +118,7 @@ class Fencing:
         target's ``changed`` ranges (per volume), this side's journaled writes
         after it, and the regions written while its journal was full; (those
         regions, bytes changed there, bytes of this side's unshipped writes)."""
-        delta = DirtyRegions([v.size for v in self.volumes], reason=reason)
+        delta = DirtyRegions(self.region_sizes(), reason=reason)
         changed_there = 0
         for index, ranges in enumerate(changed):
             for offset, length in ranges:
@@ -246,7 +245,7 @@ class Fencing:
         since_ns = None if since is None else int(since * 1e9)
         with contextlib.suppress(JournalCorruptError):
             for r in self.records_after(seq, durable_only=False):
-                if r.kind == Kind.CHECKPOINT:
+                if r.kind.is_marker:
                     continue
                 if since_ns is not None and r.timestamp_ns < since_ns:
                     continue

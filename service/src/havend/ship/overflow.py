@@ -45,6 +45,11 @@ class DirtyRegions:
         fill = 0xFF if everything else 0
         self.bits = [bytearray([fill]) * ((s // DIRTY_CHUNK + 8) // 8) for s in sizes]
 
+    def add_volume(self, size: int) -> None:
+        """A volume added to the group while regions are tracked: dirty whole."""
+        self.sizes = [*self.sizes, size]
+        self.bits.append(bytearray([0xFF]) * ((size // DIRTY_CHUNK + 8) // 8))
+
     def mark(self: SourceGroup, volume: int, offset: int, length: int) -> None:
         mark_range(self.bits[volume], 0, offset, length, DIRTY_CHUNK)
 
@@ -76,7 +81,7 @@ class OverflowTracking:
         flag = self._overflow_flag()
         if flag and os.path.exists(flag):
             self.overflow = DirtyRegions(
-                [v.size for v in self.volumes], everything=True, reason="restart after overflow"
+                self.region_sizes(), everything=True, reason="restart after overflow"
             )
             log.warning("group %s: overflowed before a restart: full hash resync due", self.name)
         running = os.path.join(state_dir, "running")
@@ -85,7 +90,7 @@ class OverflowTracking:
                 # The machine went down under us: a write may have reached a volume
                 # while its journal record was torn, so compare every block.
                 self.overflow = DirtyRegions(
-                    [v.size for v in self.volumes], everything=True, reason="machine restart"
+                    self.region_sizes(), everything=True, reason="machine restart"
                 )
                 if flag:
                     write_atomic(flag, b"1\n")
@@ -102,7 +107,7 @@ class OverflowTracking:
         now on; ``everything`` marks all of them (a full hash resync)."""
         self.journal.sync()
         self._sync_volumes(self.journal.last_seq)  # nothing before this needs a replay
-        self.overflow = DirtyRegions([v.size for v in self.volumes], everything, reason)
+        self.overflow = DirtyRegions(self.region_sizes(), everything, reason)
         flag = self._overflow_flag()
         if flag:
             write_atomic(flag, b"1\n")
@@ -127,7 +132,7 @@ class OverflowTracking:
                     regions.mark(record_volume, offset, length)
             except JournalCorruptError:  # unreadable records: every region is suspect
                 regions = DirtyRegions(
-                    [v.size for v in self.volumes], everything=True, reason="journal unreadable"
+                    self.region_sizes(), everything=True, reason="journal unreadable"
                 )
             resume = self.journal.last_seq
             self.overflow = regions  # still pending if the sync below fails
@@ -146,7 +151,7 @@ class OverflowTracking:
         """A resync failed: its regions are dirty again."""
         with self.lock:
             if self.overflow is None:
-                self.overflow = DirtyRegions([v.size for v in self.volumes])
+                self.overflow = DirtyRegions(self.region_sizes())
             self.overflow.merge(regions)
 
     def overflow_resolved(self: SourceGroup) -> None:
@@ -163,7 +168,7 @@ class OverflowTracking:
         for r in self.records_after(self.acked_seq):
             if r.kind == Kind.CHECKPOINT:
                 lost.append(Checkpoint.from_record(r))
-            else:
+            elif r.kind != Kind.VOLUME:  # a lost VOLUME marker: the HELLO says it too
                 extents.append((r.volume, r.offset, r.length))
         if lost:
             self.lost_checkpoints = (self.lost_checkpoints + [c.id for c in lost])[-100:]

@@ -173,6 +173,7 @@ async def push(
     plan = [
         (index, [(0, member.size)] if regions is None else regions.ranges(index))
         for index, member in enumerate(group.volumes)
+        if not member.removed
     ]
     total = sum(n for _, ranges in plan for _, n in ranges)
     progress = ResyncProgress(why, total, started=time.monotonic())

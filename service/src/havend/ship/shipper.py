@@ -355,7 +355,10 @@ class Shipper:
             group=group.id,
             name=group.name,
             mode=group.mode,
-            volumes=tuple(HelloVolume(v.name, v.size) for v in group.volumes),
+            volumes=tuple(  # every slot, at its volume's size now (a resized one: refused)
+                HelloVolume(s.name, m.size, s.state, s.purge, group.labels.get(s.name, s.server))
+                for s, m in zip(group.slots, group.volumes, strict=True)
+            ),
             retention=group.retention,
             split_brain=split_brain_report(self),
         )

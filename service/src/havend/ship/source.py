@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -35,9 +36,11 @@ from havend.errors import CheckpointError, JournalCorruptError
 from havend.fsutil import write_atomic
 from havend.journal import Journal, Kind
 from havend.journal.record import Record
+from havend.members import REMOVED, SYNCING, Slot
 from havend.ship.capture import ReplicatedVolume
 from havend.ship.fence import Fencing
 from havend.ship.loop import call_in
+from havend.ship.members import Membership
 from havend.ship.overflow import DirtyRegions, OverflowTracking
 from havend.ship.reverse import ReverseStaging
 from havend.volume import FileVolume, apply_record
@@ -87,7 +90,7 @@ class GroupStatus:
 # Dirty-region tracking after a journal overflow works in chunks of this size.
 
 
-class SourceGroup(OverflowTracking, Fencing, ReverseStaging):
+class SourceGroup(OverflowTracking, Fencing, ReverseStaging, Membership):
     """A consistency group on the source node: its volumes, journal and counters."""
 
     def __init__(
@@ -100,7 +103,11 @@ class SourceGroup(OverflowTracking, Fencing, ReverseStaging):
         mode: str = "async",
         rpo_seconds: float = 30.0,
         background_sync_bytes: int = BACKGROUND_SYNC_BYTES,
+        slots: list[Slot] | None = None,
     ) -> None:
+        """``volumes``: (name, local copy) per slot, in slot order; ``slots``:
+        what ``members.json`` keeps of them (None: they are slots 0, 1...,
+        all protected)."""
         self.id = group_id
         self.name = name
         self.mode = mode
@@ -110,6 +117,13 @@ class SourceGroup(OverflowTracking, Fencing, ReverseStaging):
         self.record_chunk = min(RECORD_CHUNK, (journal.segment_size // 4) & ~4095)
         self.lock = threading.Lock()
         self.volumes = [ReplicatedVolume(self, i, n, v) for i, (n, v) in enumerate(volumes)]
+        self.slots = (
+            slots
+            if slots is not None
+            else [Slot(i, m.name, m.path, m.size) for i, m in enumerate(self.volumes)]
+        )
+        for slot, member in zip(self.slots, self.volumes, strict=True):
+            member.removed = slot.state == REMOVED
         self.acked_seq = journal.tail_seq - 1
         self.connected = False
         self.shipped_bytes = 0
@@ -122,6 +136,13 @@ class SourceGroup(OverflowTracking, Fencing, ReverseStaging):
         self._ship_loop: asyncio.AbstractEventLoop | None = None
         self.appended = asyncio.Event()  # new records (or an overflow): the shipper has work
         self.acked = asyncio.Event()  # the acked seq moved: sync-mode flushes wait on it
+        self.copy_wanted = asyncio.Event()  # a volume was added: its copy has work
+        # Volume name -> the protected server it is a disk of (the config's
+        # labels; the node keeps it current), sent to the target in every HELLO.
+        self.labels: dict[str, str | None] = {}
+        # Per added volume being copied: (seq, bytes copied through it), from
+        # which its progress as the target acknowledges it is told.
+        self._copy_marks: dict[int, collections.deque[tuple[int, int]]] = {}
         self._release_task: asyncio.Task[None] | None = None
         self._volumes_synced_lock = threading.Lock()
         self.background_sync_bytes = background_sync_bytes  # 0: only FLUSH/FUA sync
@@ -271,7 +292,23 @@ class SourceGroup(OverflowTracking, Fencing, ReverseStaging):
             seq = self.journal.append(Kind.CHECKPOINT, 0, 0, checkpoint.payload(), owned=True)
             self._appended(seq, 0)
         self.last_checkpoint = dataclasses.replace(checkpoint, seq=seq)
+        if self.state_dir:  # shown after a restart too (a play takes one per label)
+            body = json.dumps(self.last_checkpoint.to_dict()).encode()
+            write_atomic(os.path.join(self.state_dir, "last_checkpoint.json"), body)
         return self.last_checkpoint
+
+    def load_last_checkpoint(self) -> None:
+        """The last checkpoint taken here, as kept by :meth:`create_checkpoint`."""
+        if not self.state_dir:
+            return
+        try:
+            with open(os.path.join(self.state_dir, "last_checkpoint.json"), "rb") as f:
+                body = f.read()
+            self.last_checkpoint = Checkpoint.from_payload(int(json.loads(body)["seq"]), body)
+        except FileNotFoundError:
+            return
+        except (ValueError, KeyError, TypeError, CheckpointError) as exc:
+            log.warning("group %s: last_checkpoint.json unreadable (%s): ignored", self.name, exc)
 
     # Durability --------------------------------------------------------------
 
@@ -365,6 +402,9 @@ class SourceGroup(OverflowTracking, Fencing, ReverseStaging):
             # compared (a monitor must never read lag 0 during a resync).
             lag_seconds = max(lag_seconds, time.monotonic() - resync.started)
             lag_bytes += resync.total_bytes
+        # An added volume's bytes not copied yet are not on the replica either
+        # (its lag in seconds is not a write's: the other volumes' figures stand).
+        lag_bytes += sum(s.size - s.copied for s in self.slots if s.state == SYNCING)
         overflow = self.overflow
         if overflow is not None:  # regions waiting for a resync: not on the replica yet
             lag_seconds = max(lag_seconds, time.monotonic() - overflow.since)

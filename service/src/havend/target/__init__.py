@@ -13,13 +13,16 @@ Modules: ``server`` (the listener: one link per group), ``group`` (receive,
 apply, views and rollback, status), ``resync`` (resync states and staging,
 the kept consistent point), ``promotion`` (failover, reverse protection,
 split brain, failback), ``promoted`` (the writable volumes of a promoted
-group), ``changes`` (what a promoted group changed).
+group), ``changes`` (what a promoted group changed), ``members`` (volumes
+added and removed by the source).
 
 On disk, under ``<state_dir>/groups/<group uuid>/`` (small files replaced
 atomically):
 
 ``group.json``
-    Name, volumes (name, size, replica path), generation, retention policy
+    Name, volumes (name, size, replica path; ``state``, ``synced_seq`` and
+    ``purged`` for those added or removed live, see ``target.members``),
+    generation, retention policy
     (``RetentionPolicy.to_dict()``), the source node's name, and the
     promotion record, hold, split brain and history once there are any.
 ``journal/``

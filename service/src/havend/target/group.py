@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from havend.fsutil import fsync_dir, write_atomic
 from havend.journal import Journal, Kind
 from havend.journal.record import Record
 from havend.target.changes import ChangeMap
+from havend.target.members import ReplicaMembers, make_replica, open_replica
 from havend.target.promoted import PromotedVolume
 from havend.target.promotion import Promotion
 from havend.target.resync import Resync
@@ -50,7 +52,7 @@ class ReplicaStatus:
     cdp: dict
 
 
-class TargetGroup(Resync, Promotion):
+class TargetGroup(Resync, Promotion, ReplicaMembers):
     """Replica volumes of one group, the journal feeding them, and the applied seq."""
 
     def __init__(self, directory: str, meta: dict, journal: Journal) -> None:
@@ -59,7 +61,9 @@ class TargetGroup(Resync, Promotion):
         self.name = meta["name"]
         self.meta = meta
         self.journal = journal
-        self.volumes = [FileVolume(v["path"]) for v in meta["volumes"]]
+        self._members_lock = threading.Lock()  # volume changes: the loop and the applier
+        self.volumes: list[FileVolume] = [open_replica(v) for v in meta["volumes"]]
+        self.declared: list[dict] | None = None  # the volumes of the session's HELLO
         self.applied_seq = self._read_applied()
         self.synced_seq = self.applied_seq  # what the "applied" file says
         with open(os.path.join(directory, "sync.json")) as f:
@@ -114,12 +118,22 @@ class TargetGroup(Resync, Promotion):
         shutil.rmtree(building, ignore_errors=True)
         os.makedirs(building)
         os.makedirs(os.path.join(replica_dir, name), exist_ok=True)
-        members = []
-        for vol in volumes:
-            path = os.path.join(replica_dir, name, f"{vol['name']}.img")
-            with open(path, "wb") as f:  # a leftover of a creation that crashed
-                f.truncate(int(vol["size"]))
-            members.append({"name": vol["name"], "size": int(vol["size"]), "path": path})
+        members: list[dict] = []
+        for i, vol in enumerate(volumes):
+            base = f"{vol['name']}.img"
+            if any(os.path.basename(m["path"]) == base for m in members):
+                base = f"{vol['name']}.{i}.img"  # a removed volume's name, taken again
+            path = os.path.join(replica_dir, name, base)
+            member = {"name": vol["name"], "size": int(vol["size"]), "path": path}
+            if vol.get("server") is not None:
+                member["server"] = vol["server"]
+            if vol.get("state") == "removed":  # nothing of it will ever come
+                member |= {"state": "removed", "purged": True}
+            else:
+                make_replica(path, int(vol["size"]))  # a leftover of a creation that crashed
+                if vol.get("state") == "syncing":
+                    member["state"] = "syncing"
+            members.append(member)
         meta = {
             "group": str(group),
             "name": name,
@@ -156,14 +170,6 @@ class TargetGroup(Resync, Promotion):
         self.applied_time_ns = int(fields[1]) if len(fields) > 1 else 0
         return int(fields[0]) if fields else 0
 
-    def check_volumes(self, volumes: list[dict]) -> str | None:
-        """Why the source's volume list does not fit this replica, or None."""
-        mine = [(v["name"], v["size"]) for v in self.meta["volumes"]]
-        theirs = [(v.get("name"), v.get("size")) for v in volumes]
-        if mine != theirs:
-            return f"volumes differ: replica has {mine}, source sent {theirs}"
-        return None
-
     # Resync: see target.resync; promotion and after: see target.promotion.
 
     # Receiving ------------------------------------------------------------
@@ -179,6 +185,8 @@ class TargetGroup(Resync, Promotion):
                 raise RemoteProtocolError(
                     f"group {self.name}: got seq {record.seq}, expected {self.journal.last_seq + 1}"
                 )
+            if record.kind == Kind.VOLUME:
+                self.received_volume_event(record)
             if record.volume >= len(self.volumes):
                 raise RemoteProtocolError(f"group {self.name}: record for unknown volume")
             self.journal.append(
@@ -250,6 +258,10 @@ class TargetGroup(Resync, Promotion):
                 self._apply_run(run)
                 run = []
                 self._reach_checkpoint(record)
+            elif record.kind == Kind.VOLUME:
+                self._apply_run(run)
+                run = []
+                self.apply_volume_event(record)
             else:
                 run.append(record)
         self._apply_run(run)
@@ -313,7 +325,7 @@ class TargetGroup(Resync, Promotion):
     # Views and rollback ------------------------------------------------------
 
     def volume_index(self, name: str) -> int:
-        for i, vol in enumerate(self.meta["volumes"]):
+        for i, vol in self.live_specs():
             if vol["name"] == name:
                 return i
         raise NotFound(f"group {self.name} has no volume {name!r}")

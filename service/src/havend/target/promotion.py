@@ -96,6 +96,16 @@ class Promotion:
                 f"group {self.name} is {self.state}, not at a consistent point: promote a "
                 "retained checkpoint instead"
             )
+        point = chosen.seq if chosen else self.applied_seq
+        if to_base:
+            point = self._base.checkpoints[0].seq - 1  # type: ignore[union-attr]
+        incomplete = self.incomplete_at(point)
+        if incomplete:
+            raise CheckpointError(
+                f"group {self.name}: volume {', '.join(incomplete)} is not complete at seq "
+                f"{point} (its initial copy finished later, or is still running): promote "
+                "after it, or a checkpoint from after it"
+            )
         previous = (interrupted or {}).get("previous_generation", self.generation)
         rewritten = 0
         # Durably on hold before anything changes: a crash from here on leaves a

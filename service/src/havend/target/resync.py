@@ -213,10 +213,11 @@ class Resync:
             resume = self.sync["resume"]
             self._set_sync("applying", resume=resume, until=high_seq)
             self._apply_staging(resume, high_seq)
-            return
-        for volume in self.volumes:
-            volume.flush()
-        self._set_sync("catching_up", until=high_seq)
+        else:
+            for volume in self.volumes:
+                volume.flush()
+            self._set_sync("catching_up", until=high_seq)
+        self.resync_completed(high_seq)
 
     def _apply_staging(self: TargetGroup, resume_seq: int, high_seq: int) -> None:
         self._keep_base()  # redone after a crash: kept already then
