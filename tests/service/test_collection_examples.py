@@ -37,11 +37,6 @@ ORDER = [
     "group_operation",  # failover, then failback: last
 ]
 
-# Modules whose havend API is not in this checkout's havend yet: skipped, named.
-WAITING_FOR_HAVEND = {
-    "protected_server": "POST/DELETE /v1/groups/{group}/volumes are not in havend yet",
-}
-
 
 def examples(module: str) -> str:
     """The ``EXAMPLES`` string of ``plugins/modules/<module>.py``."""
@@ -120,15 +115,7 @@ def test_every_module_is_run() -> None:
     assert sorted(ORDER) == sorted(p.stem for p in MODULES.glob("*.py") if p.stem != "__init__")
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        pytest.param(m, marks=pytest.mark.skip(reason=WAITING_FOR_HAVEND[m]))
-        if m in WAITING_FOR_HAVEND
-        else m
-        for m in ORDER
-    ],
-)
+@pytest.mark.parametrize("module", ORDER)
 def test_examples_run_as_written(sites: Sites, module: str) -> None:
     output = _run(sites, module)
     tmp = sites.tmp

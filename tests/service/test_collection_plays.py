@@ -24,8 +24,7 @@ ORDER = [
     "protection_group",
     "checkpoint",
     "pit_export",
-    # "protected_server": its target needs POST/DELETE /v1/groups/{group}/volumes,
-    # not yet in havend on main; it goes here when they are.
+    "protected_server",
     "group_operation",
 ]
 
