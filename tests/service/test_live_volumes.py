@@ -316,7 +316,7 @@ def test_a_promotion_while_a_volume_copies_is_refused_naming_it(tmp_path: Path) 
         with _api(pair.source) as api:
             assert (
                 api.post(
-                    "/v1/groups/app/volumes", json={"name": "big", "path": "big.img"}
+                    "/v1/groups/app/volumes", json={"name": "big", "path": "big.img", "server": "db1"}
                 ).status_code
                 == 201
             )
@@ -329,7 +329,7 @@ def test_a_promotion_while_a_volume_copies_is_refused_naming_it(tmp_path: Path) 
             assert _volumes(target)["big"]["state"] == "syncing"
             # The source's server labels reach the recovery site with the HELLO.
             assert _volumes(target)["db"]["server"] == "db1"
-            assert _volumes(target)["big"]["server"] is None
+            assert _volumes(target)["big"]["server"] == "db1"  # with its "added" marker
             refused = target.post("/v1/groups/app/operations/promote", json={})
             assert refused.status_code in (202, 409), refused.text
             if (
@@ -359,7 +359,7 @@ def test_a_promotion_while_a_volume_copies_is_refused_naming_it(tmp_path: Path) 
 
 def test_volume_events_and_slots_round_trip_and_refuse_garbage() -> None:
     for event in (
-        VolumeEvent("added", "db", 4096),
+        VolumeEvent("added", "db", 4096, server="db1"),
         VolumeEvent("synced"),
         VolumeEvent("removed", purge=True),
     ):

@@ -13,7 +13,7 @@ A volume added to a live group is copied to the target through the journal
 replica of the volume is a write-order prefix like the others. The markers
 (``Kind.VOLUME``, payload JSON):
 
-- ``{"event": "added", "name", "size"}``: the target makes the slot's
+- ``{"event": "added", "name", "size", "server"}``: the target makes the slot's
   replica (sparse, zeroed) before it takes the records that follow;
 - ``{"event": "synced"}``: the volume's copy is complete here;
 - ``{"event": "removed", "purge"}``: no record of the volume follows; the
@@ -119,11 +119,12 @@ class VolumeEvent:
     name: str = ""
     size: int = 0
     purge: bool = False
+    server: str | None = None  # added: the protected server it is a disk of
 
     def payload(self) -> bytes:
         body: dict[str, Any] = {"event": self.event}
         if self.event == "added":
-            body |= {"name": self.name, "size": self.size}
+            body |= {"name": self.name, "size": self.size, "server": self.server}
         if self.event == "removed":
             body["purge"] = self.purge
         return json.dumps(body, separators=(",", ":")).encode()
@@ -141,5 +142,6 @@ class VolumeEvent:
             name, size = body.get("name"), body.get("size")
             if not isinstance(name, str) or not name or not isinstance(size, int) or size < 0:
                 raise Invalid(f"a VOLUME 'added' record without a name and size: {body!r}")
-            return cls(event, name, size)
+            server = body.get("server")
+            return cls(event, name, size, server=server if isinstance(server, str) else None)
         return cls(event, purge=bool(body.get("purge", False)))

@@ -131,7 +131,7 @@ class Membership:
                 self.overflow.add_volume(volume.size)
                 self.slots[index] = slot.but(copied=slot.size)
             self.save_slots()
-            self._mark(index, VolumeEvent("added", name, volume.size))
+            self._mark(index, VolumeEvent("added", name, volume.size, server=server))
         log.warning(
             "group %s: volume %s (%d bytes) added; its initial copy begins",
             self.name,

@@ -69,7 +69,9 @@ class ReplicaMembers:
                 )
         for i, theirs in enumerate(volumes):
             if i >= len(mine):
-                self.ensure_volume(i, str(theirs["name"]), int(theirs["size"]))
+                self.ensure_volume(
+                    i, str(theirs["name"]), int(theirs["size"]), theirs.get("server")
+                )
             if mine[i].get("server") != theirs.get("server"):  # a label, kept for the API
                 with self._members_lock:
                     mine[i]["server"] = theirs.get("server")
@@ -79,9 +81,11 @@ class ReplicaMembers:
         self.declared = [dict(v) for v in volumes]
         return None
 
-    def ensure_volume(self: TargetGroup, index: int, name: str, size: int) -> None:
+    def ensure_volume(
+        self: TargetGroup, index: int, name: str, size: int, server: str | None = None
+    ) -> None:
         """Slot ``index`` exists with this name and size (made, sparse and
-        syncing, when it is the next one)."""
+        syncing, when it is the next one; ``server``: its label)."""
         with self._members_lock:
             specs = self.meta["volumes"]
             if index < len(specs):
@@ -106,7 +110,10 @@ class ReplicaMembers:
             self.undo.sizes.append(size)
             if self._base is not None:
                 self._base.sizes.append(size)
-            specs.append({"name": name, "size": size, "path": path, "state": SYNCING})
+            spec = {"name": name, "size": size, "path": path, "state": SYNCING}
+            if server is not None:
+                spec["server"] = server
+            specs.append(spec)
             self._write_meta()
             self.volumes.append(volume)
         log.warning("group %s: volume %s added (%d bytes): copying", self.name, name, size)
@@ -154,7 +161,7 @@ class ReplicaMembers:
         except Invalid as exc:
             raise RemoteProtocolError(f"group {self.name}: record {record.seq}: {exc}") from None
         if event.event == "added":
-            self.ensure_volume(record.volume, event.name, event.size)
+            self.ensure_volume(record.volume, event.name, event.size, event.server)
 
     def apply_volume_event(self: TargetGroup, record: Record) -> None:
         """A VOLUME record in the write order (the applier)."""
