@@ -18,9 +18,12 @@ description:
     (O(state=absent), its volumes and journal stay on disk).
   - All the volumes of a group share one write order, so a multi-tier application (a database and its
     log, an application server) is replicated as one consistent whole.
-  - Only the settings given are compared and changed. Volumes are identified by name; this module does not
-    change the volume list of a live group (the task fails naming the difference, before changing anything);
-    M(haven.dr.protected_server) adds and removes a live group's volumes, a server's disks at a time.
+  - Only the settings given are compared and changed. Volumes are identified by name. A volume new in
+    O(volumes) is added to the live group (served at once, its contents copied to the target while the other
+    volumes keep replicating; C(state=syncing) in RV(group.volumes) until the target holds it whole); a
+    volume missing from O(volumes) is removed (no longer replicated; its replica on the target is kept unless
+    O(purge=true)). New volumes are added before old ones are removed. M(haven.dr.protected_server) does the
+    same a server's disks at a time, and can wait for the copies.
   - Groups defined in the node's config file are read but changed in the file, not by this module.
   - Needs a token of the C(admin) scope (C(operate) for pausing and resuming only).
 author:
@@ -65,6 +68,12 @@ options:
         description:
           - The protected server this volume is a disk of (a label; the C(haven.dr.nodes) inventory lists servers).
         type: str
+  purge:
+    description:
+      - Whether the replica of a volume removed from O(volumes) is deleted on the target node too. By default
+        it is kept there.
+    type: bool
+    default: false
   mode:
     description:
       - V(async) ships writes as they come; V(sync) makes every flush wait for the target (RPO 0).
@@ -133,6 +142,24 @@ EXAMPLES = r"""
     name: shop
     state: present
 
+- name: The database gets a disk for its logs, copied while the other tiers keep replicating
+  haven.dr.protection_group:
+    name: shop
+    volumes:
+      - {name: shop-db, path: shop/db.img, server: db1}
+      - {name: shop-db-log, path: shop/db-log.img, size: 268435456, server: db1}
+      - {name: shop-app, path: shop/app.img, server: app1}
+      - {name: shop-web, path: shop/web.img, server: web1}
+
+- name: The web tier moves out - it is no longer replicated, and its replica is deleted
+  haven.dr.protection_group:
+    name: shop
+    purge: true
+    volumes:
+      - {name: shop-db, path: shop/db.img, server: db1}
+      - {name: shop-db-log, path: shop/db-log.img, server: db1}
+      - {name: shop-app, path: shop/app.img, server: app1}
+
 - name: The shop is retired - stop replicating it (its volumes and journal stay on disk)
   haven.dr.protection_group:
     name: shop
@@ -182,7 +209,8 @@ def _number(value):
 
 def differences(current, p):
     """(changes for PATCH, their names, volumes to add, volume names to remove);
-    a different volume list raises (protected_server changes it)."""
+    what cannot change on a live group (its journal, a volume's label, a
+    config file's volume list) raises, before anything changes."""
     settings = current.get("settings") or {}
     patch, names = {}, []
     for key in SETTINGS:
@@ -208,11 +236,13 @@ def differences(current, p):
         wanted_names = [v["name"] for v in p["volumes"]]
         add = [v for v in p["volumes"] if v["name"] not in existing]
         remove = [name for name in existing if name not in wanted_names]
-        if add or remove:
+        if not wanted_names:
+            raise HavenError("group %s: volumes is empty; a group has one volume at least (state=absent deletes it)" % p["name"])
+        if (add or remove) and settings.get("defined_in") == "config":
             change = ["+" + v["name"] for v in add] + ["-" + n for n in remove]
             raise HavenError(
-                "group %s: its volumes would change (%s); this module does not change the volume list "
-                "of a live group: add and remove them with haven.dr.protected_server" % (p["name"], ", ".join(change))
+                "group %s is defined in the node's config file: its volumes (%s) are changed there, not "
+                "through the API" % (p["name"], ", ".join(change))
             )
         for volume in p["volumes"]:
             have_server = (existing.get(volume["name"]) or {}).get("server")
@@ -272,7 +302,7 @@ def run_module(haven):
             client.post(path + "/pause")
         result["group"] = _shown(client.get(path))
         return result
-    patch, changes, dummy, dummy2 = differences(current, p)
+    patch, changes, add, remove = differences(current, p)
     toggle = None
     if p["state"] == "paused" and not current.get("paused"):
         toggle = "pause"
@@ -288,6 +318,10 @@ def run_module(haven):
         return dict(result, **haven.diff(before, dict(before, changes=changes)))
     if patch:
         client.patch(path, patch)
+    for volume in add:  # before the removals: the group never runs out of volumes
+        client.post(path + "/volumes", _volume_body(volume))
+    for name in remove:
+        client.delete("%s/volumes/%s?purge=%s" % (path, name, "true" if p["purge"] else "false"))
     if toggle:
         client.post("%s/%s" % (path, toggle))
     after = _shown(client.get(path))
@@ -307,6 +341,7 @@ def main():
             name=dict(type="str", required=True),
             state=dict(type="str", choices=["present", "paused", "absent"], default="present"),
             volumes=dict(type="list", elements="dict", options=volume),
+            purge=dict(type="bool", default=False),
             mode=dict(type="str", choices=["async", "sync"]),
             rpo_seconds=dict(type="float"),
             compression_level=dict(type="int"),

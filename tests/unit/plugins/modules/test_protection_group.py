@@ -49,12 +49,23 @@ def test_only_what_differs_is_changed():
     assert names == ["mode", "checkpoints.interval_seconds"] and add == remove == []
 
 
-def test_volumes_by_name_and_a_different_list_is_refused_before_any_change():
+def test_volumes_by_name_the_new_ones_added_the_missing_ones_removed():
     same = [{"name": "db", "path": "elsewhere.img", "server": None, "size": None}, {"name": "web", "path": "w.img", "server": None, "size": None}]
     assert differences(CURRENT, params(volumes=same)) == ({}, [], [], [])
-    wanted = [{"name": "db", "path": "db.img", "server": None, "size": None}, {"name": "app", "path": "app.img", "server": "app1", "size": 4096}]
-    with pytest.raises(HavenError, match=r"its volumes would change \(\+app, -web\)"):
-        differences(CURRENT, params(volumes=wanted))
+    app = {"name": "app", "path": "app.img", "server": "app1", "size": 4096}
+    wanted = [{"name": "db", "path": "db.img", "server": None, "size": None}, app]
+    patch, names, add, remove = differences(CURRENT, params(volumes=wanted))
+    assert patch == {} and add == [app] and remove == ["web"]
+    assert names == ["volumes +app", "volumes -web"]
+
+
+def test_a_config_file_groups_volume_list_or_an_empty_one_is_refused_before_any_change():
+    config = dict(CURRENT, settings=dict(CURRENT["settings"], defined_in="config"))
+    wanted = [{"name": "db", "path": "db.img", "server": None, "size": None}]
+    with pytest.raises(HavenError, match=r"defined in the node's config file: its volumes \(-web\)"):
+        differences(config, params(volumes=wanted))
+    with pytest.raises(HavenError, match="one volume at least"):
+        differences(CURRENT, params(volumes=[]))
 
 
 def test_a_live_groups_journal_cannot_change():
