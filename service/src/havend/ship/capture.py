@@ -52,7 +52,7 @@ class ReplicatedVolume:
         group = self.group
         with group.lock:
             if group.fence is not None:  # failed over (or failing over): not the live copy
-                raise OSError(errno.EROFS, f"group {group.name}: {group.fence['reason']}")
+                raise OSError(errno.EROFS, f"group {group.name}: {group.fence.reason}")
             group.last_write_time = time.time()
             # The record goes first: if havend dies between the two steps, the
             # restart replays the record into the volume (never a volume change
