@@ -1,7 +1,7 @@
 """The durable records of a failover as typed records: the source's fence
-(``fence.json``). Each reads back from the JSON havend has always written,
-writes the same bytes, and a malformed one is a MalformedRecord naming its
-key."""
+(``fence.json``) and the target's promotion records (``group.json``). Each
+reads back from the JSON havend has always written, writes the same bytes,
+and a malformed one is a MalformedRecord naming its key."""
 
 from __future__ import annotations
 
@@ -15,6 +15,14 @@ import pytest
 from havend.errors import HavendError, MalformedRecord
 from havend.link.promotion import LossWindow, Promoted, RecoverySide
 from havend.ship.records import Fence, ReverseRound, SourceSplitBrain
+from havend.target.records import (
+    Failback,
+    HistoryEvent,
+    PromotionMeta,
+    Resolution,
+    Rollback,
+    TargetSplitBrain,
+)
 
 # As the target writes it in group.json and sends it in a REFUSED frame.
 PROMOTED = {
@@ -234,3 +242,169 @@ def test_a_fence_with_a_key_of_the_wrong_type_is_an_error_naming_it(
 def test_a_fence_that_is_not_an_object_is_an_error() -> None:
     with pytest.raises(MalformedRecord, match=r"fence\.json is a list"):
         Fence.from_dict([], record="fence.json")
+
+
+# The target's group.json ------------------------------------------------------
+
+_BASE = {
+    "group": "6f1c1f7e-3b1c-4b7e-9a55-2b1f3c4d5e6f",
+    "name": "app",
+    "volumes": [{"name": "a", "size": 1 << 20, "path": "/r/app/a.img"}],
+    "generation": "gen-1",
+    "retention": {"count": 0, "max_age_seconds": 0.0},
+}
+SPLIT_THERE = {
+    "detected": 1700000010.5,
+    "generation": "gen-1",
+    "production": {"node": "src"} | LOST | {"blocks": 3},
+    "recovery": RECOVERY,
+}
+RESOLVED_RECOVERY = {
+    "time": 1700000030.0,
+    "survivor": "recovery",
+    "generation": "gen-1",
+    "split_brain": SPLIT_THERE,
+}
+RESOLVED_PRODUCTION = {
+    "time": 1700000030.0,
+    "survivor": "production",
+    "generation": "gen-1",
+    "split_brain": SPLIT_THERE,
+    "snapshot": {"directory": "/s/split-brain-gen-1", "checkpoint": {"id": "g"}},
+    "replica_generation": "gen-2",
+}
+FAILBACK = {
+    "time": 1700000040.0,
+    "resume_seq": 50,
+    "promoted": PROMOTED,
+    "replica_generation": "g2",
+}
+ROLLBACK = {
+    "rollback_to": {"id": "c" * 32, "seq": 7, "time": 1.0, "label": "", "consistency": "crash"},
+    "previous_generation": "gen-0",
+}
+# Every shape of group.json's promotion records, as the target wrote them
+# (keys in the order they came: the history before the hold of a second
+# promotion, for one).
+METAS = {
+    "a replica": _BASE,
+    "promoting": _BASE
+    | {
+        "promoting": {"checkpoint": None, "previous_generation": "gen-0", "planned": True},
+        "hold": "a promotion of app was interrupted: run it again",
+    },
+    "promoted": _BASE
+    | {
+        "hold": "promoted at seq 41 (generation gen-1): ...",
+        "promoted": PROMOTED,
+        "history": [{"promoted": PROMOTED}],
+    },
+    "in a split brain": _BASE
+    | {
+        "hold": "promoted at seq 41 (generation gen-1): ...",
+        "promoted": PROMOTED,
+        "history": [{"promoted": PROMOTED}, {"split_brain": SPLIT_THERE}],
+        "split_brain": SPLIT_THERE,
+    },
+    "resolved for recovery": _BASE
+    | {
+        "hold": "promoted at seq 41 (generation gen-1): ...",
+        "promoted": PROMOTED,
+        "history": [
+            {"promoted": PROMOTED},
+            {"split_brain": SPLIT_THERE},
+            {"split_brain_resolved": RESOLVED_RECOVERY},
+        ],
+        "split_brain_resolved": RESOLVED_RECOVERY,
+    },
+    "after failbacks and a rollback": _BASE
+    | {
+        "history": [
+            {"promoted": PROMOTED},
+            {"failback": FAILBACK},
+            ROLLBACK,
+            {"split_brain_resolved": RESOLVED_PRODUCTION},
+            {"something": "from another version"},
+        ],
+        "hold": "rolled back to checkpoint ...",
+    },
+}
+
+
+@pytest.mark.parametrize("shape", list(METAS))
+def test_group_json_s_promotion_records_read_back_and_write_the_same_bytes(shape: str) -> None:
+    body = json.loads(json.dumps(METAS[shape]))
+    records = PromotionMeta.from_meta(body)
+    meta = copy.deepcopy(body)
+    records.into_meta(meta)
+    assert json.dumps(meta, indent=2) == json.dumps(METAS[shape], indent=2)
+
+
+def test_group_json_s_records_are_typed() -> None:
+    records = PromotionMeta.from_meta(METAS["after failbacks and a rollback"])
+    assert records.promoted is None and records.promoting is None
+    assert records.hold == "rolled back to checkpoint ..."
+    kinds = [e.kind for e in records.history]
+    assert kinds == ["promoted", "failback", "rollback_to", "split_brain_resolved", ""]
+    failback = records.history[1].record
+    assert isinstance(failback, Failback) and failback.promoted == Promoted.from_dict(PROMOTED)
+    assert records.history[2].record == Rollback(ROLLBACK["rollback_to"], "gen-0")
+    resolved = records.events("split_brain_resolved")[0]
+    assert isinstance(resolved, Resolution) and resolved.replica_generation == "gen-2"
+    assert isinstance(resolved.split_brain, TargetSplitBrain)
+    assert resolved.split_brain.production.node == "src"
+    assert records.history[4] == HistoryEvent("", None, {"something": "from another version"})
+    split = PromotionMeta.from_meta(METAS["in a split brain"]).split_brain
+    assert split is not None and split.recovery.changed_bytes == 8192
+
+
+def test_a_promotion_in_group_json_goes_where_the_target_always_put_it() -> None:
+    """The records change as a promotion goes on: each key is kept where it
+    was, a new one goes last, and one without a record goes."""
+    meta = copy.deepcopy(_BASE)
+    records = PromotionMeta.from_meta(meta)
+    promoting = PromotionMeta.from_meta(METAS["promoting"])
+    records.promoting, records.hold = promoting.promoting, promoting.hold
+    records.into_meta(meta)
+    assert json.dumps(meta) == json.dumps(METAS["promoting"])
+    records.promoting = None
+    records.promoted = Promoted.from_dict(PROMOTED)
+    records.hold = "promoted at seq 41 (generation gen-1): ..."
+    records.record("promoted", records.promoted)
+    records.into_meta(meta)
+    assert json.dumps(meta) == json.dumps(METAS["promoted"])
+    records.promoted, records.hold = None, ""
+    records.into_meta(meta)
+    assert json.dumps(meta) == json.dumps(_BASE | {"history": [{"promoted": PROMOTED}]})
+
+
+@pytest.mark.parametrize(
+    ("shape", "change", "key"),
+    [
+        ("promoted", {"promoted": PROMOTED | {"generation": None}}, "promoted.generation"),
+        ("promoted", {"promoted": PROMOTED | {"time": "now"}}, "promoted.time"),
+        ("promoting", {"promoting": {"checkpoint": None}}, "promoting.planned"),
+        ("promoted", {"hold": 7}, "hold"),
+        ("promoted", {"history": {"promoted": PROMOTED}}, "history"),
+        ("promoted", {"history": [{"promoted": {"time": 1.0}}]}, "history[0].promoted.planned"),
+        ("promoted", {"history": [{"failback": {"time": 1.0}}]}, "history[0].failback.resume_seq"),
+        ("promoted", {"history": ["promoted"]}, "history[0]"),
+        (
+            "in a split brain",
+            {"split_brain": SPLIT_THERE | {"production": LOST | {"records": "3"}}},
+            "split_brain.production.records",
+        ),
+        (
+            "resolved for recovery",
+            {"split_brain_resolved": RESOLVED_RECOVERY | {"survivor": None}},
+            "split_brain_resolved.survivor",
+        ),
+        ("a replica", {"history": [{"rollback_to": {}}]}, "history[0].previous_generation"),
+    ],
+)
+def test_malformed_promotion_records_are_an_error_naming_the_key(
+    shape: str, change: dict, key: str
+) -> None:
+    with pytest.raises(MalformedRecord, match=re.escape(f"group.json: '{key}'")) as caught:
+        PromotionMeta.from_meta(METAS[shape] | change, record="group.json")
+    assert caught.value.key == key
