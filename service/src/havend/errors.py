@@ -108,3 +108,15 @@ def status_code(exc: BaseException) -> int:
     if isinstance(exc, Invalid):
         return 422
     return 409
+
+
+class MalformedRecord(HavendError):
+    """A durable record (``fence.json``, the promotion records of ``group.json``)
+    or one a peer sent, with a key missing or of the wrong type: ``record`` is
+    the record, ``key`` the key at fault (``promoted.generation`` for a key of
+    one of its parts)."""
+
+    def __init__(self, record: str, key: str, why: str) -> None:
+        super().__init__(f"{record}: {key!r} {why}" if key else f"{record} {why}")
+        self.record = record
+        self.key = key

@@ -96,7 +96,7 @@ class ExportsMixin(NodeBase):
         """The group's snapshots, the NBD server and address that export them."""
         if self.source_groups:
             group = self._source_group(name)
-            if (group.fence or {}).get("promoted"):
+            if group.fence is not None and group.fence.promoted is not None:
                 raise CheckpointError(
                     f"group {name} is failed over: its failback snapshot is still being made"
                 )

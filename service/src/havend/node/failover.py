@@ -11,12 +11,13 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 from havend.cdp.hooks import SSHTarget, app_consistent
 from havend.errors import CheckpointError
 from havend.node.base import NodeBase
-from havend.ship import FailoverRefused
+from havend.ship import FailoverRefused, Fence
 
 log = logging.getLogger("havend")
 
@@ -95,7 +96,7 @@ class FailoverMixin(NodeBase):
         started = time.monotonic()
         # Marked with this process: a restart that finds it knows the failover
         # was cut short (and lifts it once the target shows it was not promoted).
-        fence = {"reason": "planned failover in progress", "pid": os.getpid(), "stage": "draining"}
+        fence = Fence("planned failover in progress", pid=os.getpid(), stage="draining")
         group.set_fence(fence)
         log.warning("group %s: planned failover: writes refused from now on, draining", name)
         try:
@@ -106,11 +107,11 @@ class FailoverMixin(NodeBase):
             log.info("group %s: drained to seq %d; the target promotes itself", name, final.seq)
             # From here the target may promote itself even if we never hear it: stay
             # fenced on failure; the next connection tells (see Shipper._ship).
-            group.set_fence(fence | {"stage": "promoting", "final_seq": final.seq})
+            group.set_fence(replace(fence, stage="promoting", final_seq=final.seq))
             promoted = await shipper.request_failover(final.seq, timeout)
         except BaseException as exc:  # not failed over: the group is live again here
             refused = isinstance(exc, FailoverRefused)
-            if group.fence and group.fence.get("stage") == "promoting" and not refused:
+            if group.fence and group.fence.stage == "promoting" and not refused:
                 raise CheckpointError(
                     f"group {name}: asked the target to promote itself at seq {final.seq} and "
                     f"did not hear back ({exc}); the group stays fenced until the link tells "
@@ -123,11 +124,9 @@ class FailoverMixin(NodeBase):
                     "writes are accepted again"
                 ) from None
             raise
-        if int(promoted.get("applied_seq", -1)) != final.seq:
-            log.error(
-                "group %s: promoted at %s, not at %d", name, promoted.get("applied_seq"), final.seq
-            )
-        fence = group.promoted_elsewhere(promoted)
+        if promoted.applied_seq != final.seq:
+            log.error("group %s: promoted at %s, not at %d", name, promoted.applied_seq, final.seq)
+        lost = group.promoted_elsewhere(promoted).lost
         done = time.monotonic()
         log.warning(
             "group %s: failed over to the target at seq %d (RPO 0): drain %.3f s, promote %.3f s",
@@ -140,10 +139,10 @@ class FailoverMixin(NodeBase):
             "group": name,
             "final_seq": final.seq,
             "last_acknowledged_seq": group.acked_seq,
-            "target_applied_seq": promoted.get("applied_seq"),
-            "lost_writes": fence["lost"]["records"],
+            "target_applied_seq": promoted.applied_seq,
+            "lost_writes": lost.records if lost is not None else None,
             "final_checkpoint": final.to_dict(),
-            "generation": promoted.get("generation"),
+            "generation": promoted.generation,
             "drain_seconds": round(drained - started, 4),
             "promote_seconds": round(done - drained, 4),
         }

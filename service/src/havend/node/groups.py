@@ -340,7 +340,7 @@ class GroupsMixin(VolumesMixin, NodeBase):
         if name not in self.api_groups:
             raise Conflict(f"group {name} is defined in the config file: edit it there")
         if group.fence is not None:
-            raise Conflict(f"group {name} is fenced ({group.fence['reason']}): not now")
+            raise Conflict(f"group {name} is fenced ({group.fence.reason}): not now")
         shipper = self._shipper(name)
         shipper.stop()
         for task in self._group_tasks.pop(name, []):

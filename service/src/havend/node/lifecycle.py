@@ -68,7 +68,7 @@ class Node(GroupsMixin, StatusMixin, ExportsMixin, FailoverMixin, NodeBase):
             host, port = await self.views.listen_tcp(config.views.host, config.views.port)
             self.addresses["views"] = f"nbd://{host}:{port}"
             for group in self.target.groups.values():
-                planned = (group.meta.get("promoting") or {}).get("planned")
+                planned = group.records.promoting is not None and group.records.promoting.planned
                 if planned and not group.promoted:  # a planned failover cut short: finish it
                     log.warning("group %s: finishing an interrupted planned failover", group.name)
                     try:

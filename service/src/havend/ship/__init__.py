@@ -5,7 +5,8 @@ commit them in groups, and ship them to the target in the frames of
 Modules: ``source`` (the group: journal, acknowledgements, releases,
 durability, status), ``capture`` (the volumes the NBD server serves, every
 change journaled), ``overflow`` (region tracking while the journal is full),
-``fence`` (fencing, failover, split brain on this side), ``reverse`` (reverse
+``fence`` (fencing, failover, split brain on this side), ``records`` (the
+fence as a typed record: ``Fence`` and its parts), ``reverse`` (reverse
 protection's staging), ``shipper`` (the steady shipping session and its
 reconnects), ``resync`` (the hash-compare engine, push and pull),
 ``failback`` and ``splitbrain`` (the sessions of their own), ``members``
@@ -35,7 +36,10 @@ replaced atomically: write, fdatasync, rename, directory fsync):
 ``fence.json``
     Why writes are refused (a failover in progress or done, a split brain),
     with the target's promotion record and what never reached it; absent
-    while writes are accepted.
+    while writes are accepted. ``Fence.to_dict()`` (``ship.records``): a
+    planned failover's ``reason``, ``pid``, ``stage`` and ``final_seq``; a
+    promoted target's ``reason``, ``promoted``, ``lost``, and ``reverse``,
+    ``split_brain`` or ``split_brain_resolved`` when there are any.
 ``reclaimed.json``
     Production resumed here while failed over (the recovery side was lost).
 ``reverse.staging``
@@ -48,7 +52,8 @@ replaced atomically: write, fdatasync, rename, directory fsync):
     held in the ranges a failback or a first reverse round replaced.
 """
 
+from havend.ship.records import Fence
 from havend.ship.shipper import FailoverRefused, Shipper, ShipperSettings
 from havend.ship.source import SourceGroup, group_dir
 
-__all__ = ["FailoverRefused", "Shipper", "ShipperSettings", "SourceGroup", "group_dir"]
+__all__ = ["FailoverRefused", "Fence", "Shipper", "ShipperSettings", "SourceGroup", "group_dir"]

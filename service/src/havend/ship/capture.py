@@ -53,7 +53,7 @@ class ReplicatedVolume:
         group = self.group
         with group.lock:
             if group.fence is not None:  # failed over (or failing over): not the live copy
-                raise OSError(errno.EROFS, f"group {group.name}: {group.fence['reason']}")
+                raise OSError(errno.EROFS, f"group {group.name}: {group.fence.reason}")
             if self.removed:
                 raise OSError(errno.EROFS, f"volume {self.name} was removed from {group.name}")
             group.last_write_time = time.time()

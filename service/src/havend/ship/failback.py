@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 from havend.errors import CheckpointError, RemoteProtocolError
 from havend.link import wire
 from havend.link.hello import Welcome
+from havend.link.promotion import Promoted
 from havend.link.stream import read_frame
+from havend.ship.records import ReverseRound
 from havend.ship.resync import pull
 
 if TYPE_CHECKING:
@@ -49,12 +51,15 @@ def _refusal(answer: wire.Frame) -> object:
 
 
 async def failback_session(
-    shipper: Shipper, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, promoted: dict
+    shipper: Shipper,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    promoted: Promoted,
 ) -> dict:
     group = shipper.group
     loop = asyncio.get_running_loop()
     started = time.monotonic()
-    request = {"generation": promoted["generation"]}
+    request = {"generation": promoted.generation}
     decoder, welcome, answer = await _hello(shipper, reader, writer, failback=request)
     finished = welcome.failback_done if welcome is not None else None
     if finished:  # the target switched back but we did not hear it: finish here
@@ -84,7 +89,7 @@ async def failback_session(
     delta_bytes = sum(n for _, ranges in regions for _, n in ranges)
     # Keep what only this side has before overwriting it: a recoverable snapshot.
     snapshot = await loop.run_in_executor(
-        None, group.snapshot_before_failback, promoted["generation"], regions
+        None, group.snapshot_before_failback, promoted.generation, regions
     )
     pulled, wire_bytes = await pull(
         shipper,
@@ -128,13 +133,17 @@ async def failback_session(
 
 
 async def reverse_session(
-    shipper: Shipper, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, promoted: dict
+    shipper: Shipper,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    promoted: Promoted,
 ) -> dict:
     group = shipper.group
     loop = asyncio.get_running_loop()
     started = time.monotonic()
-    base = ((group.fence or {}).get("reverse") or {}).get("checkpoint")
-    request = {"generation": promoted["generation"], "base": base}
+    fence = group.fence
+    base = fence.reverse.checkpoint if fence is not None and fence.reverse is not None else None
+    request = {"generation": promoted.generation, "base": base}
     decoder, welcome, answer = await _hello(shipper, reader, writer, reverse=request)
     if welcome is None or not welcome.reverse:
         raise CheckpointError(f"the target refused reverse protection: {_refusal(answer)}")
@@ -152,7 +161,7 @@ async def reverse_session(
         )
         regions = [(i, delta.ranges(i)) for i in range(len(group.volumes))]
         snapshot = await loop.run_in_executor(
-            None, group.snapshot_before_failback, promoted["generation"], regions
+            None, group.snapshot_before_failback, promoted.generation, regions
         )
     staging = group.reverse_staging()
     try:
@@ -169,16 +178,16 @@ async def reverse_session(
     except BaseException:
         staging.close()
         raise
-    round_ = {
-        "checkpoint": checkpoint["id"],
-        "checkpoint_time": checkpoint["time"],
-        "incremental": incremental,
-        "compared_bytes": sum(n for _, ranges in regions for _, n in ranges),
-        "pulled_bytes": pulled,
-        "wire_bytes": wire_bytes,
-        "time": time.time(),
-        "seconds": round(time.monotonic() - started, 3),
-    }
+    round_ = ReverseRound(
+        checkpoint=checkpoint["id"],
+        checkpoint_time=checkpoint["time"],
+        incremental=incremental,
+        compared_bytes=sum(n for _, ranges in regions for _, n in ranges),
+        pulled_bytes=pulled,
+        wire_bytes=wire_bytes,
+        time=time.time(),
+        seconds=round(time.monotonic() - started, 3),
+    )
     await loop.run_in_executor(None, group.apply_reverse, staging, round_)
     writer.write(wire.encode_control(wire.FrameType.REVERSE_DONE, {"checkpoint": checkpoint["id"]}))
     await writer.drain()
@@ -191,6 +200,6 @@ async def reverse_session(
         checkpoint["id"],
         pulled,
         "incremental" if incremental else "first round",
-        round_["seconds"],
+        round_.seconds,
     )
-    return {"group": group.name, "snapshot": snapshot} | round_
+    return {"group": group.name, "snapshot": snapshot} | round_.to_dict()

@@ -4,7 +4,7 @@ snapshot, reclaiming production after losing the recovery side, and this
 side's part of a split brain.
 
 Files, in the group's state directory: ``fence.json`` (why writes are
-refused: the fence, see :class:`havend.ship.fence.Fencing`; absent when they
+refused: the fence, a :class:`havend.ship.records.Fence`; absent when they
 are not), ``reclaimed.json`` (production resumed here after the recovery
 side was lost), ``failback-<generation>/`` (the undo log saving, before a
 failback or a first reverse round, what only this side had).
@@ -17,13 +17,16 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from havend.cdp.checkpoint import Checkpoint
 from havend.cdp.undo import snapshot_ranges
 from havend.errors import CheckpointError, JournalCorruptError
 from havend.fsutil import write_atomic
+from havend.link.promotion import LossWindow, Promoted, RecoverySide
 from havend.ship.overflow import DirtyRegions
+from havend.ship.records import Fence, SourceSplitBrain
 
 if TYPE_CHECKING:
     from havend.ship.source import SourceGroup
@@ -52,10 +55,10 @@ class Fencing:
         path = self._fence_path()
         if path and os.path.exists(path):
             with open(path) as f:
-                self.fence = json.load(f)
-            log.warning("group %s: writes are refused: %s", self.name, self.fence.get("reason"))
+                self.fence = Fence.from_dict(json.load(f), record=path)
+            log.warning("group %s: writes are refused: %s", self.name, self.fence.reason)
 
-    def set_fence(self: SourceGroup, fence: dict[str, Any] | None) -> None:
+    def set_fence(self: SourceGroup, fence: Fence | None) -> None:
         """Refuse writes to the group's volumes from now on (None: accept them again);
         durable, so a restart keeps the group fenced."""
         with self.lock:  # no write is between its record and its local change
@@ -66,36 +69,34 @@ class Fencing:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
                 else:
-                    write_atomic(path, json.dumps(fence, indent=1).encode())
+                    write_atomic(path, json.dumps(fence.to_dict(), indent=1).encode())
 
-    def promoted_elsewhere(self: SourceGroup, promoted: dict[str, Any]) -> dict[str, Any]:
+    def promoted_elsewhere(self: SourceGroup, promoted: Promoted) -> Fence:
         """The target was promoted (a failover this node did not take part in, or
         did): fence the group and say exactly which writes never reached it."""
-        applied = int(promoted.get("applied_seq", 0))
-        if self.fence and self.fence.get("promoted", {}).get("generation") == promoted.get(
-            "generation"
-        ):
+        applied = promoted.applied_seq
+        if self.fence and self.fence.generation == promoted.generation:
             return self.fence
         lost = self._writes_after(applied)
-        fence = {
-            "reason": f"the target was promoted at seq {applied} (generation "
-            f"{promoted.get('generation')}): failed over",
-            "promoted": promoted,
-            "lost": lost,
-        }
+        fence = Fence(
+            reason=f"the target was promoted at seq {applied} (generation "
+            f"{promoted.generation}): failed over",
+            promoted=promoted,
+            lost=lost,
+        )
         self.set_fence(fence)
-        if lost["records"] or lost.get("regions_bytes"):
+        if lost.records or lost.regions_bytes:
             log.error(
                 "group %s: FAILED OVER without us at seq %d: %d writes (%d bytes, seq %s to %s, "
                 "written %s to %s) never reached the target; they are kept here for failback",
                 self.name,
                 applied,
-                lost["records"],
-                lost["bytes"],
-                lost["first_seq"],
-                lost["last_seq"],
-                lost["first_time"],
-                lost["last_time"],
+                lost.records,
+                lost.bytes,
+                lost.first_seq,
+                lost.last_seq,
+                lost.first_time,
+                lost.last_time,
             )
         else:
             log.warning(
@@ -181,10 +182,11 @@ class Fencing:
         now, in the words its refusal uses; None when nothing here forbids it.
         The one place these preconditions are written: the operations run
         here check them, and the operations layer quotes them."""
-        fence = self.fence or {}
-        promoted, split = fence.get("promoted"), fence.get("split_brain")
+        fence = self.fence
+        promoted = fence.promoted if fence is not None else None
+        split = fence.split_brain if fence is not None else None
         if kind == "failover":
-            return f"group {self.name} is fenced already: {fence.get('reason')}" if fence else None
+            return f"group {self.name} is fenced already: {fence.reason}" if fence else None
         if kind == "resolve":
             return None if split else f"group {self.name} is not in a split brain"
         if kind not in _NEEDS_FAILED_OVER:
@@ -194,7 +196,7 @@ class Fencing:
             return f"group {self.name} has not failed over: nothing to {nothing}"
         if split:
             return f"group {self.name} is in a split brain: {advice}"
-        if kind == "reclaim" and not fence.get("reverse"):
+        if kind == "reclaim" and not (fence is not None and fence.reverse):
             return (
                 f"group {self.name} has no round of reverse protection: these volumes hold "
                 "production as it was at the failover, not the recovery side's data"
@@ -209,13 +211,14 @@ class Fencing:
         refused = self.refusal("reclaim")
         if refused:
             raise CheckpointError(refused)
-        fence = self.fence or {}
-        promoted, reverse = fence["promoted"], fence["reverse"]
+        fence = self.fence
+        assert fence is not None and fence.promoted is not None and fence.reverse is not None
+        promoted, reverse = fence.promoted, fence.reverse
         record = {
             "time": time.time(),
-            "generation": promoted["generation"],
-            "reverse": reverse,
-            "lag_seconds": round(time.time() - float(reverse["checkpoint_time"]), 3),
+            "generation": promoted.generation,
+            "reverse": reverse.to_dict(),
+            "lag_seconds": round(time.time() - float(reverse.checkpoint_time), 3),
         }
         write_atomic(self._reclaimed_path(), json.dumps(record).encode())
         self.set_fence(None)
@@ -223,8 +226,8 @@ class Fencing:
             "group %s: RECLAIMED: production resumes here at reverse round %s (the recovery "
             "side as of %.3f, %.1f s ago); its later writes are not here",
             self.name,
-            reverse["checkpoint"],
-            float(reverse["checkpoint_time"]),
+            reverse.checkpoint,
+            float(reverse.checkpoint_time),
             record["lag_seconds"],
         )
         return record
@@ -234,7 +237,7 @@ class Fencing:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._reclaimed_path())
 
-    def _writes_after(self: SourceGroup, seq: int, since: float | None = None) -> dict[str, Any]:
+    def _writes_after(self: SourceGroup, seq: int, since: float | None = None) -> LossWindow:
         """The journaled writes after ``seq`` (and at or after the time ``since``,
         by this clock): the data-loss window of a failover, or this side's part
         of a split brain."""
@@ -259,80 +262,79 @@ class Fencing:
                         for b in range(r.offset // 4096, (r.offset + r.length - 1) // 4096 + 1)
                     )
         regions = self.overflow.dirty_bytes() if self.overflow is not None else 0
-        writes = {
-            "records": records,
-            "bytes": size,
-            "first_seq": first.seq if first else None,
-            "last_seq": last.seq if last else None,
-            "first_time": first.timestamp_ns / 1e9 if first else None,
-            "last_time": last.timestamp_ns / 1e9 if last else None,
-            "regions_bytes": regions,  # written while the journal was full: by region
-        }
-        if since_ns is not None:
-            writes["blocks"] = len(blocks)
-        return writes
+        return LossWindow(
+            records=records,
+            bytes=size,
+            first_seq=first.seq if first else None,
+            last_seq=last.seq if last else None,
+            first_time=first.timestamp_ns / 1e9 if first else None,
+            last_time=last.timestamp_ns / 1e9 if last else None,
+            regions_bytes=regions,  # written while the journal was full: by region
+            blocks=len(blocks) if since_ns is not None else None,
+        )
 
     def split_brain(
-        self: SourceGroup, promoted: dict[str, Any], since: float, offset: float, rtt: float
-    ) -> dict[str, Any]:
+        self: SourceGroup, promoted: Promoted, since: float, offset: float, rtt: float
+    ) -> Fence:
         """The target was promoted and this side took writes after that (at or
         after ``since``, this clock's time of the promotion; the target's
         clock is ``offset`` s ahead, measured over a ``rtt`` s round trip):
         both copies diverged. Fence the group and say what this side wrote;
         nothing moves until an operator picks the side that survives (see
         ``Shipper.resolve``)."""
-        applied = int(promoted.get("applied_seq", 0))
+        applied = promoted.applied_seq
         here = self._writes_after(applied, since)
-        fence = {
-            "reason": f"SPLIT BRAIN: the target was promoted (generation "
-            f"{promoted.get('generation')}) and this side took writes after that: both are "
+        fence = Fence(
+            reason=f"SPLIT BRAIN: the target was promoted (generation "
+            f"{promoted.generation}) and this side took writes after that: both are "
             "fenced until a survivor is chosen (havend group resolve)",
-            "promoted": promoted,
-            "lost": self._writes_after(applied),
-            "split_brain": {
-                "detected": time.time(),
-                "generation": promoted.get("generation"),
-                "since": since,
-                "clock_offset_s": round(offset, 6),
-                "round_trip_s": round(rtt, 6),
-                "production": here,
-                "recovery": None,  # filled in once the target recorded it
-            },
-        }
+            promoted=promoted,
+            lost=self._writes_after(applied),
+            split_brain=SourceSplitBrain(
+                detected=time.time(),
+                generation=promoted.generation,
+                since=since,
+                clock_offset_s=round(offset, 6),
+                round_trip_s=round(rtt, 6),
+                production=here,
+                recovery=None,  # filled in once the target recorded it
+            ),
+        )
         self.set_fence(fence)
         log.error(
             "group %s: SPLIT BRAIN with generation %s: %d writes here (%d bytes, %d blocks, seq "
             "%s to %s, written %s to %s) after the target's promotion at %.3f. Writes refused "
             "on both sides: choose the survivor with `havend group resolve`",
             self.name,
-            promoted.get("generation"),
-            here["records"],
-            here["bytes"],
-            here["blocks"],
-            here["first_seq"],
-            here["last_seq"],
-            here["first_time"],
-            here["last_time"],
+            promoted.generation,
+            here.records,
+            here.bytes,
+            here.blocks,
+            here.first_seq,
+            here.last_seq,
+            here.first_time,
+            here.last_time,
             since,
         )
         return fence
 
     def split_brain_recorded(
-        self: SourceGroup, promoted: dict[str, Any], record: dict[str, Any]
+        self: SourceGroup, promoted: Promoted, recovery: RecoverySide | None
     ) -> None:
-        """The target recorded the split brain: keep what it says it changed."""
-        fence = self.fence or {}
-        split = fence.get("split_brain")
-        if not split or split.get("generation") != promoted.get("generation"):
-            since = float((record.get("recovery") or {}).get("since") or promoted["time"])
+        """The target recorded the split brain: keep what it says it changed
+        (``recovery``, its part of the record)."""
+        fence = self.fence
+        split = fence.split_brain if fence is not None else None
+        if fence is None or split is None or split.generation != promoted.generation:
+            since = float((recovery.since if recovery is not None else None) or promoted.time)
             fence = self.split_brain(promoted, since, 0.0, 0.0)
-            split = fence["split_brain"]
-        if split.get("recovery") != record.get("recovery"):
-            split["recovery"] = record.get("recovery")
-            self.set_fence(fence)
+            split = fence.split_brain
+            assert split is not None
+        if split.recovery != recovery:
+            self.set_fence(replace(fence, split_brain=replace(split, recovery=recovery)))
             log.error(
                 "group %s: split brain recorded by the target: %s bytes changed there since "
                 "the promotion",
                 self.name,
-                (record.get("recovery") or {}).get("changed_bytes"),
+                recovery.changed_bytes if recovery is not None else None,
             )

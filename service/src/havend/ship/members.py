@@ -98,7 +98,7 @@ class Membership:
         """Conflict while the group's volumes cannot change (fenced)."""
         if self.fence is not None:
             raise Conflict(
-                f"group {self.name} is fenced ({self.fence['reason']}): its volumes change "
+                f"group {self.name} is fenced ({self.fence.reason}): its volumes change "
                 "once it protects again"
             )
 

@@ -15,9 +15,11 @@ import contextlib
 import json
 import logging
 import os
-from typing import TYPE_CHECKING, Any, BinaryIO
+from dataclasses import replace
+from typing import TYPE_CHECKING, BinaryIO
 
 from havend.fsutil import write_atomic
+from havend.ship.records import Fence, ReverseRound
 from havend.staging import stage, staged
 
 if TYPE_CHECKING:
@@ -47,14 +49,14 @@ class ReverseStaging:
     def stage(staging: BinaryIO, volume: int, offset: int, data: bytes) -> None:
         stage(staging, volume, offset, data)
 
-    def apply_reverse(self: SourceGroup, staging: BinaryIO, round_: dict[str, Any]) -> None:
+    def apply_reverse(self: SourceGroup, staging: BinaryIO, round_: ReverseRound) -> None:
         """Every block of a round is staged: make that durable, then write them
         into the volumes and record the round in the fence."""
         staging.flush()
         os.fdatasync(staging.fileno())
         staging.close()
         _, marker = self._reverse_paths()
-        write_atomic(marker, json.dumps(round_).encode())
+        write_atomic(marker, json.dumps(round_.to_dict()).encode())
         self._apply_staged(round_)
 
     def recover_reverse(self: SourceGroup) -> None:
@@ -64,15 +66,15 @@ class ReverseStaging:
         staging, marker = self._reverse_paths()
         try:
             with open(marker) as f:
-                round_ = json.load(f)
+                round_ = ReverseRound.from_dict(json.load(f), record=marker)
         except FileNotFoundError:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staging)  # a round cut short: the volumes never saw it
             return
-        log.warning("group %s: finishing reverse round %s", self.name, round_.get("checkpoint"))
+        log.warning("group %s: finishing reverse round %s", self.name, round_.checkpoint)
         self._apply_staged(round_)
 
-    def _apply_staged(self: SourceGroup, round_: dict[str, Any]) -> None:
+    def _apply_staged(self: SourceGroup, round_: ReverseRound) -> None:
         staging, marker = self._reverse_paths()
         with self.lock:
             # The journal's records are superseded: never replayed over these blocks.
@@ -82,9 +84,8 @@ class ReverseStaging:
                     self.volumes[volume].volume.write(offset, data)
             for member in self.volumes:
                 member.volume.flush()
-        fence = dict(self.fence or {})
-        done = int((fence.get("reverse") or {}).get("rounds", 0))
-        fence["reverse"] = round_ | {"rounds": done + 1}
-        self.set_fence(fence)
+        fence = self.fence or Fence("")  # (a round runs only while failed over: fenced)
+        done = (fence.reverse.rounds or 0) if fence.reverse is not None else 0
+        self.set_fence(replace(fence, reverse=replace(round_, rounds=done + 1)))
         os.unlink(marker)
         os.unlink(staging)

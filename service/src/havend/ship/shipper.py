@@ -28,6 +28,7 @@ from havend.errors import CheckpointError, JournalError, RemoteProtocolError
 from havend.journal.record import Record
 from havend.link import wire
 from havend.link.hello import Hello, HelloVolume, Welcome
+from havend.link.promotion import Promoted
 from havend.link.stream import STREAM_LIMIT, read_frame
 from havend.ship import resync
 from havend.ship.failback import failback_session, reverse_session
@@ -197,13 +198,15 @@ class Shipper:
             lambda reader, writer: failback_session(self, reader, writer, promoted), timeout
         )
 
-    def _failed_over(self, kind: str) -> dict:
+    def _failed_over(self, kind: str) -> Promoted:
         """The promotion record of a failed-over group, for a session (``kind``)
         that needs one; else CheckpointError with the group's refusal."""
         refused = self.group.refusal(kind)
         if refused:
             raise CheckpointError(refused)
-        return (self.group.fence or {})["promoted"]
+        fence = self.group.fence
+        assert fence is not None and fence.promoted is not None  # refusal says so
+        return fence.promoted
 
     async def _exclusive_session(
         self,
@@ -256,17 +259,19 @@ class Shipper:
         refused = self.group.refusal("resolve")
         if refused:
             raise CheckpointError(refused)
-        fence = self.group.fence or {}
+        fence = self.group.fence
+        assert fence is not None  # in a split brain: refusal says so
         if survivor not in ("recovery", "production"):
             raise CheckpointError(f"survivor must be recovery or production, not {survivor!r}")
         return await self._exclusive_session(
             lambda reader, writer: resolve_session(self, reader, writer, fence, survivor), timeout
         )
 
-    async def request_failover(self, final_seq: int, timeout: float) -> dict:
+    async def request_failover(self, final_seq: int, timeout: float) -> Promoted:
         """Planned failover, once the group is fenced and drained to ``final_seq``:
         ask the target to promote itself there; its promotion record."""
-        return await self._there(self._request_failover(final_seq, timeout))
+        body = await self._there(self._request_failover(final_seq, timeout))
+        return Promoted.from_dict(body, record="PROMOTED")
 
     async def _request_failover(self, final_seq: int, timeout: float) -> dict:
         group = self.group
@@ -307,8 +312,8 @@ class Shipper:
                 every = self.settings.reverse_interval or self.settings.max_backoff * 6
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), every)
-                fence = group.fence or {}
-                if self.settings.reverse_interval and fence.get("promoted"):
+                fence = group.fence
+                if self.settings.reverse_interval and fence is not None and fence.promoted:
                     try:
                         await self.reverse_round(timeout=max(300, 10 * every))
                     except Exception as exc:  # the next round tries again
@@ -399,8 +404,8 @@ class Shipper:
             raise RemoteProtocolError("target did not answer HELLO with WELCOME")
         welcome = Welcome.from_body(answer.body)
         fence = group.fence
-        interrupted = fence and not fence.get("promoted") and fence.get("stage")
-        if interrupted and (fence.get("stage") == "promoting" or fence.get("pid") != os.getpid()):
+        interrupted = fence is not None and fence.promoted is None and fence.stage
+        if interrupted and (fence.stage == "promoting" or fence.pid != os.getpid()):
             # A planned failover this node started before a restart never promoted
             # the target (it just welcomed us as its source): writes resume here.
             log.warning("group %s: an interrupted planned failover is called off", group.name)

@@ -42,6 +42,7 @@ from havend.ship.fence import Fencing
 from havend.ship.loop import call_in
 from havend.ship.members import Membership
 from havend.ship.overflow import DirtyRegions, OverflowTracking
+from havend.ship.records import Fence
 from havend.ship.reverse import ReverseStaging
 from havend.volume import FileVolume, apply_record
 
@@ -82,7 +83,7 @@ class GroupStatus:
     resync: dict[str, Any] | None
     last_checkpoint: dict[str, Any] | None
     lost_checkpoints: list[str]
-    fence: dict[str, Any] | None
+    fence: dict[str, Any] | None  # Fence.to_dict()
     paused: bool
     generation: str | None  # the replica's (as its target said), or the promoted one
 
@@ -157,7 +158,7 @@ class SourceGroup(OverflowTracking, Fencing, ReverseStaging, Membership):
         self.last_checkpoint: Checkpoint | None = None
         # Set while writes are refused (a failover in progress or done): why, and
         # the promotion record once the target says it was promoted.
-        self.fence: dict[str, Any] | None = None
+        self.fence: Fence | None = None
         self.lost_checkpoints: list[str] = []  # ids lost to journal overflows (newest 100)
         # This clock's time of the newest write accepted (journaled or not): a
         # promoted target compares it with its promotion to tell a split brain.
@@ -429,10 +430,10 @@ class SourceGroup(OverflowTracking, Fencing, ReverseStaging, Membership):
             last_error=self.last_error,
             resync=self._resync_status(),
             last_checkpoint=self.last_checkpoint.to_dict() if self.last_checkpoint else None,
-            fence=self.fence,
+            fence=self.fence.to_dict() if self.fence is not None else None,
             lost_checkpoints=list(self.lost_checkpoints),
             paused=self.paused,
-            generation=((self.fence or {}).get("promoted") or {}).get("generation")
+            generation=(self.fence.generation if self.fence is not None else None)
             or self.generation,
         )
 

@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING, Any
 from havend.errors import CheckpointError, RemoteProtocolError
 from havend.link import wire
 from havend.link.hello import Welcome
+from havend.link.promotion import Promoted, RecoverySide
 from havend.link.stream import read_frame
+from havend.records import Fields
+from havend.ship.records import Fence
 
 if TYPE_CHECKING:
     from havend.ship.shipper import Shipper
@@ -37,10 +40,11 @@ class SplitBrain(Exception):
 def split_brain_report(shipper: Shipper) -> dict[str, Any] | None:
     """While this side is fenced in a split brain: what it wrote after the
     promotion, for the target to record (and fence itself); None otherwise."""
-    split = (shipper.group.fence or {}).get("split_brain")
-    if not split:
+    fence = shipper.group.fence
+    split = fence.split_brain if fence is not None else None
+    if split is None:
         return None
-    return {"generation": split["generation"], "production": split["production"]}
+    return {"generation": split.generation, "production": split.production.to_dict()}
 
 
 def refused_promoted(shipper: Shipper, body: dict, sent: float, received: float) -> None:
@@ -49,14 +53,15 @@ def refused_promoted(shipper: Shipper, body: dict, sent: float, received: float)
     the target's, as it answered, against this one's midway through the
     round trip (the error is at most half of it)."""
     group = shipper.group
-    promoted = dict(body.get("promoted") or {})
+    f = Fields("REFUSED", body)
+    promoted = f.part("promoted", Promoted.read)
     if body.get("code") == "split_brain":
-        group.split_brain_recorded(promoted, dict(body.get("split_brain") or {}))
+        split = Fields("REFUSED", body.get("split_brain") or {}, "split_brain.")
+        group.split_brain_recorded(promoted, split.optional_part("recovery", RecoverySide.read))
         raise FailedOver("split brain: " + str(body.get("error")))
-    fence = group.fence or {}
-    known = (fence.get("promoted") or {}).get("generation") == promoted.get("generation")
+    known = group.fence is not None and group.fence.generation == promoted.generation
     reclaimed = group.reclaimed()
-    if not known and reclaimed and reclaimed.get("generation") == promoted.get("generation"):
+    if not known and reclaimed and reclaimed.get("generation") == promoted.generation:
         # Production resumed here while that side was out of reach: both live.
         offset = float(body.get("clock", received)) - (sent + received) / 2
         group.split_brain(promoted, float(reclaimed["time"]), offset, received - sent)
@@ -68,7 +73,7 @@ def refused_promoted(shipper: Shipper, body: dict, sent: float, received: float)
         # busy before answering), so the midpoint is off by up to half of
         # it. A write before this is an ordinary loss (kept at failback);
         # only one certainly after the promotion makes a split brain.
-        since = float(promoted["time"]) - offset + (received - sent) / 2
+        since = float(promoted.time) - offset + (received - sent) / 2
         if group.last_write_time >= since:
             group.split_brain(promoted, since, offset, received - sent)
             raise SplitBrain()  # report it to the target at once
@@ -80,12 +85,12 @@ async def resolve_session(
     shipper: Shipper,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    fence: dict,
+    fence: Fence,
     survivor: str,
 ) -> dict:
     group = shipper.group
     decoder = wire.FrameDecoder()
-    generation = fence["promoted"]["generation"]
+    generation = fence.generation
     request = {"generation": generation, "survivor": survivor}
     hello = replace(shipper.hello(), resolve=request)
     writer.write(wire.encode_control(wire.FrameType.HELLO, hello.to_body()))
@@ -130,12 +135,14 @@ async def resolve_session(
             (result.get("snapshot") or {}).get("directory"),
         )
     else:
-        settled = {k: v for k, v in fence.items() if k != "split_brain"}
-        settled["reason"] = (
-            f"failed over to generation {generation} (a split brain resolved for the "
-            "recovery side; this side's later writes are kept by the failback's snapshot)"
+        assert fence.split_brain is not None
+        settled = replace(
+            fence,
+            reason=f"failed over to generation {generation} (a split brain resolved for the "
+            "recovery side; this side's later writes are kept by the failback's snapshot)",
+            split_brain=None,
+            split_brain_resolved=replace(fence.split_brain, survivor="recovery"),
         )
-        settled["split_brain_resolved"] = fence["split_brain"] | {"survivor": "recovery"}
         group.set_fence(settled)
         log.warning(
             "group %s: split brain resolved: the recovery side survives; fail back when ready",

@@ -12,9 +12,10 @@ always the source's state at some seq: a write-order prefix.
 Modules: ``server`` (the listener: one link per group), ``group`` (receive,
 apply, views and rollback, status), ``resync`` (resync states and staging,
 the kept consistent point), ``promotion`` (failover, reverse protection,
-split brain, failback), ``promoted`` (the writable volumes of a promoted
-group), ``changes`` (what a promoted group changed), ``members`` (volumes
-added and removed by the source).
+split brain, failback), ``records`` (the promotion records of
+``group.json`` as typed records), ``promoted`` (the writable volumes of a
+promoted group), ``changes`` (what a promoted group changed), ``members``
+(volumes added and removed by the source).
 
 On disk, under ``<state_dir>/groups/<group uuid>/`` (small files replaced
 atomically):
@@ -24,7 +25,12 @@ atomically):
     ``purged`` for those added or removed live, see ``target.members``),
     generation, retention policy
     (``RetentionPolicy.to_dict()``), the source node's name, and the
-    promotion record, hold, split brain and history once there are any.
+    promotion records once there are any (``target.records``, each key's
+    object its record's ``to_dict()``): ``promoting`` (a promotion under way),
+    ``promoted`` (``link.promotion.Promoted``), ``hold`` (why the old
+    source's records are refused), ``split_brain``, ``split_brain_resolved``
+    and the ``history`` (promotions, split brains, resolutions, failbacks,
+    rollbacks).
 ``journal/``
     The group's journal, same seqs as the source's (see ``havend.journal``);
     ``journal.new/`` and ``journal.old/`` only during its replacement.

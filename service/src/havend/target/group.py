@@ -25,6 +25,7 @@ from havend.target.changes import ChangeMap
 from havend.target.members import ReplicaMembers, make_replica, open_replica
 from havend.target.promoted import PromotedVolume
 from havend.target.promotion import Promotion
+from havend.target.records import PromotionMeta, Rollback
 from havend.target.resync import Resync
 from havend.volume import FileVolume, apply_record
 
@@ -46,9 +47,9 @@ class ReplicaStatus:
     applied_bytes: int
     generation: str
     hold: str  # why records are refused (after a rollback or a promotion), or ""
-    promoted: dict | None
+    promoted: dict | None  # Promoted.to_dict()
     changed_bytes: int  # written on the promoted side since the promotion
-    split_brain: dict | None  # both sides took writes: fenced until resolved
+    split_brain: dict | None  # TargetSplitBrain.to_dict(): fenced until resolved
     cdp: dict
 
 
@@ -59,7 +60,8 @@ class TargetGroup(Resync, Promotion, ReplicaMembers):
         self.directory = directory
         self.id = uuid.UUID(meta["group"])
         self.name = meta["name"]
-        self.meta = meta
+        self.meta = meta  # group.json's object (the promotion records: self.records)
+        self.records = PromotionMeta.from_meta(meta, os.path.join(directory, "group.json"))
         self.journal = journal
         self._members_lock = threading.Lock()  # volume changes: the loop and the applier
         self.volumes: list[FileVolume] = [open_replica(v) for v in meta["volumes"]]
@@ -310,6 +312,7 @@ class TargetGroup(Resync, Promotion, ReplicaMembers):
             self.undo.expire(retention.count, retention.max_age_seconds)
 
     def _write_meta(self) -> None:
+        self.records.into_meta(self.meta)
         write_atomic(
             os.path.join(self.directory, "group.json"), json.dumps(self.meta, indent=2).encode()
         )
@@ -320,7 +323,7 @@ class TargetGroup(Resync, Promotion, ReplicaMembers):
 
     @property
     def hold(self) -> str:
-        return str(self.meta.get("hold", ""))
+        return self.records.hold
 
     # Views and rollback ------------------------------------------------------
 
@@ -397,14 +400,12 @@ class TargetGroup(Resync, Promotion, ReplicaMembers):
         if refused:
             raise CheckpointError(refused)
         previous = self.generation
-        self.meta["hold"] = (
+        self.records.hold = (
             f"rolled back to checkpoint {checkpoint.id} (seq {checkpoint.seq}); records of "
             f"generation {previous} are refused until failback or a new protection"
         )
         self.meta["generation"] = str(uuid.uuid4())
-        self.meta.setdefault("history", []).append(
-            {"rollback_to": checkpoint.to_dict(), "previous_generation": previous}
-        )
+        self.records.record("rollback_to", Rollback(checkpoint.to_dict(), previous))
         self._write_meta()
         loop = asyncio.get_running_loop()
         async with self.apply_lock:  # the applier is idle from here on
@@ -482,9 +483,9 @@ class TargetGroup(Resync, Promotion, ReplicaMembers):
             applied_bytes=self.applied_bytes,
             generation=self.generation,
             hold=self.hold,
-            promoted=self.promoted,
+            promoted=self.promoted.to_dict() if self.promoted is not None else None,
             changed_bytes=self.changes.changed_bytes() if self.changes else 0,
-            split_brain=self.meta.get("split_brain"),
+            split_brain=split.to_dict() if (split := self.records.split_brain) else None,
             cdp=self.undo.status() | {"preserved_bytes": self.preserved_bytes},
         )
 

@@ -2,7 +2,8 @@
 promoted volumes, reverse protection, split brain, failback.
 
 Files, in the group's directory: ``group.json`` keeps the promotion record
-(``promoted``), ``hold``, ``split_brain`` and the ``history``; ``changes/``
+(``promoted``), ``hold``, ``split_brain`` and the ``history`` (typed records:
+``target.records``, held by ``TargetGroup.records``); ``changes/``
 (what was written since the promotion, see ``target.changes``), ``reverse/``
 (the undo log of reverse protection's round checkpoints),
 ``split-brain-<generation>/`` (what this side held in the ranges a
@@ -19,27 +20,32 @@ import shutil
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, TypeVar
 
 from havend.cdp import Checkpoint, UndoLog
 from havend.cdp.undo import snapshot_ranges
 from havend.cdp.view import PointInTimeView
 from havend.errors import CheckpointError, NotFound
+from havend.link.promotion import LossWindow, Promoted, RecoverySide
+from havend.records import Fields
 from havend.target.changes import ChangeMap
 from havend.target.promoted import PromotedVolume
+from havend.target.records import Failback, Promoting, Resolution, TargetSplitBrain
 
 if TYPE_CHECKING:
     from havend.target.group import TargetGroup
 
 log = logging.getLogger("havend.target")
+Demotion = TypeVar("Demotion", Failback, Resolution)  # what ends a promotion
 
 
 class Promotion:
     """TargetGroup's part: promotion, reverse protection, split brain, failback."""
 
     @property
-    def promoted(self: TargetGroup) -> dict | None:
-        return self.meta.get("promoted")
+    def promoted(self: TargetGroup) -> Promoted | None:
+        return self.records.promoted
 
     async def promote(
         self: TargetGroup,
@@ -76,14 +82,14 @@ class Promotion:
                 f"group {self.name}: the source drained to seq {final_seq} but only "
                 f"{self.journal.durable_seq} arrived here"
             )
-        interrupted = self.meta.get("promoting")
-        if interrupted and interrupted.get("checkpoint"):  # finish what was started
-            if checkpoint is not None and not interrupted["checkpoint"].startswith(checkpoint):
+        interrupted = self.records.promoting
+        if interrupted and interrupted.checkpoint:  # finish what was started
+            if checkpoint is not None and not interrupted.checkpoint.startswith(checkpoint):
                 raise CheckpointError(
                     f"an interrupted promotion of {self.name} was at checkpoint "
-                    f"{interrupted['checkpoint']}: run it again with that one"
+                    f"{interrupted.checkpoint}: run it again with that one"
                 )
-            checkpoint = interrupted["checkpoint"]
+            checkpoint = interrupted.checkpoint
         loop = asyncio.get_running_loop()
         if checkpoint is None:
             while self.applied_seq < self.journal.durable_seq:  # the latest point: all applied
@@ -106,16 +112,12 @@ class Promotion:
                 f"{point} (its initial copy finished later, or is still running): promote "
                 "after it, or a checkpoint from after it"
             )
-        previous = (interrupted or {}).get("previous_generation", self.generation)
+        previous = interrupted.previous_generation if interrupted else self.generation
         rewritten = 0
         # Durably on hold before anything changes: a crash from here on leaves a
         # group that refuses its old source until the promotion is run again.
-        self.meta["promoting"] = {
-            "checkpoint": chosen.id if chosen else None,
-            "previous_generation": previous,
-            "planned": planned,
-        }
-        self.meta["hold"] = f"a promotion of {self.name} was interrupted: run it again"
+        self.records.promoting = Promoting(chosen.id if chosen else None, previous, planned)
+        self.records.hold = f"a promotion of {self.name} was interrupted: run it again"
         self._write_meta()
         async with self.apply_lock:
             if chosen is not None:
@@ -129,21 +131,22 @@ class Promotion:
             await loop.run_in_executor(None, self._drop_unapplied)
             self._drop_reverse()  # rounds of an earlier promotion, if any
             self.meta["generation"] = str(uuid.uuid4())
-            self.meta["promoted"] = {
-                "time": time.time(),
-                "planned": planned,
-                "applied_seq": self.applied_seq,
-                "applied_time": self.applied_time_ns / 1e9,
-                "checkpoint": chosen.to_dict() if chosen else None,
-                "previous_generation": previous,
-                "generation": self.meta["generation"],
-            }
-            self.meta["hold"] = (
+            promoted = Promoted(
+                time=time.time(),
+                planned=planned,
+                applied_seq=self.applied_seq,
+                applied_time=self.applied_time_ns / 1e9,
+                checkpoint=chosen.to_dict() if chosen else None,
+                previous_generation=previous,
+                generation=self.meta["generation"],
+            )
+            self.records.promoted = promoted
+            self.records.hold = (
                 f"promoted at seq {self.applied_seq} (generation {self.meta['generation']}): "
                 "the old source's records are refused until failback"
             )
-            self.meta.setdefault("history", []).append({"promoted": self.meta["promoted"]})
-            del self.meta["promoting"]
+            self.records.record("promoted", promoted)
+            self.records.promoting = None
             self._write_meta()
         log.warning(
             "group %s: PROMOTED (%s) at seq %d%s; generation %s; changes are tracked for failback",
@@ -153,7 +156,7 @@ class Promotion:
             f", checkpoint {chosen.id} ({rewritten} bytes rewritten)" if chosen else "",
             self.generation,
         )
-        return dict(self.meta["promoted"]) | {
+        return promoted.to_dict() | {
             "rewritten_bytes": rewritten,
             "seconds": round(time.monotonic() - started, 3),
         }
@@ -192,8 +195,7 @@ class Promotion:
             self.changes.flush()
 
     def split_brain_reason(self: TargetGroup) -> str:
-        split = self.meta.get("split_brain")
-        if not split:
+        if self.records.split_brain is None:
             return ""
         return (
             f"group {self.name}: SPLIT BRAIN with the old source: writes refused until a "
@@ -271,7 +273,7 @@ class Promotion:
 
     # Split brain ---------------------------------------------------------------
 
-    def record_split_brain(self: TargetGroup, report: dict, node: object) -> dict | None:
+    def record_split_brain(self: TargetGroup, report: dict, node: str) -> TargetSplitBrain | None:
         """The old source found that it took writes after this side's promotion
         (``report``: what it wrote, see ``SourceGroup.split_brain``): record it
         durably with what this side changed since, and fence the promoted
@@ -280,26 +282,26 @@ class Promotion:
             return None
         if self.resolution(self.generation) is not None:
             return None  # resolved already; the source missed the answer
-        record = self.meta.get("split_brain")
-        if record is not None:
-            return dict(record)
+        if self.records.split_brain is not None:
+            return self.records.split_brain
+        production = Fields("HELLO", report, "split_brain.").part("production", LossWindow.read)
         volumes = self.promoted_volumes()
         assert self.changes is not None
         changed = self.changes.changed_bytes()
-        record = {
-            "detected": time.time(),
-            "generation": self.generation,
-            "production": {"node": node} | dict(report.get("production") or {}),
-            "recovery": {
-                "since": float(self.promoted["time"]),
-                "last_write_time": self.changes.last_change_time,
-                "changed_bytes": changed,
-                "changed_blocks": changed // 4096,
-                "ranges": sum(len(self.changes.ranges(i)) for i in range(len(volumes))),
-            },
-        }
-        self.meta["split_brain"] = record
-        self.meta.setdefault("history", []).append({"split_brain": record})
+        record = TargetSplitBrain(
+            detected=time.time(),
+            generation=self.generation,
+            production=replace(production, node=node),
+            recovery=RecoverySide(
+                since=float(self.promoted.time),
+                last_write_time=self.changes.last_change_time,
+                changed_bytes=changed,
+                changed_blocks=changed // 4096,
+                ranges=sum(len(self.changes.ranges(i)) for i in range(len(volumes))),
+            ),
+        )
+        self.records.split_brain = record
+        self.records.record("split_brain", record)
         self._write_meta()
         self._pause_promoted(self.split_brain_reason())
         log.error(
@@ -308,40 +310,37 @@ class Promotion:
             "survivor with `havend group resolve` on the source node",
             self.name,
             node,
-            record["production"].get("records"),
+            record.production.records,
             changed,
         )
-        return dict(record)
+        return record
 
-    def resolution(self: TargetGroup, generation: str) -> dict | None:
+    def resolution(self: TargetGroup, generation: str) -> Resolution | None:
         """The record of a split brain of that promoted generation, resolved already."""
-        resolved = self.meta.get("split_brain_resolved")
-        if resolved and resolved.get("generation") == generation:
-            return dict(resolved)
-        for event in reversed(self.meta.get("history", [])):
-            done = event.get("split_brain_resolved")
-            if done and done.get("generation") == generation:
-                return dict(done)
+        resolved = self.records.split_brain_resolved
+        if resolved and resolved.generation == generation:
+            return resolved
+        for done in self.records.events("split_brain_resolved"):
+            if done.generation == generation:
+                return done
         return None
 
-    def keep_recovery(self: TargetGroup) -> dict:
+    def keep_recovery(self: TargetGroup) -> Resolution:
         """Split brain resolved for this (promoted) side: writes resume here;
         the old source stays failed over and fails back later as usual."""
-        record = self.meta.pop("split_brain")
-        resolved = {
-            "time": time.time(),
-            "survivor": "recovery",
-            "generation": self.generation,
-            "split_brain": record,
-        }
-        self.meta["split_brain_resolved"] = resolved
-        self.meta.setdefault("history", []).append({"split_brain_resolved": resolved})
+        record = self.records.split_brain
+        if record is None:
+            raise CheckpointError(f"group {self.name} is not in a split brain")
+        self.records.split_brain = None
+        resolved = Resolution(time.time(), "recovery", self.generation, record)
+        self.records.split_brain_resolved = resolved
+        self.records.record("split_brain_resolved", resolved)
         self._write_meta()
         self._pause_promoted("")
         log.warning("group %s: split brain resolved: this side survives, writes resume", self.name)
         return resolved
 
-    def keep_production(self: TargetGroup, replaced: list) -> dict:
+    def keep_production(self: TargetGroup, replaced: list) -> Resolution:
         """Split brain resolved for the old source: what this side holds in the
         ranges the source is about to resync (``replaced``, per volume: what it
         changed since the promotion among them) is saved (a snapshot, one
@@ -368,15 +367,11 @@ class Promotion:
                 if int(o) + int(n) <= self.volumes[i].size
             ],
         )
-        resolved = {
-            "time": time.time(),
-            "survivor": "production",
-            "generation": generation,
-            "split_brain": self.meta.pop("split_brain", None),
-            "snapshot": snapshot,
-        }
-        self.meta.pop("split_brain_resolved", None)
-        self._demote(int(self.promoted["applied_seq"]), "split_brain_resolved", resolved)
+        resolved = Resolution(
+            time.time(), "production", generation, self.records.split_brain, snapshot
+        )
+        self.records.split_brain = self.records.split_brain_resolved = None
+        resolved = self._demote(self.promoted.applied_seq, "split_brain_resolved", resolved)
         log.warning(
             "group %s: split brain resolved for the old source: a replica again (this side's "
             "changes saved in %s)",
@@ -396,16 +391,15 @@ class Promotion:
         self._pause_promoted(f"group {self.name} is failing back: writes are paused")
         log.warning("group %s: failback begins: promoted volumes paused", self.name)
         return (
-            self.promoted["applied_seq"],
+            self.promoted.applied_seq,
             [self.changes.ranges(i) for i in range(len(volumes))],
         )
 
-    def failback_done(self: TargetGroup, generation: str) -> dict | None:
+    def failback_done(self: TargetGroup, generation: str) -> Failback | None:
         """The record of a finished failback of that promoted generation, if any."""
-        for event in reversed(self.meta.get("history", [])):
-            done = event.get("failback")
-            if done and (done.get("promoted") or {}).get("generation") == generation:
-                return dict(done)
+        for done in self.records.events("failback"):
+            if done.promoted is not None and done.promoted.generation == generation:
+                return done
         return None
 
     def abort_failback(self: TargetGroup) -> None:
@@ -417,8 +411,7 @@ class Promotion:
     def end_failback(self: TargetGroup, resume_seq: int) -> dict:
         """Both copies are equal: a replica again, records resume after ``resume_seq``."""
         previous = self.generation
-        event = {"time": time.time(), "resume_seq": resume_seq, "promoted": self.promoted}
-        self._demote(resume_seq, "failback", event)
+        self._demote(resume_seq, "failback", Failback(time.time(), resume_seq, self.promoted))
         log.warning(
             "group %s: failback done: a replica again at seq %d (generation %s, was %s)",
             self.name,
@@ -428,16 +421,17 @@ class Promotion:
         )
         return {"generation": self.generation, "previous_generation": previous}
 
-    def _demote(self: TargetGroup, resume_seq: int, event: str, record: dict) -> None:
+    def _demote(self: TargetGroup, resume_seq: int, event: str, record: Demotion) -> Demotion:
         """From promoted to replica (a new generation, kept in ``record`` as
-        ``replica_generation``), records resuming after ``resume_seq``; the
-        ``event`` goes in the history."""
+        ``replica_generation``: the record returned), records resuming after
+        ``resume_seq``; the ``event`` goes in the history."""
         for volume in self.volumes:
             volume.flush()
-        self.meta["generation"] = record["replica_generation"] = str(uuid.uuid4())
-        self.meta.setdefault("history", []).append({event: record})
-        self.meta.pop("promoted", None)
-        self.meta.pop("hold", None)
+        self.meta["generation"] = str(uuid.uuid4())
+        record = replace(record, replica_generation=self.meta["generation"])
+        self.records.record(event, record)
+        self.records.promoted = None
+        self.records.hold = ""
         if self.changes is not None:
             self.changes.close()
             self.changes = None
@@ -448,3 +442,4 @@ class Promotion:
         self._set_sync("consistent", until=resume_seq)
         self._drop_base()
         self._write_meta()
+        return record

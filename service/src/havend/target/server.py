@@ -84,15 +84,16 @@ class TargetNode:
                 if group is not None and group.promoted:  # the source must know, exactly
                     # With this clock's time: the source tells whether it wrote
                     # after the promotion (a split brain), and reports it here.
-                    body |= {"code": "promoted", "promoted": group.promoted, "clock": time.time()}
+                    promoted = group.promoted.to_dict()
+                    body |= {"code": "promoted", "promoted": promoted, "clock": time.time()}
                     report = hello.split_brain
                     split = (
                         group.record_split_brain(report, hello.node)
                         if report is not None
-                        else group.meta.get("split_brain")
+                        else group.records.split_brain
                     )
                     if split is not None:
-                        body |= {"code": "split_brain", "split_brain": split}
+                        body |= {"code": "split_brain", "split_brain": split.to_dict()}
                         body["error"] = group.split_brain_reason()
                 link.write(wire.encode_control(wire.FrameType.REFUSED, body))
                 await link.drain()
@@ -135,7 +136,8 @@ class TargetNode:
                 welcome = replace(welcome, failback=True, applied_seq=applied, changed=changed)
             elif hello.failback is not None:
                 done = group.failback_done(str(hello.failback.get("generation")))
-                welcome = replace(welcome, answers_failback=True, failback_done=done)
+                finished = done.to_dict() if done is not None else None
+                welcome = replace(welcome, answers_failback=True, failback_done=finished)
             link.write(wire.encode_control(wire.FrameType.WELCOME, welcome.to_body()))
             await link.drain()
             log.info("group %s: receiving from %s", group.name, hello.node)
@@ -204,9 +206,9 @@ class TargetNode:
         loop = asyncio.get_running_loop()
         done = group.resolution(str(request.get("generation")))
         if done is not None:  # resolved already (an answer that was lost): say so again
-            result = done | {"earlier": True}
+            result = done.to_dict() | {"earlier": True}
         elif request.get("survivor") == "recovery":
-            result = group.keep_recovery()
+            result = group.keep_recovery().to_dict()
         else:
             applied, changed = group.begin_failback()  # writes paused; what changed, from where
             welcome = Welcome(node=self.name, resolve=True, changed=changed, applied_seq=applied)
@@ -218,7 +220,8 @@ class TargetNode:
             replaced = frame.body.get("ranges")
             if not isinstance(replaced, list) or len(replaced) != len(group.volumes):
                 raise RemoteProtocolError("RESOLVE_DONE without the ranges of every volume")
-            result = await loop.run_in_executor(None, group.keep_production, replaced)
+            resolved = await loop.run_in_executor(None, group.keep_production, replaced)
+            result = resolved.to_dict()
             if self.on_demoted is not None:
                 self.on_demoted(group)
         link.write(wire.encode_control(wire.FrameType.RESOLVED, result))
@@ -245,7 +248,7 @@ class TargetNode:
                 checkpoint=checkpoint.to_dict(),
                 incremental=incremental,
                 changed=changed,
-                applied_seq=group.promoted["applied_seq"],
+                applied_seq=group.promoted.applied_seq,
             )
             link.write(wire.encode_control(wire.FrameType.WELCOME, welcome.to_body()))
             await link.drain()
@@ -373,7 +376,7 @@ class TargetNode:
                 return group, None  # done, but the source did not hear it
             if not group.promoted or generation != group.generation:
                 return group, f"no split brain of generation {generation} on {group.name}"
-            if not group.meta.get("split_brain"):
+            if group.records.split_brain is None:
                 return group, f"group {group.name} is not in a split brain"
             return group, None
         reverse = hello.reverse
@@ -388,7 +391,7 @@ class TargetNode:
             if group.promoted:
                 if failback.get("generation") != group.generation:
                     return group, f"failback of generation {failback.get('generation')}, not ours"
-                if group.meta.get("split_brain"):
+                if group.records.split_brain is not None:
                     return group, group.split_brain_reason()
                 return group, None
             if group.failback_done(str(failback.get("generation"))) is not None:
