@@ -6,7 +6,10 @@ view, with a read token; 404 for one not retained."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,8 +119,17 @@ def test_a_deleted_checkpoint_is_gone_and_the_others_read_as_they_were(pair: Pai
         listed = tgt.get("/v1/groups/app/checkpoints").json()
         assert [c["id"] for c in listed] == [taken[0], taken[2]]
         assert _view(tgt, taken[0]) == images[0]
-        # The oldest by name.
-        assert tgt.delete("/v1/groups/app/checkpoints/oldest").json()["id"] == taken[0]
+        # The oldest by name, through the admin socket (the same operation).
+        cli = [sys.executable, "-m", "havend", "checkpoint", "delete", "--group", "app"]
+        config = ["--config", str(pair.target.config_path)]
+        done = subprocess.run(
+            [*cli, "--checkpoint", "oldest", *config], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0 and json.loads(done.stdout)["id"] == taken[0], done.stderr
+        refused = subprocess.run(
+            [*cli, "--checkpoint", taken[0], *config], capture_output=True, text=True, timeout=60
+        )
+        assert refused.returncode != 0 and "not retained" in refused.stderr + refused.stdout
         assert [c["id"] for c in tgt.get("/v1/groups/app/checkpoints").json()] == [taken[2]]
         assert _view(tgt, taken[2]) == images[2]
     finally:
