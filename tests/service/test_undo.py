@@ -4,6 +4,7 @@ retention, rollback, torn tails and damage."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import random
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from havend.cdp import Checkpoint, UndoLog
 from havend.cdp import undo as undo_module
 from havend.cdp.undo import ALIGN, BLOCK
 from havend.cdp.view import PointInTimeView
-from havend.errors import CheckpointError, UndoCorruptError, VolumeError
+from havend.errors import CheckpointError, NotFound, UndoCorruptError, VolumeError
 from havend.volume import FileVolume
 
 SIZES = [12 << 20, 100 * 1024 + 1000]  # the second ends in a partial block
@@ -394,3 +395,115 @@ def test_without_o_direct_entries_go_through_the_page_cache(
     assert group.check_all() == 4
     group.reopen()
     assert group.check_all() == 4
+
+
+# Deleting one checkpoint (forget) ---------------------------------------------
+
+
+def _state(group: Group) -> dict[str, Any]:
+    return json.loads((group.tmp / "cdp" / "state.json").read_text())
+
+
+def _view_reads(group: Group, cp: Checkpoint) -> None:
+    for volume, size in enumerate(SIZES):
+        view = PointInTimeView(group.undo, group.volumes, volume, cp)
+        try:
+            assert view.read(0, size) == group.expected[cp.id][volume], cp.label
+        finally:
+            view.close()
+
+
+def test_forgetting_a_middle_checkpoint_keeps_the_others_exact(group: Group) -> None:
+    cps = []
+    for i in range(6):
+        cps.append(group.checkpoint(f"c{i}"))
+        group.random_writes(20)
+    used = group.undo.used_bytes
+    assert group.undo.forget(cps[2].id) == cps[2]
+    assert group.undo.used_bytes == used  # c1 still reads what c2's epoch saved
+    assert [c.label for c in group.undo.checkpoints] == ["c0", "c1", "c3", "c4", "c5"]
+    assert group.check_all() == 5
+    _view_reads(group, cps[1])  # the older one and the newer one, byte-exact
+    _view_reads(group, cps[3])
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        group.undo.get(cps[2].id)
+    # The newest forgotten too: later writes belong to c4's epoch.
+    group.undo.forget(cps[5].id)
+    group.random_writes(20)
+    assert group.check_all() == 4
+    group.checkpoint("c6")
+    group.random_writes(20)
+    assert group.check_all() == 5
+    group.reopen()
+    assert [c.label for c in group.undo.checkpoints] == ["c0", "c1", "c3", "c4", "c6"]
+    assert group.check_all() == 5
+    # Rolled back to the older one, then to c0: exact, and c1's forgotten
+    # neighbours are no longer recorded once below or past the timeline.
+    _, rewritten = group.undo.rollback(group.volumes, cps[1].id)
+    assert rewritten > 0 and group.images() == group.expected[cps[1].id]
+    assert [c.label for c in group.undo.checkpoints] == ["c0", "c1"]
+    assert "forgotten" not in _state(group)  # c2 and c5 were after c1
+    assert group.check_all() == 2
+
+
+def test_forgetting_the_oldest_frees_its_files(group: Group) -> None:
+    cps = [group.checkpoint("c0")]
+    group.random_writes(60)  # several 64 KiB files of c0's epoch alone
+    cps.append(group.checkpoint("c1"))
+    group.random_writes(60)
+    cps.append(group.checkpoint("c2"))
+    group.random_writes(20)
+    used = group.undo.used_bytes
+    group.undo.forget(cps[1].id)  # a middle one: nothing freed
+    assert group.undo.used_bytes == used
+    assert _state(group)["forgotten"] == {cps[1].id: cps[1].seq}
+    group.undo.forget(cps[0].id)  # the oldest: c0's and c1's epochs are no longer read
+    assert group.undo.used_bytes < used
+    assert [c.label for c in group.undo.checkpoints] == ["c2"]
+    state = _state(group)
+    assert state["oldest_seq"] == cps[2].seq and "forgotten" not in state  # pruned
+    assert group.check_all() == 1
+    group.reopen()
+    assert [c.label for c in group.undo.checkpoints] == ["c2"]
+    assert group.check_all() == 1
+    group.undo.forget(cps[2].id)  # the last one
+    assert group.undo.checkpoints == []
+    group.random_writes(10)  # nothing to save for
+    group.checkpoint("c3")
+    group.random_writes(10)
+    assert group.check_all() == 1
+
+
+def test_a_forgotten_checkpoint_stays_forgotten(group: Group) -> None:
+    cps = [group.checkpoint(f"c{i}") for i in range(3)]
+    group.random_writes(10)
+    group.undo.forget(cps[1].id)
+    group.undo.forget(cps[2].id)
+    group.reopen()
+    assert [c.label for c in group.undo.checkpoints] == ["c0"]
+    # The applier meeting its record again (a redo after a crash) keeps it deleted.
+    assert not group.undo.add_checkpoint(cps[2])
+    assert [c.label for c in group.undo.checkpoints] == ["c0"]
+    assert group.check_all() == 1
+    # Retention past them prunes the record.
+    group.checkpoint("c3")
+    group.undo.expire(retain=1)
+    assert "forgotten" not in _state(group)
+    assert [c.label for c in group.undo.checkpoints] == ["c3"]
+
+
+def test_forgetting_is_refused_under_an_open_view_and_for_an_unknown_one(group: Group) -> None:
+    cps = [group.checkpoint(f"c{i}") for i in range(2)]
+    group.random_writes(10)
+    view = PointInTimeView(group.undo, group.volumes, 0, cps[0])
+    try:
+        with pytest.raises(CheckpointError, match="1 open views"):
+            group.undo.forget(cps[0].id)
+    finally:
+        view.close()
+    with pytest.raises(NotFound):
+        group.undo.forget("f" * 32)
+    group.undo.forget(cps[0].id)
+    with pytest.raises(NotFound):
+        group.undo.forget(cps[0].id)
+    assert group.check_all() == 1

@@ -133,6 +133,7 @@ def node_handlers(node: Node, operations: Operations) -> dict[str, Handler]:
             "views": reading(lambda r: node.list_views()),
             "view_open": operation("export_open"),
             "view_close": operation("export_close"),
+            "checkpoint_delete": operation("checkpoint_delete"),
             "rollback": operation("rollback"),
             "promote": operation("promote"),
         }

@@ -163,7 +163,7 @@ def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:
     status = sub.add_parser("status", help="a running node's status (JSON)")
     command(status, lambda a: {"op": "status"})
 
-    checkpoint = sub.add_parser("checkpoint", help="take or list checkpoints of a group")
+    checkpoint = sub.add_parser("checkpoint", help="take, list or delete checkpoints of a group")
     actions = checkpoint.add_subparsers(dest="action", required=True)
     create = actions.add_parser(
         "create",
@@ -186,6 +186,18 @@ def _add_admin_parsers(sub: argparse._SubParsersAction) -> None:
     listing = actions.add_parser("list", help="retained checkpoints (target node)")
     listing.add_argument("--group", required=True)
     command(listing, lambda a: {"op": "checkpoints", "group": a.group})
+    deleting = actions.add_parser(
+        "delete",
+        help="delete a retained checkpoint (target node)",
+        description="It is no longer a view, rollback or promotion target; the other "
+        "checkpoints read back as they were.",
+    )
+    deleting.add_argument("--group", required=True)
+    deleting.add_argument("--checkpoint", required=True, help="id, unique prefix, latest or oldest")
+    command(
+        deleting,
+        lambda a: {"op": "checkpoint_delete", "group": a.group, "checkpoint": a.checkpoint},
+    )
 
     view = sub.add_parser("view", help="point-in-time views over NBD (target node)")
     actions = view.add_subparsers(dest="action", required=True)

@@ -453,6 +453,22 @@ def create_app(node: Node, operations: Operations, store: StateStore) -> FastAPI
 
         return await _act(token, "checkpoint", group, body.model_dump(), run, 201)
 
+    @app.delete(
+        "/v1/groups/{group}/checkpoints/{checkpoint}",
+        summary="delete a retained checkpoint: id, unique prefix (6+), latest or oldest "
+        "(target node)",
+        responses={404: {"model": Problem}, 409: {"model": Problem}},
+    )
+    async def delete_checkpoint(
+        group: str, checkpoint: str, token: Token = operate
+    ) -> dict[str, Any]:
+        args = {"checkpoint": checkpoint}
+
+        async def run() -> Any:
+            return await _run("checkpoint_delete", group, args)
+
+        return await _act(token, "checkpoint_delete", group, args, run)
+
     @app.get("/v1/exports", summary="open point-in-time exports (target node)")
     async def list_exports(_: Token = read) -> list[dict[str, Any]]:
         return node.list_views()

@@ -20,7 +20,9 @@ The on-disk format (segments of entries, ``state.json``) is in
 ``cdp.undo_history``'s part of :class:`UndoLog`.
 
 Retention drops the oldest checkpoints (by count and age, never one that an
-open view uses) and deletes the files that hold only their epochs.
+open view uses) and deletes the files that hold only their epochs; ``forget``
+deletes one checkpoint (its saved blocks stay while older checkpoints need
+them, see :meth:`UndoHistory.forget`).
 """
 
 from __future__ import annotations
@@ -199,9 +201,10 @@ class UndoLog(UndoHistory):
                 self._add_saved(epoch, slots)
             elif kind == T_CHECKPOINT:
                 checkpoint = Checkpoint.from_payload(epoch, body)
-                if self._state.get("oldest_seq", 0) >= 1 << 62:  # first one after damage
-                    self._state["oldest_seq"] = checkpoint.seq
-                self._catalog_add(checkpoint)
+                if checkpoint.id not in self.forgotten:  # else deleted since (forget)
+                    if self._state.get("oldest_seq", 0) >= 1 << 62:  # first one after damage
+                        self._state["oldest_seq"] = checkpoint.seq
+                    self._catalog_add(checkpoint)
             else:
                 self._forget_from(epoch)
             segment.max_epoch = max(segment.max_epoch, epoch)
@@ -344,9 +347,10 @@ class UndoLog(UndoHistory):
         return self._scratch
 
     def add_checkpoint(self, checkpoint: Checkpoint) -> bool:
-        """Record a checkpoint the applier reached (durably); False if known."""
+        """Record a checkpoint the applier reached (durably); False if known
+        (or deleted: :meth:`forget`)."""
         with self.lock:
-            if checkpoint.id in self._by_id:
+            if checkpoint.id in self._by_id or checkpoint.id in self.forgotten:
                 return False
             if self._seqs and checkpoint.seq <= self._seqs[-1]:
                 raise CheckpointError(

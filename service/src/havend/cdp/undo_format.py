@@ -27,7 +27,10 @@ On-disk format, in the group's ``cdp/`` directory (integers little-endian):
 ``state.json``
     ``{"oldest_seq"}``: checkpoints below it were reclaimed (their entries
     may still sit in a file shared with newer epochs); ``"rolling_back_to"``
-    while a rollback is being carried out (finished at the next open).
+    while a rollback is being carried out (finished at the next open);
+    ``"forgotten"`` (id -> seq), the checkpoints deleted one by one whose
+    checkpoint entries are still in the files (skipped at open; pruned once
+    below ``oldest_seq``).
 
 """
 

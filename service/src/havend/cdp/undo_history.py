@@ -24,8 +24,9 @@ from havend.cdp.undo_format import (
     _close,
     _key,
     _runs,
+    _Segment,
 )
-from havend.errors import CheckpointError, UndoCorruptError
+from havend.errors import CheckpointError, NotFound, UndoCorruptError
 from havend.fsutil import fsync_dir
 
 if TYPE_CHECKING:
@@ -98,22 +99,93 @@ class UndoHistory:
                 dropped.append(oldest)
             if not dropped:
                 return []
-            new_oldest = self._seqs[0] if self._seqs else dropped[-1].seq + 1
-            self._write_state(oldest_seq=new_oldest)
-            self._forget_before(new_oldest)
-            gone = [
-                s
-                for s in self._segments.values()
-                if s is not self._active and s.max_epoch < new_oldest
-            ]
-            for segment in gone:
-                del self._segments[segment.index]
+            gone = self._reclaim(self._seqs[0] if self._seqs else dropped[-1].seq + 1)
+        self._delete_segments(gone)
+        return dropped
+
+    def forget(self: UndoLog, checkpoint_id: str) -> Checkpoint:
+        """Delete one retained checkpoint: it is no longer a rollback, view or
+        promotion target. Returns it. NotFound when it is not retained;
+        CheckpointError while an open view pins it.
+
+        Why every other checkpoint stays exact: block b at checkpoint C is the
+        copy saved in the first epoch E >= C.seq that saved b, else the
+        replica's. Removing F from the catalog removes no saved block: the
+        blocks saved in F's epoch are F's contents, which are also the
+        contents at the newest older checkpoint for every block that epoch
+        did not save (that is why they were saved first in F's epoch), so
+        older checkpoints keep reading them, and newer ones never look below
+        their own seq. Without F in ``_seqs``, later writes that F's epoch
+        would have held belong to the previous checkpoint's epoch
+        (``epoch_of``): a block F's epoch saved already is not saved again
+        (its copy is older, and right for that epoch too), others are saved
+        in the previous epoch, which is what that checkpoint needs. So data
+        is freed only when F was the oldest: then nothing older reads F's
+        epoch (nor those of checkpoints forgotten before, between F and the
+        next one), and the freeing is :meth:`expire`'s.
+
+        Durable: ``state.json`` keeps the forgotten ids (id -> seq; their
+        checkpoint entries stay in the log and are skipped at open), pruned
+        once below ``oldest_seq``; a checkpoint record the applier meets
+        again (a redo after a crash) does not bring it back."""
+        with self.lock:
+            checkpoint = self._by_id.get(checkpoint_id)
+            if checkpoint is None:
+                raise NotFound(f"no checkpoint {checkpoint_id!r} is retained")
+            views = self.pins[checkpoint.seq]
+            if views:
+                raise CheckpointError(
+                    f"checkpoint {checkpoint.id} is used by {views} open views: close them first"
+                )
+            forgotten = self.forgotten | {checkpoint.id: checkpoint.seq}
+            if checkpoint is not self.checkpoints[0]:
+                self._write_state(forgotten=forgotten)
+                i = bisect.bisect_left(self._seqs, checkpoint.seq)
+                del self.checkpoints[i], self._seqs[i], self._by_id[checkpoint.id]
+                log.info("undo log %s: checkpoint %s forgotten", self.directory, checkpoint.id)
+                return checkpoint
+            after = self._seqs[1] if len(self._seqs) > 1 else checkpoint.seq + 1
+            gone = self._reclaim(after, forgotten)
+        self._delete_segments(gone)
+        log.info(
+            "undo log %s: oldest checkpoint %s forgotten, %d files freed",
+            self.directory,
+            checkpoint.id,
+            len(gone),
+        )
+        return checkpoint
+
+    @property
+    def forgotten(self: UndoLog) -> dict[str, int]:
+        """The checkpoints deleted one by one that the log still records (id -> seq)."""
+        return {str(k): int(v) for k, v in (self._state.get("forgotten") or {}).items()}
+
+    def _reclaim(
+        self: UndoLog, new_oldest: int, forgotten: dict[str, int] | None = None
+    ) -> list[_Segment]:
+        """The checkpoints before ``new_oldest`` are gone (lock held): say so
+        durably, drop the blocks saved in their epochs and take the files that
+        hold only those epochs out of the log. Returns the files, for
+        :meth:`_delete_segments` (outside the lock). ``forgotten``: the
+        forgotten checkpoints to keep record of (default: those recorded),
+        pruned below ``new_oldest``."""
+        forgotten = self.forgotten if forgotten is None else forgotten
+        kept = {k: s for k, s in forgotten.items() if s >= new_oldest}
+        self._write_state(oldest_seq=new_oldest, forgotten=kept or None)
+        self._forget_before(new_oldest)
+        gone = [
+            s for s in self._segments.values() if s is not self._active and s.max_epoch < new_oldest
+        ]
+        for segment in gone:
+            del self._segments[segment.index]
+        return gone
+
+    def _delete_segments(self: UndoLog, gone: list[_Segment]) -> None:
         for segment in gone:
             _close(segment)
             os.unlink(segment.path)
         if gone:
             fsync_dir(self.directory)
-        return dropped
 
     def changed_between(self: UndoLog, first: int, last: int) -> list[list[tuple[int, int]]]:
         """Per volume, the (offset, length) runs of blocks written in the epochs
@@ -133,7 +205,7 @@ class UndoHistory:
 
     def _forget_before(self: UndoLog, seq: int) -> None:
         """Drop saved blocks of epochs before ``seq`` (lock held)."""
-        for epoch in [e for e in self._epoch_keys if e < seq]:
+        for epoch in sorted(e for e in self._epoch_keys if e < seq):
             for key in self._epoch_keys.pop(epoch):
                 entries = self._index.get(key)
                 if entries and entries[0][0] == epoch:
@@ -149,7 +221,7 @@ class UndoHistory:
     def _forget_from(self: UndoLog, seq: int) -> None:
         """A rollback to the checkpoint of ``seq``: drop the checkpoints after it
         and every block saved in epochs from it on (lock held)."""
-        for epoch in [e for e in self._epoch_keys if e >= seq]:
+        for epoch in sorted((e for e in self._epoch_keys if e >= seq), reverse=True):
             for key in self._epoch_keys.pop(epoch):
                 entries = self._index.get(key)
                 if entries and entries[-1][0] == epoch:
@@ -207,7 +279,8 @@ class UndoHistory:
             segment, _ = self._append(T_ROLLBACK, seq, b"", 0, [b"{}"], True)
             os.fdatasync(segment.fd)
             self._forget_from(seq)
-            self._write_state(rolling_back_to=None)
+            kept = {k: s for k, s in self.forgotten.items() if s <= seq}
+            self._write_state(rolling_back_to=None, forgotten=kept or None)
             self._pending_rollback = None
         return rewritten
 

@@ -24,6 +24,16 @@ class ExportsMixin(NodeBase):
         with group.undo.lock:
             return [c.to_dict() for c in group.undo.checkpoints]
 
+    async def delete_checkpoint(self, name: str, ref: str) -> dict[str, Any]:
+        """Delete a retained checkpoint (id, unique prefix, latest or oldest):
+        no longer a view, rollback or promotion target. Returns it."""
+        group = self._target_group(name)
+        with group.undo.lock:
+            if not group.undo.checkpoints:
+                raise NotFound(f"checkpoint {ref!r} of group {name} is not retained (none is)")
+        checkpoint = await group.delete_checkpoint(group.resolve_checkpoint(ref).id)
+        return checkpoint.to_dict()
+
     def open_view(self, name: str, volume: str, ref: str, writable: bool) -> dict[str, Any]:
         group = self._target_group(name)
         checkpoint = group.resolve_checkpoint(ref)

@@ -103,6 +103,10 @@ def _resume(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
     return _later(node.resume, group)
 
 
+def _checkpoint_delete(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    return node.delete_checkpoint(group, str(a["checkpoint"]))
+
+
 def _export_open(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
     checkpoint = str(a.get("checkpoint") or "latest")
     volume, writable = str(a["volume"]), bool(a.get("writable", False))
@@ -241,6 +245,15 @@ OPERATIONS: dict[str, OperationSpec] = {
             # would be counted as a lost write) nor while a failover runs.
             allowed=("protecting", "paused"),
             wrong_role="checkpoints are taken on the source node",
+        ),
+        OperationSpec(
+            "checkpoint_delete",
+            "target",
+            "delete a retained checkpoint",
+            _checkpoint_delete,
+            exclusive=True,
+            requires=("checkpoint",),
+            wrong_role="checkpoints are kept on the target node",
         ),
         OperationSpec(
             "export_open",

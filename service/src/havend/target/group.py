@@ -375,6 +375,17 @@ class TargetGroup(Resync, Promotion, ReplicaMembers):
             raise NotFound(f"no view {export!r} is open on group {self.name}")
         view.close()
 
+    async def delete_checkpoint(self, checkpoint_id: str) -> Checkpoint:
+        """Delete one retained checkpoint (``UndoLog.forget``), the applier idle
+        meanwhile; refused while an open view shows it."""
+        async with self.apply_lock:
+            loop = asyncio.get_running_loop()
+            checkpoint = await loop.run_in_executor(None, self.undo.forget, checkpoint_id)
+        log.warning(
+            "group %s: checkpoint %s (seq %d) deleted", self.name, checkpoint.id, checkpoint.seq
+        )
+        return checkpoint
+
     def refusal(self, kind: str) -> str | None:
         """Why this group cannot be promoted or rolled back (``kind``) as it is
         now, in the words its refusal uses; None when nothing here forbids it.
