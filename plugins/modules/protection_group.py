@@ -20,8 +20,8 @@ description:
     log, an application server) is replicated as one consistent whole.
   - Only the settings given are compared and changed. Volumes are identified by name. A volume new in
     O(volumes) is added to the live group (served at once, its contents copied to the target while the other
-    volumes keep replicating; C(state=syncing) in the node's C(/v1/volumes) and in M(haven.dr.protected_server) until the target holds it whole); a
-    volume missing from O(volumes) is removed (no longer replicated; its replica on the target is kept unless
+    volumes keep replicating; C(state=syncing) in the node's C(/v1/volumes) until the target holds it
+    whole); a volume missing from O(volumes) is removed (no longer replicated; its replica on the target is kept unless
     O(purge=true)). New volumes are added before old ones are removed. M(haven.dr.protected_server) does the
     same a server's disks at a time, and can wait for the copies.
   - Groups defined in the node's config file are read but changed in the file, not by this module.
