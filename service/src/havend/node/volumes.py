@@ -84,7 +84,9 @@ class VolumesMixin(NodeBase):
         try:
             volume = FileVolume(path)
             try:
-                member = group.add_volume(volume_name, volume, spec.get("server"))
+                member = await asyncio.get_running_loop().run_in_executor(
+                    None, group.add_volume, volume_name, volume, spec.get("server")
+                )
             except BaseException:
                 volume.close()
                 raise
