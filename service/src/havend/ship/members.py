@@ -76,8 +76,10 @@ class Membership:
     """SourceGroup's part: its slots, volumes added and removed live."""
 
     def save_slots(self: SourceGroup) -> None:
+        """Write ``members.json`` (any thread; the newest slots win)."""
         if self.state_dir:
-            write_atomic(slots_path(self.state_dir), dump_slots(self.slots))
+            with self._slots_saving:
+                write_atomic(slots_path(self.state_dir), dump_slots(list(self.slots)))
 
     def live_volumes(self: SourceGroup) -> list[ReplicatedVolume]:
         """The volumes captured now (not removed), in slot order."""
@@ -196,6 +198,30 @@ class Membership:
             return PROTECTED, slot.size
         return SYNCING, copied
 
+    def _copy_piece(self: SourceGroup, slot: Slot) -> int:
+        """Journal the next piece of ``slot``'s copy (lock held): what the
+        volume holds there now, as a WRITE (a ZERO for zeroes); its length
+        (0: the journal filled up, regions are tracked from here)."""
+        member = self.volumes[slot.index]
+        length = min(self.record_chunk, slot.size - slot.copied)
+        data = member.volume.read(slot.copied, length)
+        try:
+            if data.count(0) == length:
+                seq = self.journal.append(Kind.ZERO, slot.index, slot.copied, length=length)
+                self._appended(seq, 0)
+            else:
+                seq = self.journal.append(Kind.WRITE, slot.index, slot.copied, data, owned=True)
+                self._appended(seq, length)
+        except (JournalFull, OSError):  # as a write would: regions from here
+            self.enter_overflow()
+            return 0
+        copied = slot.copied + length
+        self.slots[slot.index] = slot.but(copied=copied)
+        marks = self._copy_marks.setdefault(slot.index, collections.deque())
+        if not marks or copied - marks[-1][1] >= COPY_SAVE_BYTES // 8:
+            marks.append((seq, copied))
+        return length
+
     def copy_some(self: SourceGroup, budget: int) -> str:
         """Copy up to ``budget`` bytes of the first syncing volume into the
         journal (a worker thread; the lock is taken per piece). ``done``:
@@ -204,12 +230,14 @@ class Membership:
         ``more``: call again."""
         done = 0
         while done < budget:
+            save = False  # members.json is written after the lock is let go
             with self.lock:
                 slot = self.copying()
                 if slot is None:
                     return "done"
                 if not self.copy_may_go_on():
                     return "wait"
+                length = 0
                 if slot.copied >= slot.size:
                     if self.overflow is not None:
                         return "wait"  # the marker follows the overflow's resync
@@ -218,35 +246,17 @@ class Membership:
                         (self.journal.last_seq, slot.size)
                     )
                     self.slots[slot.index] = slot.but(state=PROTECTED)
-                    self.save_slots()
+                    save = True
                     log.warning("group %s: volume %s copied: protected", self.name, slot.name)
-                    continue
-                if self.overflow is not None:  # the rest goes with the overflow's resync
+                elif self.overflow is not None:  # the rest goes with the overflow's resync
                     self.overflow.mark(slot.index, slot.copied, slot.size - slot.copied)
                     self.slots[slot.index] = slot.but(copied=slot.size)
-                    self.save_slots()
-                    continue
-                member = self.volumes[slot.index]
-                length = min(self.record_chunk, slot.size - slot.copied)
-                data = member.volume.read(slot.copied, length)
-                try:
-                    if data.count(0) == length:
-                        seq = self.journal.append(Kind.ZERO, slot.index, slot.copied, length=length)
-                        self._appended(seq, 0)
-                    else:
-                        seq = self.journal.append(
-                            Kind.WRITE, slot.index, slot.copied, data, owned=True
-                        )
-                        self._appended(seq, length)
-                except (JournalFull, OSError):  # as a write would: regions from here
-                    self.enter_overflow()
-                    continue
-                copied = slot.copied + length
-                self.slots[slot.index] = slot.but(copied=copied)
-                marks = self._copy_marks.setdefault(slot.index, collections.deque())
-                if not marks or copied - marks[-1][1] >= COPY_SAVE_BYTES // 8:
-                    marks.append((seq, copied))
-                if copied // COPY_SAVE_BYTES != slot.copied // COPY_SAVE_BYTES:
-                    self.save_slots()
+                    save = True
+                else:
+                    length = self._copy_piece(slot)
+                    copied = slot.copied + length
+                    save = copied // COPY_SAVE_BYTES != slot.copied // COPY_SAVE_BYTES
+            if save:
+                self.save_slots()
             done += length
         return "more"

@@ -144,6 +144,7 @@ class SourceGroup(OverflowTracking, Fencing, ReverseStaging, Membership):
         # Per added volume being copied: (seq, bytes copied through it), from
         # which its progress as the target acknowledges it is told.
         self._copy_marks: dict[int, collections.deque[tuple[int, int]]] = {}
+        self._slots_saving = threading.Lock()  # one writer of members.json at a time
         self._release_task: asyncio.Task[None] | None = None
         self._volumes_synced_lock = threading.Lock()
         self.background_sync_bytes = background_sync_bytes  # 0: only FLUSH/FUA sync
