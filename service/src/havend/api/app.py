@@ -28,124 +28,29 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
 
 from havend import __version__
 from havend.api.metrics import render_metrics
-from havend.config import SERVER_NAME
+from havend.api.models import (
+    NAME,
+    SERVER,
+    CheckpointRequest,
+    ExportRequest,
+    GroupRequest,
+    GroupUpdate,
+    OperationRequest,
+    PeerRequest,
+    Problem,
+    TokenRequest,
+    VerificationRequest,
+    VolumeSpec,
+)
 from havend.errors import Conflict, HavendError, Invalid, status_code
 from havend.node import Node
 from havend.operations import Operations
 from havend.state import SCOPES, StateStore, Token
 
 log = logging.getLogger("havend.api")
-
-NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-SERVER = SERVER_NAME.pattern
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class CheckpointRequest(Strict):
-    label: str = Field("", max_length=200)
-    app: bool | None = Field(
-        None, description="true: freeze/thaw hooks required; false: crash-consistent"
-    )
-
-
-class ExportRequest(Strict):
-    group: str = Field(pattern=NAME)
-    volume: str = Field(pattern=NAME)
-    checkpoint: str = Field("latest", min_length=1, max_length=64)
-    writable: bool = False
-
-
-class OperationRequest(Strict):
-    checkpoint: str | None = Field(None, min_length=1, max_length=64)
-    survivor: Literal["recovery", "production"] | None = None
-    timeout: float = Field(3600, gt=0, le=86400)
-
-
-class VolumeSpec(Strict):
-    name: str = Field(pattern=NAME)
-    path: str = Field(
-        min_length=1,
-        max_length=4096,
-        pattern=r"^[^\x00]+$",
-        description="inside the node's volume_dir (relative to it, or absolute within it)",
-    )
-    size: int | None = Field(
-        None, gt=0, le=1 << 50, multiple_of=4096, description="create the file, sparse, if missing"
-    )
-    server: str | None = Field(
-        None,
-        pattern=SERVER,
-        description="the protected server this volume is a disk of (a label, see /v1/servers)",
-    )
-
-
-class JournalSpec(Strict):
-    segment_size: int = Field(64 << 20, ge=256 << 10, le=1 << 32, multiple_of=4096)
-    max_segments: int = Field(16, ge=2, le=4096)
-    cache_bytes: int = Field(64 << 20, ge=0, le=1 << 34)
-    background_sync_bytes: int = Field(32 << 20, ge=0, le=1 << 34)
-
-
-class CheckpointPolicySpec(Strict):
-    interval_seconds: float = Field(0, ge=0, le=86400 * 365)
-    retain: int = Field(2048, ge=1, le=1 << 20)
-    max_age_seconds: float = Field(0, ge=0)
-
-
-class GroupRequest(Strict):
-    """A consistency group: one write order across its volumes. Freeze/thaw
-    hooks run commands, so they are set in the node's config file only."""
-
-    name: str = Field(pattern=NAME)
-    mode: Literal["async", "sync"] = "async"
-    rpo_seconds: float = Field(30, gt=0, le=86400)
-    compression_level: int = Field(3, ge=0, le=22)
-    bandwidth_limit: int = Field(0, ge=0, description="bytes/s on the wire, 0: unlimited")
-    journal: JournalSpec = Field(default_factory=JournalSpec)
-    checkpoints: CheckpointPolicySpec = Field(default_factory=CheckpointPolicySpec)
-    reverse_interval_seconds: float = Field(0, ge=0, le=86400)
-    volumes: list[VolumeSpec] = Field(min_length=1, max_length=64)
-
-
-class CheckpointPolicyUpdate(Strict):
-    interval_seconds: float | None = Field(None, ge=0, le=86400 * 365)
-    retain: int | None = Field(None, ge=1, le=1 << 20)
-    max_age_seconds: float | None = Field(None, ge=0)
-
-
-class GroupUpdate(Strict):
-    """Settings changed in place (the fields given; volumes and journal stay)."""
-
-    mode: Literal["async", "sync"] | None = None
-    rpo_seconds: float | None = Field(None, gt=0, le=86400)
-    compression_level: int | None = Field(None, ge=0, le=22)
-    bandwidth_limit: int | None = Field(None, ge=0)
-    checkpoints: CheckpointPolicyUpdate | None = None
-    reverse_interval_seconds: float | None = Field(None, ge=0, le=86400)
-
-
-class PeerRequest(Strict):
-    host: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:\-\[\]]+$")
-    port: int = Field(ge=1, le=65535)
-    server_name: str | None = Field(
-        None, min_length=1, max_length=253, description="the name its certificate must carry"
-    )
-
-
-class TokenRequest(Strict):
-    name: str = Field(pattern=NAME)
-    scope: Literal["read", "operate", "admin"]
-
-
-class Problem(BaseModel):
-    detail: Any
 
 
 def schema() -> dict[str, Any]:
@@ -468,6 +373,33 @@ def create_app(node: Node, operations: Operations, store: StateStore) -> FastAPI
             return await _run("checkpoint_delete", group, args)
 
         return await _act(token, "checkpoint_delete", group, args, run)
+
+    @app.post(
+        "/v1/groups/{group}/verifications",
+        status_code=201,
+        summary="record a drill's result for a retained checkpoint (target node): the "
+        "group's last verified recoverable checkpoint",
+        responses={404: {"model": Problem}, 409: {"model": Problem}},
+    )
+    async def add_verification(
+        group: str, body: VerificationRequest, token: Token = operate
+    ) -> dict[str, Any]:
+        async def run() -> Any:
+            return await _run("verify", group, body.model_dump())
+
+        return await _act(token, "verify", group, body.model_dump(), run, 201)
+
+    @app.get(
+        "/v1/groups/{group}/verifications",
+        summary="the drills' results recorded for a group, newest first (target node)",
+        responses={404: {"model": Problem}, 409: {"model": Problem}},
+    )
+    async def list_verifications(
+        group: str, limit: int = Query(100, ge=1, le=10000), _: Token = read
+    ) -> list[dict[str, Any]]:
+        if node.config.role != "target":
+            raise Conflict("drills' results are kept on the target node: ask it")
+        return node.verifications(group, limit)
 
     @app.get("/v1/exports", summary="open point-in-time exports (target node)")
     async def list_exports(_: Token = read) -> list[dict[str, Any]]:

@@ -62,6 +62,11 @@ class NodeCollector(Collector):
                 "Bytes shipped (source) or applied (target) per second, last 5 s",
                 labels=["group"],
             ),
+            "verified_age": GaugeMetricFamily(
+                "havend_group_last_verified_age_seconds",
+                "Age of the newest checkpoint a drill recovered the application from",
+                labels=["group"],
+            ),
             "errors": GaugeMetricFamily(
                 "havend_group_errors",
                 "1 while the group reports an error (link, apply)",
@@ -98,6 +103,9 @@ class NodeCollector(Collector):
                 gauges["undo_bytes"].add_metric(name, cdp.get("undo_bytes", 0))
                 gauges["applied_seq"].add_metric(name, group["applied_seq"])
                 gauges["errors"].add_metric(name, 1.0 if cdp.get("damaged") else 0.0)
+                verified = group.get("last_verified")
+                if verified is not None:
+                    gauges["verified_age"].add_metric(name, verified["age_seconds"])
                 applied.add_metric(name, group["applied_bytes"])
             gauges["connected"].add_metric(name, 1.0 if group["connected"] else 0.0)
             gauges["throughput"].add_metric(name, group.get("throughput_bytes_per_s", 0))

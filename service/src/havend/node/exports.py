@@ -2,7 +2,9 @@
 point-in-time views of a target's checkpoints (writable ones through a
 copy-on-write file ``<state_dir>/scratch/<export>.cow``, dropped at close),
 promoted volumes, and the snapshots a failback or a split-brain resolution
-kept of what it replaced (see ``havend.cdp.snapshot`` for their files)."""
+kept of what it replaced (see ``havend.cdp.snapshot`` for their files); the
+checkpoints a target retains, deleting one, and the drills' verifications of
+them (kept in the state store)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import os
 from typing import Any
 
 from havend.cdp.snapshot import Snapshots
-from havend.errors import CheckpointError, NotFound
+from havend.errors import CheckpointError, Conflict, NotFound
 from havend.nbd.server import NBDServer
 from havend.node.base import NodeBase
 
@@ -23,6 +25,39 @@ class ExportsMixin(NodeBase):
         group = self._target_group(name)
         with group.undo.lock:
             return [c.to_dict() for c in group.undo.checkpoints]
+
+    def verify(
+        self,
+        name: str,
+        ref: str,
+        passed: bool,
+        plan: str = "",
+        rto_seconds: float | None = None,
+        report: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Record a drill's result for a retained checkpoint (id, unique
+        prefix, latest or oldest) of a target group: the proof that the
+        application recovered from it (``passed``), kept in the store."""
+        group = self._target_group(name)
+        if self.store is None:
+            raise Conflict("verifications are kept by a node with the API on")
+        checkpoint = group.resolve_checkpoint(ref)
+        record = self.store.add_verification(
+            group.name, checkpoint.to_dict(), passed, plan, rto_seconds, report or {}
+        )
+        log.warning(
+            "group %s: checkpoint %s %s a drill%s",
+            group.name,
+            checkpoint.id,
+            "passed" if passed else "failed",
+            f" of plan {plan}" if plan else "",
+        )
+        return record
+
+    def verifications(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The drills' results recorded for a target group, newest first."""
+        group = self._target_group(name)
+        return self.store.verifications(group.name, limit) if self.store is not None else []
 
     async def delete_checkpoint(self, name: str, ref: str) -> dict[str, Any]:
         """Delete a retained checkpoint (id, unique prefix, latest or oldest):

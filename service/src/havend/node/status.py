@@ -33,6 +33,8 @@ class StatusMixin(NodeBase):
             group["throughput_bytes_per_s"] = round(self._throughput(group["group"], moved))
             if group["name"] in self._group_configs:  # a source group: what it was set to
                 group["settings"] = self.group_settings(group["name"])
+            elif self.target is not None:  # a replica: the last drill that recovered from it
+                group["last_verified"] = self.last_verified(group["name"])
         return {
             "node": self.config.name,
             "role": self.config.role,
@@ -43,6 +45,16 @@ class StatusMixin(NodeBase):
             "uptime_s": round(time.time() - self.started, 1),
             "groups": groups,
         }
+
+    def last_verified(self, name: str) -> dict[str, Any] | None:
+        """The newest checkpoint of a target group a drill recovered from,
+        with its age (now less the checkpoint's time), or None."""
+        if self.store is None:
+            return None
+        found = self.store.last_verified(name)
+        if found is None:
+            return None
+        return found | {"age_seconds": round(time.time() - found["checkpoint"]["time"], 3)}
 
     def group_settings(self, name: str) -> dict[str, Any]:
         """A source group's settings as ``POST /v1/groups`` takes them, and

@@ -107,6 +107,19 @@ def _checkpoint_delete(node: Node, group: str, a: dict[str, Any]) -> Awaitable[A
     return node.delete_checkpoint(group, str(a["checkpoint"]))
 
 
+def _verify(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
+    rto = a.get("rto_seconds")
+    return _later(
+        node.verify,
+        group,
+        str(a["checkpoint"]),
+        bool(a["passed"]),
+        str(a.get("plan") or ""),
+        None if rto is None else float(rto),
+        dict(a.get("report") or {}),
+    )
+
+
 def _export_open(node: Node, group: str, a: dict[str, Any]) -> Awaitable[Any]:
     checkpoint = str(a.get("checkpoint") or "latest")
     volume, writable = str(a["volume"]), bool(a.get("writable", False))
@@ -254,6 +267,14 @@ OPERATIONS: dict[str, OperationSpec] = {
             exclusive=True,
             requires=("checkpoint",),
             wrong_role="checkpoints are kept on the target node",
+        ),
+        OperationSpec(
+            "verify",
+            "target",
+            "record a drill's result for a retained checkpoint",
+            _verify,
+            requires=("checkpoint", "passed"),
+            wrong_role="drills' results are kept on the target node",
         ),
         OperationSpec(
             "export_open",

@@ -95,6 +95,23 @@ MIGRATIONS: list[str] = [
         updated REAL NOT NULL
     );
     """,
+    # 4: drills' results posted to the target node: the proof that a
+    # checkpoint of a group recovered the application
+    """
+    CREATE TABLE verifications (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        grp TEXT NOT NULL,
+        checkpoint TEXT NOT NULL,
+        checkpoint_seq INTEGER NOT NULL,
+        checkpoint_time REAL NOT NULL,
+        passed INTEGER NOT NULL,
+        plan TEXT NOT NULL,
+        rto_seconds REAL,
+        report TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE INDEX verifications_by_group ON verifications (grp, created);
+    """,
 ]
 
 
@@ -301,6 +318,58 @@ class StateStore:
         with self._tx() as db:
             db.execute("UPDATE groups SET config = ? WHERE name = ?", (json.dumps(config), name))
 
+    # Drills' verifications (target node) ------------------------------------------
+
+    def add_verification(
+        self,
+        group: str,
+        checkpoint: dict[str, Any],
+        passed: bool,
+        plan: str,
+        rto_seconds: float | None,
+        report: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Record a drill's result for a retained checkpoint of ``group``."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO verifications (grp, checkpoint, checkpoint_seq, checkpoint_time, "
+                "passed, plan, rto_seconds, report, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    group,
+                    checkpoint["id"],
+                    int(checkpoint["seq"]),
+                    float(checkpoint["time"]),
+                    1 if passed else 0,
+                    plan,
+                    rto_seconds,
+                    json.dumps(report),
+                    time.time(),
+                ),
+            )
+            row = db.execute(
+                "SELECT * FROM verifications WHERE id = ?", (cur.lastrowid,)
+            ).fetchone()
+        return _verification(row)
+
+    def verifications(self, group: str, limit: int = 100) -> list[dict[str, Any]]:
+        """A group's verifications, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM verifications WHERE grp = ? ORDER BY id DESC LIMIT ?",
+                (group, limit),
+            ).fetchall()
+        return [_verification(r) for r in rows]
+
+    def last_verified(self, group: str) -> dict[str, Any] | None:
+        """The newest checkpoint (by its own time) a drill recovered from."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM verifications WHERE grp = ? AND passed = 1 "
+                "ORDER BY checkpoint_time DESC, id DESC LIMIT 1",
+                (group,),
+            ).fetchone()
+        return _verification(row) if row else None
+
     def setting(self, key: str) -> Any:
         with self._lock:
             row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
@@ -375,3 +444,20 @@ def _statements(script: str) -> list[str]:
     if current.strip():
         raise ValueError(f"incomplete statement in a migration: {current!r}")
     return out
+
+
+def _verification(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "group": row["grp"],
+        "checkpoint": {
+            "id": row["checkpoint"],
+            "seq": row["checkpoint_seq"],
+            "time": row["checkpoint_time"],
+        },
+        "passed": bool(row["passed"]),
+        "plan": row["plan"],
+        "rto_seconds": row["rto_seconds"],
+        "report": json.loads(row["report"]),
+        "time": row["created"],
+    }
