@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # git and rsync are used by tools/ansible-test.sh; strace injects faults and
 # openssh-server is the protected server of the ssh checkpoint hook tests.
 apt_packages=(
-    qemu-system-x86 qemu-utils libnbd-bin nbdkit nbd-client fio busybox-static
+    qemu-system-x86 qemu-utils libnbd-bin nbdkit nbd-client fio busybox-static linux-image-cloud-amd64
     python3-venv python3-libnbd rsync git make strace openssh-server
 )
 missing=()
