@@ -1,0 +1,438 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) haven.dr maintainers
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""Running a recovery plan, whatever boots the servers (internal use only).
+
+``PlanRun(plan, provider, checker)`` boots the plan's groups in order, the
+servers of a group in parallel (threads) unless the group says otherwise,
+and gates each group on its servers' health checks. A server's boot is
+create, power on, its delay, then its health check polled until it passes
+or its timeout ends; the group's timeout bounds the whole group (its pre
+and post scripts too). Every provider, checker and script call is bounded
+by a timeout: a call that does not return in time is a failed step (its
+thread is left behind, a daemon).
+
+On the first failure no new work starts; the boots already running end
+(each within its own timeouts) and the result names the failed server, the
+failed step or check, and its last output. ``PlanState`` records what was
+created and what passed its check: ``cleanup(provider, state)`` destroys
+exactly that, in reverse order (twice is harmless), and a run given the
+state of an earlier one continues it (healthy servers are not booted
+again). Times are the injected monotonic clock's, in seconds from the
+run's start; the RTO is the start to the last health check passed.
+
+Nothing here knows a VM: providers (qemu, libvirt), real health checks and
+script runners implement the small interfaces below.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import abc
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+OK, FAILED, TIMEOUT, SKIPPED = "ok", "failed", "timeout", "skipped"
+
+
+class StepTimeout(Exception):
+    """A provider, checker or script call did not return within its time."""
+
+
+# The interfaces ------------------------------------------------------------------
+
+
+class Provider(abc.ABC):
+    """Boots a plan's servers somewhere. Each call gets the seconds it may
+    take (the engine gives up on it after that, too). ``server`` is the
+    plan's ``Server``; ``disks`` what ``PlanRun``'s ``disks`` callable gave
+    (by default the server's ``Disk`` list)."""
+
+    @abc.abstractmethod
+    def create(self, server, disks, timeout):
+        """Define the server (not running yet). Returns nothing of use."""
+
+    @abc.abstractmethod
+    def power_on(self, server, timeout):
+        """Start it."""
+
+    @abc.abstractmethod
+    def power_off(self, server, timeout):
+        """Stop it (harmless when stopped)."""
+
+    @abc.abstractmethod
+    def status(self, server, timeout):
+        """``running``, ``stopped`` or ``absent``."""
+
+    @abc.abstractmethod
+    def destroy(self, server, timeout):
+        """Remove it and what it made (harmless when absent)."""
+
+
+class HealthChecker(abc.ABC):
+    """Runs one health check once."""
+
+    @abc.abstractmethod
+    def check(self, server, check, timeout):
+        """``(ok, output)``: whether ``check`` (a ``HealthCheck``) passes now,
+        and what it saw (kept for the report)."""
+
+
+class ScriptRunner(abc.ABC):
+    """Runs a group's pre and post scripts."""
+
+    @abc.abstractmethod
+    def run(self, group, script, timeout):
+        """``(ok, output)`` of ``script`` (a ``Script``)."""
+
+
+class NoScripts(ScriptRunner):
+    """For plans without scripts: one that has a script fails plainly."""
+
+    def run(self, group, script, timeout):
+        return False, "no script runner was given to run %r" % script.command
+
+
+# What was done ---------------------------------------------------------------------
+
+
+class PlanState:
+    """What a run created and what passed its check, per server name:
+    ``created`` (in creation order), ``running``, ``healthy``. Plain data
+    (``to_dict``/``from_dict``) so a later task can retry or clean up."""
+
+    def __init__(self, created=None, running=None, healthy=None):
+        self.created = list(created or [])
+        self.running = set(running or [])
+        self.healthy = set(healthy or [])
+        self.lock = threading.Lock()
+
+    def to_dict(self):
+        return {"created": list(self.created), "running": sorted(self.running), "healthy": sorted(self.healthy)}
+
+    @classmethod
+    def from_dict(cls, data):
+        data = data or {}
+        return cls(data.get("created"), data.get("running"), data.get("healthy"))
+
+
+class Timeline:
+    """The steps of a run, each ``{step, group, server, started, ended,
+    seconds, outcome, output}``, times in seconds since the run's start."""
+
+    def __init__(self, clock):
+        self._clock = clock
+        self.origin = clock()
+        self.steps = []
+        self._lock = threading.Lock()
+
+    def now(self):
+        return self._clock() - self.origin
+
+    def record(self, step, group, server, started, outcome, output=""):
+        ended = self.now()
+        entry = {
+            "step": step,
+            "group": group,
+            "server": server,
+            "started": round(started, 6),
+            "ended": round(ended, 6),
+            "seconds": round(ended - started, 6),
+            "outcome": outcome,
+            "output": output,
+        }
+        with self._lock:
+            self.steps.append(entry)
+        return entry
+
+
+def call_with_timeout(func, timeout, *args):
+    """``func(*args)``'s value, in a daemon thread given ``timeout`` seconds;
+    ``StepTimeout`` if it has not returned by then (the thread runs on)."""
+    box = {}
+    done = threading.Event()
+
+    def target():
+        try:
+            box["value"] = func(*args)
+        except Exception as exc:  # pylint: disable=broad-except
+            box["error"] = exc
+        done.set()
+
+    thread = threading.Thread(target=target, name="haven-plan-step")
+    thread.daemon = True
+    thread.start()
+    if not done.wait(max(0.0, timeout)):
+        raise StepTimeout("did not return within %g s" % timeout)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+# The run ----------------------------------------------------------------------------
+
+
+class _Failure(Exception):
+    def __init__(self, step, output, check=None):
+        super(_Failure, self).__init__(output)
+        self.step = step
+        self.output = output
+        self.check = check
+
+
+class PlanRun:
+    """One run of ``plan`` (a resolved ``_plan.Plan``). ``disks(server)``
+    gives what ``provider.create`` boots from (for example the NBD exports
+    opened for it); ``call_timeout`` bounds each provider call (and the
+    group's deadline bounds everything); ``clock`` is monotonic seconds,
+    ``sleep`` waits (both injectable for tests)."""
+
+    def __init__(
+        self,
+        plan,
+        provider,
+        checker,
+        scripts=None,
+        disks=None,
+        call_timeout=300.0,
+        clock=time.monotonic,
+        sleep=None,
+        log=None,
+    ):
+        self.plan = plan
+        self.provider = provider
+        self.checker = checker
+        self.scripts = scripts or NoScripts()
+        self.disks = disks or (lambda server: server.disks)
+        self.call_timeout = float(call_timeout)
+        self.clock = clock
+        self.sleep = sleep or time.sleep
+        self.stop = threading.Event()  # set at the first failure: start nothing new
+        self._lock = threading.Lock()
+        self.log = log or (lambda line: None)
+
+    def run(self, state=None):
+        """Boot the plan; ``state`` of an earlier run continues it. Returns
+        ``{ok, failed, timeline, state, rto_seconds, seconds}``: ``failed``
+        is None or ``{group, server, step, check, output}`` of the first
+        failure; ``state`` what exists now (``PlanState``)."""
+        self.stop.clear()
+        state = state or PlanState()
+        timeline = Timeline(self.clock)
+        failures = []
+        for group in self.plan.groups:
+            if failures:
+                break
+            self._run_group(group, state, timeline, failures)
+        passed = [s["ended"] for s in timeline.steps if s["step"] == "health_check" and s["outcome"] == OK]
+        ok = not failures
+        return {
+            "ok": ok,
+            "failed": failures[0] if failures else None,
+            "timeline": timeline.steps,
+            "state": state,
+            "rto_seconds": (max(passed) if passed else timeline.now()) if ok else None,
+            "seconds": round(timeline.now(), 6),
+        }
+
+    def _fail(self, failures, group, server, failure):
+        self.stop.set()
+        entry = {
+            "group": group.name,
+            "server": server,
+            "step": failure.step,
+            "check": failure.check,
+            "output": failure.output,
+        }
+        with self._lock:  # in the order they happened: the first is the report's
+            failures.append(entry)
+        self.log("plan %s: %s failed at %s: %s" % (self.plan.name, server or group.name, failure.step, failure.output))
+
+    def _run_group(self, group, state, timeline, failures):
+        deadline = self.clock() + group.timeout_seconds
+        try:
+            for script in group.pre:
+                self._script(group, "pre", script, deadline, timeline)
+        except _Failure as exc:
+            self._fail(failures, group, None, exc)
+            return
+        if group.parallel and len(group.servers) > 1:
+            pool = ThreadPoolExecutor(max_workers=len(group.servers))
+            try:
+                futures = [
+                    pool.submit(self._boot, group, s, deadline, state, timeline, failures) for s in group.servers
+                ]
+                for future in futures:
+                    future.result()  # _boot bounds itself and reports its failure
+            finally:
+                pool.shutdown(wait=True)
+        else:
+            for server in group.servers:
+                if self.stop.is_set():
+                    break
+                self._boot(group, server, deadline, state, timeline, failures)
+        if failures:
+            return
+        try:
+            for script in group.post:
+                self._script(group, "post", script, deadline, timeline)
+            if group.delay_seconds:
+                started = timeline.now()
+                self.sleep(min(group.delay_seconds, self._left(deadline, group)))
+                timeline.record("delay", group.name, None, started, OK)
+        except _Failure as exc:
+            self._fail(failures, group, None, exc)
+
+    def _left(self, deadline, group):
+        left = deadline - self.clock()
+        if left <= 0:
+            raise _Failure("timeout", "boot group %s ran out of its %g s" % (group.name, group.timeout_seconds))
+        return left
+
+    def _script(self, group, when, script, deadline, timeline):
+        started = timeline.now()
+        try:
+            timeout = min(script.timeout_seconds, self._left(deadline, group))
+            ok, output = call_with_timeout(self.scripts.run, timeout, group, script, timeout)
+        except StepTimeout as exc:
+            timeline.record(when, group.name, None, started, TIMEOUT, "%s: %s" % (script.command, exc))
+            raise _Failure(when, "%s %s" % (script.command, exc))
+        except _Failure:
+            raise
+        except Exception as exc:  # pylint: disable=broad-except
+            ok, output = False, "%s: %s" % (type(exc).__name__, exc)
+        timeline.record(when, group.name, None, started, OK if ok else FAILED, output)
+        if not ok:
+            raise _Failure(when, "%s: %s" % (script.command, output))
+
+    def _boot(self, group, server, deadline, state, timeline, failures):
+        """One server up and healthy (True), or its failure reported (False)."""
+        try:
+            if server.name in state.healthy:
+                timeline.record("boot", group.name, server.name, timeline.now(), SKIPPED, "healthy in an earlier run")
+                return True
+            with state.lock:
+                created = server.name in state.created
+            if created:
+                status = self._call("status", group, server, deadline, timeline, self.provider.status, server)
+                if status == "absent":
+                    with state.lock:
+                        state.created.remove(server.name)
+                        state.running.discard(server.name)
+                    created = False
+                elif status == "running":
+                    with state.lock:
+                        state.running.add(server.name)
+            if not created:
+                self._call(
+                    "create", group, server, deadline, timeline, self.provider.create, server, self.disks(server)
+                )
+                with state.lock:
+                    state.created.append(server.name)
+            if server.name not in state.running:
+                self._call("power_on", group, server, deadline, timeline, self.provider.power_on, server)
+                with state.lock:
+                    state.running.add(server.name)
+            if server.delay_seconds:
+                started = timeline.now()
+                self.sleep(min(server.delay_seconds, self._left(deadline, group)))
+                timeline.record("delay", group.name, server.name, started, OK)
+            self._health(group, server, deadline, timeline)
+            with state.lock:
+                state.healthy.add(server.name)
+            return True
+        except _Failure as exc:
+            self._fail(failures, group, server.name, exc)
+            return False
+
+    def _call(self, step, group, server, deadline, timeline, func, *args):
+        started = timeline.now()
+        timeout = min(self.call_timeout, self._left(deadline, group))
+        try:
+            value = call_with_timeout(func, timeout, *args + (timeout,))
+        except StepTimeout as exc:
+            timeline.record(step, group.name, server.name, started, TIMEOUT, str(exc))
+            raise _Failure(step, "%s of %s %s" % (step, server.name, exc))
+        except Exception as exc:  # pylint: disable=broad-except
+            output = "%s: %s" % (type(exc).__name__, exc)
+            timeline.record(step, group.name, server.name, started, FAILED, output)
+            raise _Failure(step, output)
+        timeline.record(step, group.name, server.name, started, OK)
+        return value
+
+    def _health(self, group, server, deadline, timeline):
+        check = server.health_check
+        started = timeline.now()
+        if check is None:
+            timeline.record("health_check", group.name, server.name, started, OK, "no health check: up once powered on")
+            return
+        name = check.describe()
+        until = min(self.clock() + check.timeout_seconds, deadline)
+        output, tries = "", 0
+        while True:
+            left = until - self.clock()
+            if left <= 0:
+                why = (
+                    "its %g s" % check.timeout_seconds
+                    if until < deadline
+                    else "boot group %s's %g s" % (group.name, group.timeout_seconds)
+                )
+                timeline.record("health_check", group.name, server.name, started, TIMEOUT, output)
+                raise _Failure(
+                    "health_check",
+                    "%s did not pass within %s (%d tries); last: %s" % (name, why, tries, output),
+                    check=name,
+                )
+            tries += 1
+            try:
+                ok, output = call_with_timeout(self.checker.check, left, server, check, left)
+            except StepTimeout as exc:
+                ok, output = False, "the check %s" % exc
+            except Exception as exc:  # pylint: disable=broad-except
+                ok, output = False, "%s: %s" % (type(exc).__name__, exc)
+            if ok:
+                timeline.record("health_check", group.name, server.name, started, OK, output)
+                return
+            wait = min(check.interval_seconds, until - self.clock())
+            if wait > 0:
+                self.sleep(wait)
+
+
+def cleanup(plan, provider, state, call_timeout=300.0, clock=time.monotonic):
+    """Destroy what ``state`` says was created, in reverse order: power off
+    what runs, then destroy. Idempotent: a destroyed server leaves the state,
+    so a second call does nothing. Goes on past a failure (the server stays
+    in the state). Returns ``{ok, timeline, errors, state}``."""
+    servers = dict((s.name, s) for s in plan.servers())
+    timeline = Timeline(clock)
+    errors = []
+    for name in list(reversed(state.created)):
+        server = servers.get(name)
+        if server is None:
+            errors.append({"server": name, "output": "not in the plan: cannot destroy it"})
+            continue
+        try:
+            if name in state.running:
+                _undo_step(timeline, "power_off", server, provider.power_off, call_timeout)
+                state.running.discard(name)
+            _undo_step(timeline, "destroy", server, provider.destroy, call_timeout)
+        except Exception as exc:  # pylint: disable=broad-except
+            errors.append({"server": name, "output": "%s: %s" % (type(exc).__name__, exc)})
+            continue
+        state.created.remove(name)
+        state.healthy.discard(name)
+    return {"ok": not errors, "timeline": timeline.steps, "errors": errors, "state": state}
+
+
+def _undo_step(timeline, step, server, func, timeout):
+    started = timeline.now()
+    try:
+        call_with_timeout(func, timeout, server, timeout)
+    except Exception as exc:
+        timeline.record(step, None, server.name, started, TIMEOUT if isinstance(exc, StepTimeout) else FAILED, str(exc))
+        raise
+    timeline.record(step, None, server.name, started, OK)
