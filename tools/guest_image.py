@@ -16,7 +16,8 @@ from the kernel command line:
 - ``haven.ip=10.0.0.2/24``          eth0's address; ``haven.gw=10.0.0.1`` a default route
 - ``haven.mount=/dev/vda:/mnt``     mount a disk (ext4) before the role runs
 
-The guest prints ``haven: up`` on the serial console when the role runs, and
+The guest prints ``haven: vda <the first 64 bytes, printable ones only>`` and
+``haven: up ...`` on the serial console when the role runs, and
 powers off when the ACPI power button is pressed (QMP ``system_powerdown``):
 busybox ``acpid`` syncs and triggers sysrq ``o``.
 
@@ -60,7 +61,9 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /tmp /run /var/log
-for m in $(cat /etc/modules.order); do insmod /lib/modules/$m.ko || echo "haven: insmod $m failed" > /dev/console; done
+for m in $(cat /etc/modules.order); do
+    insmod /lib/modules/$m.ko || echo "haven: insmod $m failed" > /dev/console
+done
 
 say() { echo "haven: $*" > /dev/console; }
 NAME=guest; ROLE=idle; IP=; GW=; MOUNT=
@@ -77,7 +80,12 @@ hostname "$NAME"
 
 # power button (QMP system_powerdown): sync, then off at once
 mkdir -p /etc/acpi/PWRF
-printf '#!/bin/sh\necho "haven: power button" > /dev/console\nsync\necho o > /proc/sysrq-trigger\n' > /etc/acpi/PWRF/00000080
+cat > /etc/acpi/PWRF/00000080 <<'EOF'
+#!/bin/sh
+echo "haven: power button" > /dev/console
+sync
+echo o > /proc/sysrq-trigger
+EOF
 chmod +x /etc/acpi/PWRF/00000080
 acpid -c /etc/acpi -l /var/log/acpid.log
 
@@ -117,7 +125,8 @@ case "$ROLE" in
             seq=0
             while true; do
                 seq=$((seq+1))
-                printf 'haven-seq %016d %s\n' "$seq" "$NAME" | dd of=/dev/vda bs=512 seek=$((seq % 2048)) conv=notrunc,sync 2>/dev/null
+                printf 'haven-seq %016d %s\n' "$seq" "$NAME" |
+                    dd of=/dev/vda bs=512 seek=$((seq % 2048)) conv=notrunc,sync 2>/dev/null
                 sync
                 sleep 0.2
             done
@@ -126,6 +135,7 @@ case "$ROLE" in
     idle) ;;
     *) say "unknown role $ROLE" ;;
 esac
+[ -b /dev/vda ] && say "vda $(dd if=/dev/vda bs=64 count=1 2>/dev/null | tr -cd 'A-Za-z0-9._-')"
 say "up name=$NAME role=$ROLE ip=$IP"
 while true; do sleep 3600; done
 """
@@ -266,9 +276,11 @@ def build(cache: Path = CACHE, force: bool = False, boot: Path = Path("/boot")) 
     try:
         shutil.copyfile(vmlinuz, tmp / "vmlinuz")
         raw = _cpio_newc(initrd_entries(kver))
-        with open(tmp / "initrd.gz", "wb") as f:
-            with gzip.GzipFile(fileobj=f, mode="wb", mtime=0, filename="") as gz:
-                gz.write(raw)
+        with (
+            open(tmp / "initrd.gz", "wb") as f,
+            gzip.GzipFile(fileobj=f, mode="wb", mtime=0, filename="") as gz,
+        ):
+            gz.write(raw)
         (tmp / "image.json").write_text(
             json.dumps({"kernel_version": kver, "modules": [n for n, _ in module_order(kver)]})
             + "\n"

@@ -1,0 +1,829 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) haven.dr maintainers
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""The qemu provider, the embedded default (internal use only).
+
+A VM is ``qemu-system-x86_64 -machine q35,accel=tcg`` booting a kernel and
+initrd (a tiny guest of ``tools/guest_image.py`` by default), its disks NBD
+exports (``-drive file=nbd://host:port/export,format=raw,if=virtio``), its
+NICs tap devices on the bridge of a network, a QMP unix socket for status,
+pause, resume and power, and a serial log. QEMU runs daemonized (its own
+session), so it outlives the process that started it and a later one finds it.
+
+Everything of a VM is in ``<state_dir>/vms/<name>/``: ``spec.json`` (what
+create was given), ``qemu.pid``, ``qmp.sock``, ``serial.log`` (the guest's
+console) and ``qemu.log`` (QEMU's own messages). A network is a network
+namespace ``haven-<name>`` with a bridge ``br0``; a non-isolated one also has
+a veth pair to the host (the host side holds the gateway address, the
+namespace routes through it); an isolated one has nothing but the bridge, so
+nothing in it reaches anything outside. The bridge holds the network's own
+address (the last host of the subnet), from which health checks run inside
+the network (:meth:`QemuProvider.network_command`). QEMU itself runs in the
+host namespace, so its NBD connections to the target node are never part of
+the guest's network; each tap is opened inside the network's namespace and
+handed to QEMU as a file descriptor.
+
+Linux only; needs root (network namespaces, taps).
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+from ansible_collections.haven.dr.plugins.module_utils.providers._base import (
+    ABSENT,
+    PAUSED,
+    RUNNING,
+    STOPPED,
+    Provider,
+    ProviderError,
+    ProviderTimeout,
+    disk_uri,
+)
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,47}$")
+_CLONE_NEWNET = 0x40000000
+_TUNSETIFF = 0x400454CA
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+NETNS_PREFIX = "haven-"
+BRIDGE = "br0"
+UPLINK = "uplink"
+
+
+class _Deadline:
+    def __init__(self, timeout):
+        self.timeout = float(timeout)
+        self.end = time.monotonic() + self.timeout
+
+    def left(self, floor=0.0):
+        return max(floor, self.end - time.monotonic())
+
+    def expired(self):
+        return time.monotonic() >= self.end
+
+
+def _short(name, prefix, width=10):
+    """A device name of at most 15 characters, from a hash of ``name``."""
+    return prefix + hashlib.sha1(name.encode()).hexdigest()[:width]
+
+
+def tap_name(vm, index):
+    return _short(vm, "t", 10) + str(index)
+
+
+def veth_name(network):
+    return _short(network, "hv-", 10)
+
+
+def netns_name(network):
+    return NETNS_PREFIX + network
+
+
+def netns_exists(network):
+    return os.path.exists("/run/netns/" + netns_name(network))
+
+
+def _check_name(name, kind, action):
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ProviderError(
+            str(name),
+            action,
+            "names are 1-48 of a-z 0-9 _ . - (starting with a letter or digit)",
+            kind,
+        )
+
+
+class _Qmp:
+    """One QMP session over the VM's unix socket; every read bounded by the deadline."""
+
+    def __init__(self, path, deadline):
+        self.deadline = deadline
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.buf = b""
+        try:
+            self.sock.settimeout(deadline.left(0.05))
+            self.sock.connect(path)
+            self._read()  # greeting
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _read(self):
+        while b"\n" not in self.buf:
+            self.sock.settimeout(self.deadline.left(0.05))
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("QMP closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line.decode())
+
+    def execute(self, command, arguments=None):
+        msg = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        self.sock.settimeout(self.deadline.left(0.05))
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            reply = self._read()
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise RuntimeError(
+                    "QMP %s: %s" % (command, reply["error"].get("desc", reply["error"]))
+                )
+            # an event ("event": ...): skip
+
+    def close(self):
+        self.sock.close()
+
+
+def _open_tap(netns, ifname):
+    """A file descriptor of the persistent tap ``ifname`` in ``netns``: the
+    open happens in a thread that joined the namespace (setns is per thread)."""
+    out = {}
+
+    def work():
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open("/run/netns/" + netns) as nsf:
+                if libc.setns(nsf.fileno(), _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, "setns(%s): %s" % (netns, os.strerror(err)))
+            fd = os.open("/dev/net/tun", os.O_RDWR)
+            try:
+                ifr = struct.pack("16sH22x", ifname.encode(), _IFF_TAP | _IFF_NO_PI)
+                fcntl.ioctl(fd, _TUNSETIFF, ifr)
+            except BaseException:
+                os.close(fd)
+                raise
+            out["fd"] = fd
+        except BaseException as exc:  # handed to the caller's thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=work, name="haven-tap-open")
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["fd"]
+
+
+class QemuProvider(Provider):
+    """VMs and networks of one ``state_dir``.
+
+    ``image``: the default ``{"kernel": path, "initrd": path}`` of a server
+    that names none (``server["options"]["kernel"]``/``["initrd"]``);
+    ``qemu``: the binary; ``powerdown_grace``: the longest a clean (ACPI)
+    shutdown may take before power_off stops the VM hard."""
+
+    name = "qemu"
+
+    def __init__(
+        self, state_dir, image=None, qemu="qemu-system-x86_64", powerdown_grace=20.0, ip="ip"
+    ):
+        self.state_dir = os.path.abspath(state_dir)
+        self.image = image or {}
+        self.qemu = qemu
+        self.powerdown_grace = powerdown_grace
+        self.ip = ip
+
+    # --- paths -----------------------------------------------------------
+
+    def vm_dir(self, name):
+        return os.path.join(self.state_dir, "vms", name)
+
+    def _path(self, name, leaf):
+        return os.path.join(self.vm_dir(name), leaf)
+
+    def _network_file(self, name):
+        return os.path.join(self.state_dir, "networks", name + ".json")
+
+    # --- helpers ---------------------------------------------------------
+
+    def _run(self, argv, deadline, name, action, kind="vm", check=True):
+        try:
+            proc = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                timeout=deadline.left(0.5),
+            )
+        except subprocess.TimeoutExpired:
+            raise ProviderTimeout(
+                name,
+                action,
+                "%s did not finish within %.0f s" % (" ".join(argv), deadline.timeout),
+                kind,
+            )
+        except OSError as exc:
+            raise ProviderError(name, action, "cannot run %s: %s" % (argv[0], exc), kind)
+        if check and proc.returncode != 0:
+            err = (proc.stderr or proc.stdout).decode(errors="replace").strip()
+            raise ProviderError(
+                name,
+                action,
+                "%s failed (exit %d): %s" % (" ".join(argv), proc.returncode, err),
+                kind,
+            )
+        return proc
+
+    @staticmethod
+    def _write_json(path, obj):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.rename(tmp, path)
+
+    @staticmethod
+    def _read_json(path):
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def _spec(self, name):
+        return self._read_json(self._path(name, "spec.json"))
+
+    def pid(self, name):
+        """The pid of the VM's QEMU if it runs (not a zombie, not a reused pid)."""
+        try:
+            with open(self._path(name, "qemu.pid")) as f:
+                pid = int(f.read().strip())
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                cmdline = f.read()
+            with open("/proc/%d/stat" % pid) as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, ValueError):
+            return None
+        if state in ("Z", "X") or self._path(name, "qmp.sock").encode() not in cmdline:
+            return None
+        return pid
+
+    def _qmp(self, name, deadline, action, command, arguments=None):
+        """One QMP command, retried while QEMU is starting, until the deadline."""
+        last = None
+        while True:
+            if self.pid(name) is None:
+                raise ProviderError(
+                    name, action, "QEMU is not running (see %s)" % self._path(name, "qemu.log")
+                )
+            try:
+                qmp = _Qmp(self._path(name, "qmp.sock"), deadline)
+                try:
+                    return qmp.execute(command, arguments)
+                finally:
+                    qmp.close()
+            except RuntimeError as exc:
+                raise ProviderError(name, action, str(exc))
+            except (OSError, EOFError, ValueError) as exc:
+                last = exc
+            if deadline.expired():
+                raise ProviderTimeout(
+                    name,
+                    action,
+                    "no answer from QMP (%s) within %.0f s: %s" % (command, deadline.timeout, last),
+                )
+            time.sleep(0.1)
+
+    def _state(self, name, deadline, action):
+        if not os.path.isdir(self.vm_dir(name)):
+            return ABSENT, None
+        if self.pid(name) is None:
+            return STOPPED, None
+        try:
+            raw = self._qmp(name, deadline, action, "query-status")["status"]
+        except ProviderError:
+            if self.pid(name) is None:  # it went away meanwhile
+                return STOPPED, None
+            raise
+        if raw in ("paused", "suspended"):
+            return PAUSED, raw
+        if raw in ("shutdown", "guest-panicked", "internal-error", "io-error"):
+            return STOPPED, raw
+        return RUNNING, raw
+
+    def _wait_gone(self, name, deadline, action, what):
+        while self.pid(name) is not None:
+            if deadline.expired():
+                raise ProviderTimeout(
+                    name, action, "%s: QEMU still running after %.0f s" % (what, deadline.timeout)
+                )
+            time.sleep(0.1)
+
+    def _kill(self, name, deadline, action):
+        """QMP quit, then SIGKILL to QEMU's session; until it is gone."""
+        pid = self.pid(name)
+        if pid is None:
+            return
+        try:
+            self._qmp(name, _Deadline(min(3.0, deadline.left(0.1))), action, "quit")
+        except ProviderError:
+            pass
+        quit_by = _Deadline(min(3.0, deadline.left(0.1)))
+        while self.pid(name) is not None and not quit_by.expired():
+            time.sleep(0.05)
+        pid = self.pid(name)
+        if pid is not None:
+            try:
+                if os.getpgid(pid) == pid:
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self._wait_gone(name, deadline, action, "after SIGKILL")
+
+    def _remove_taps(self, name, spec, deadline, action):
+        for index, nic in enumerate((spec or {}).get("nics", [])):
+            network = nic["network"]
+            if netns_exists(network):
+                tap = tap_name(name, index)
+                self._run(
+                    [self.ip, "-n", netns_name(network), "link", "del", tap],
+                    deadline,
+                    name,
+                    action,
+                    check=False,
+                )
+
+    def _after_stop(self, name, deadline, action):
+        self._remove_taps(name, self._spec(name), deadline, action)
+        for leaf in ("qemu.pid", "qmp.sock"):
+            try:
+                os.unlink(self._path(name, leaf))
+            except OSError:
+                pass
+
+    # --- VMs -------------------------------------------------------------
+
+    def _normalize(self, server, disks):
+        name = server.get("name")
+        _check_name(name, "vm", "create")
+        options = dict(server.get("options") or {})
+        kernel = options.pop("kernel", None) or self.image.get("kernel")
+        initrd = options.pop("initrd", None) or self.image.get("initrd")
+        if not kernel or not initrd:
+            raise ProviderError(
+                name, "create", "no kernel/initrd: give the provider an image or the server options"
+            )
+        nics = []
+        for nic in server.get("nics") or []:
+            if isinstance(nic, str):
+                nic = {"network": nic}
+            _check_name(nic.get("network"), "network", "create")
+            nics.append(
+                {"network": nic["network"], "ip": nic.get("ip"), "gateway": nic.get("gateway")}
+            )
+        norm_disks = []
+        for disk in disks or []:
+            uri, readonly = disk_uri(disk)
+            if not re.match(r"^nbd(\+unix)?://", uri or ""):
+                raise ProviderError(
+                    name, "create", "disk %r is not an NBD URI (nbd://host:port/export)" % (uri,)
+                )
+            norm_disks.append({"uri": uri, "readonly": readonly})
+        return {
+            "name": name,
+            "memory": int(server.get("memory", 256)),
+            "cpus": int(server.get("cpus", 1)),
+            "role": server.get("role") or "idle",
+            "nics": nics,
+            "disks": norm_disks,
+            "kernel": os.path.abspath(kernel),
+            "initrd": os.path.abspath(initrd),
+            "cmdline": options.pop("cmdline", ""),
+            "options": options,
+        }
+
+    def create(self, server, disks, timeout):
+        spec = self._normalize(server, disks)
+        name = spec["name"]
+        deadline = _Deadline(timeout)
+        old = self._spec(name)
+        if old == spec:
+            return False
+        if old is not None:
+            state, _raw = self._state(name, deadline, "create")
+            if state in (RUNNING, PAUSED):
+                raise ProviderError(
+                    name, "create", "exists with another spec and is %s: power it off first" % state
+                )
+        os.makedirs(self.vm_dir(name), exist_ok=True)
+        self._write_json(self._path(name, "spec.json"), spec)
+        return True
+
+    def attach_network(self, name, nic, timeout):
+        deadline = _Deadline(timeout)
+        spec = self._spec(name)
+        if spec is None:
+            raise ProviderError(name, "attach_network", "no such VM")
+        if isinstance(nic, str):
+            nic = {"network": nic}
+        _check_name(nic.get("network"), "network", "attach_network")
+        entry = {"network": nic["network"], "ip": nic.get("ip"), "gateway": nic.get("gateway")}
+        if entry in spec["nics"]:
+            return False
+        state, _raw = self._state(name, deadline, "attach_network")
+        if state != STOPPED:
+            raise ProviderError(
+                name,
+                "attach_network",
+                "the VM is %s: NICs are attached while it is stopped (no hotplug yet)" % state,
+            )
+        spec["nics"].append(entry)
+        self._write_json(self._path(name, "spec.json"), spec)
+        return True
+
+    def _cmdline(self, spec):
+        args = [
+            "console=ttyS0",
+            "panic=-1",
+            "quiet",
+            "haven.name=" + spec["name"],
+            "haven.role=" + spec["role"],
+        ]
+        if spec["nics"]:
+            first = spec["nics"][0]
+            if first.get("ip"):
+                args.append("haven.ip=" + first["ip"])
+            if first.get("gateway"):
+                args.append("haven.gw=" + first["gateway"])
+        if spec["cmdline"]:
+            args.append(spec["cmdline"])
+        return " ".join(args)
+
+    @staticmethod
+    def mac(name, index):
+        digest = hashlib.sha1(("%s/%d" % (name, index)).encode()).digest()
+        return "52:54:00:%02x:%02x:%02x" % (digest[0], digest[1], digest[2])
+
+    def power_on(self, name, timeout):
+        deadline = _Deadline(timeout)
+        spec = self._spec(name)
+        if spec is None:
+            raise ProviderError(name, "power_on", "no such VM (create it first)")
+        state, _raw = self._state(name, deadline, "power_on")
+        if state == RUNNING:
+            return False
+        if state == PAUSED:
+            self._qmp(name, deadline, "power_on", "cont")
+            return True
+        self._after_stop(name, deadline, "power_on")  # leftovers of a crash
+        fds = []
+        try:
+            argv = [
+                self.qemu,
+                "-name",
+                "guest=%s,process=haven-%s" % (name, name[:8]),
+                "-machine",
+                "q35,accel=tcg",
+                "-m",
+                str(spec["memory"]),
+                "-smp",
+                str(spec["cpus"]),
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-kernel",
+                spec["kernel"],
+                "-initrd",
+                spec["initrd"],
+                "-append",
+                self._cmdline(spec),
+                "-serial",
+                "file:" + self._path(name, "serial.log"),
+                "-qmp",
+                "unix:%s,server=on,wait=off" % self._path(name, "qmp.sock"),
+                "-pidfile",
+                self._path(name, "qemu.pid"),
+                "-daemonize",
+            ]
+            for index, disk in enumerate(spec["disks"]):
+                drive = "file=%s,format=raw,if=virtio,cache=none,id=disk%d" % (
+                    disk["uri"].replace(",", ",,"),
+                    index,
+                )
+                if disk["readonly"]:
+                    drive += ",readonly=on"
+                argv += ["-drive", drive]
+            for index, nic in enumerate(spec["nics"]):
+                network = nic["network"]
+                if not netns_exists(network):
+                    raise ProviderError(
+                        name,
+                        "power_on",
+                        "network %r does not exist (create_network first)" % network,
+                    )
+                netns, tap = netns_name(network), tap_name(name, index)
+                self._run(
+                    [self.ip, "-n", netns, "tuntap", "add", "dev", tap, "mode", "tap"],
+                    deadline,
+                    name,
+                    "power_on",
+                )
+                self._run(
+                    [self.ip, "-n", netns, "link", "set", tap, "master", BRIDGE, "up"],
+                    deadline,
+                    name,
+                    "power_on",
+                )
+                try:
+                    fd = _open_tap(netns, tap)
+                except OSError as exc:
+                    raise ProviderError(
+                        name, "power_on", "cannot open tap %s in %s: %s" % (tap, netns, exc)
+                    )
+                fds.append(fd)
+                argv += [
+                    "-netdev",
+                    "tap,id=net%d,fd=%d,vhost=off" % (index, fd),
+                    "-device",
+                    "virtio-net-pci,netdev=net%d,mac=%s" % (index, self.mac(name, index)),
+                ]
+            with open(self._path(name, "serial.log"), "w"):
+                pass  # a new boot, a new console log
+            with open(self._path(name, "qemu.log"), "ab") as log:
+                # its own session: on a timeout, everything it started goes too
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    pass_fds=fds,
+                    start_new_session=True,
+                )
+            try:
+                proc.wait(timeout=deadline.left(0.5))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                proc.wait()
+                self._kill(name, _Deadline(10), "power_on")
+                raise ProviderTimeout(
+                    name, "power_on", "QEMU did not start within %.0f s" % deadline.timeout
+                )
+            if proc.returncode != 0:
+                with open(self._path(name, "qemu.log"), "rb") as f:
+                    tail = f.read()[-2000:].decode(errors="replace").strip()
+                raise ProviderError(
+                    name, "power_on", "QEMU exited %d: %s" % (proc.returncode, tail)
+                )
+        except BaseException:
+            self._after_stop(name, _Deadline(10), "power_on")
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        while True:
+            state, raw = self._state(name, deadline, "power_on")
+            if state == RUNNING:
+                return True
+            if state == STOPPED and self.pid(name) is None:
+                raise ProviderError(
+                    name,
+                    "power_on",
+                    "QEMU exited at once (status %s; see %s)" % (raw, self._path(name, "qemu.log")),
+                )
+            if deadline.expired():
+                raise ProviderTimeout(
+                    name,
+                    "power_on",
+                    "not running within %.0f s (status %s)" % (deadline.timeout, raw),
+                )
+            time.sleep(0.1)
+
+    def power_off(self, name, timeout):
+        deadline = _Deadline(timeout)
+        state, _raw = self._state(name, deadline, "power_off")
+        if state == ABSENT:
+            raise ProviderError(name, "power_off", "no such VM")
+        if state == STOPPED:
+            if self.pid(name) is not None:  # QEMU lingering after the guest stopped
+                self._kill(name, deadline, "power_off")
+            self._after_stop(name, deadline, "power_off")
+            return False
+        clean = False
+        if state == RUNNING:
+            try:
+                self._qmp(name, deadline, "power_off", "system_powerdown")
+                grace = _Deadline(min(self.powerdown_grace, deadline.left() / 2.0))
+                while self.pid(name) is not None and not grace.expired():
+                    time.sleep(0.1)
+                clean = self.pid(name) is None
+            except ProviderError:
+                pass
+        if not clean:
+            self._kill(name, deadline, "power_off")
+        self._after_stop(name, deadline, "power_off")
+        self._write_json(self._path(name, "last_stop.json"), {"clean": clean, "time": time.time()})
+        return True
+
+    def pause(self, name, timeout):
+        deadline = _Deadline(timeout)
+        state, _raw = self._state(name, deadline, "pause")
+        if state == PAUSED:
+            return False
+        if state != RUNNING:
+            raise ProviderError(name, "pause", "the VM is %s, not running" % state)
+        self._qmp(name, deadline, "pause", "stop")
+        return True
+
+    def resume(self, name, timeout):
+        deadline = _Deadline(timeout)
+        state, _raw = self._state(name, deadline, "resume")
+        if state == RUNNING:
+            return False
+        if state != PAUSED:
+            raise ProviderError(name, "resume", "the VM is %s, not paused" % state)
+        self._qmp(name, deadline, "resume", "cont")
+        return True
+
+    def status(self, name, timeout):
+        deadline = _Deadline(timeout)
+        state, raw = self._state(name, deadline, "status")
+        out = {"name": name, "state": state, "qemu_status": raw, "pid": self.pid(name)}
+        if state != ABSENT:
+            out["serial_log"] = self._path(name, "serial.log")
+            spec = self._spec(name) or {}
+            out["nics"] = [
+                dict(nic, tap=tap_name(name, i), mac=self.mac(name, i))
+                for i, nic in enumerate(spec.get("nics", []))
+            ]
+            out["disks"] = spec.get("disks", [])
+        return out
+
+    def destroy(self, name, timeout):
+        deadline = _Deadline(timeout)
+        if not os.path.isdir(self.vm_dir(name)):
+            return False
+        self._kill(name, deadline, "destroy")
+        self._after_stop(name, deadline, "destroy")
+        shutil.rmtree(self.vm_dir(name), ignore_errors=True)
+        return True
+
+    def list(self, timeout):
+        try:
+            return sorted(os.listdir(os.path.join(self.state_dir, "vms")))
+        except OSError:
+            return []
+
+    def serial_log(self, name):
+        """What the guest wrote on its console so far."""
+        try:
+            with open(self._path(name, "serial.log"), "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    # --- networks --------------------------------------------------------
+
+    @staticmethod
+    def _network_spec(network):
+        if isinstance(network, str):
+            raise ProviderError(
+                network, "create_network", "a network is a dict with name and cidr", "network"
+            )
+        name = network.get("name")
+        _check_name(name, "network", "create_network")
+        try:
+            net = ipaddress.ip_network(network.get("cidr", ""), strict=False)
+        except ValueError as exc:
+            raise ProviderError(name, "create_network", "cidr: %s" % exc, "network")
+        if net.version != 4 or net.prefixlen > 30:
+            raise ProviderError(
+                name, "create_network", "cidr: an IPv4 network of at least 4 addresses", "network"
+            )
+        hosts = list(net.hosts()) if net.num_addresses <= 65536 else None
+        gateway = network.get("gateway") or str(hosts[0] if hosts else net.network_address + 1)
+        address = network.get("address") or str(hosts[-1] if hosts else net.broadcast_address - 1)
+        return {
+            "name": name,
+            "cidr": str(net),
+            "isolated": bool(network.get("isolated", True)),
+            "gateway": gateway,
+            "address": address,
+        }
+
+    def network(self, name):
+        """The spec of an existing network, or None."""
+        return self._read_json(self._network_file(name)) if netns_exists(name) else None
+
+    def create_network(self, network, timeout):
+        spec = self._network_spec(network)
+        name = spec["name"]
+        deadline = _Deadline(timeout)
+        old = self.network(name)
+        if old == spec:
+            return False
+        if old is not None or netns_exists(name):  # changed, or half made by a crash
+            self.destroy_network(name, deadline.left(1))
+        os.makedirs(os.path.dirname(self._network_file(name)), exist_ok=True)
+        netns, prefix = netns_name(name), spec["cidr"].split("/")[1]
+        steps = [
+            [self.ip, "netns", "add", netns],
+            [self.ip, "-n", netns, "link", "set", "lo", "up"],
+            [self.ip, "-n", netns, "link", "add", BRIDGE, "type", "bridge"],
+            [
+                self.ip,
+                "-n",
+                netns,
+                "addr",
+                "add",
+                "%s/%s" % (spec["address"], prefix),
+                "dev",
+                BRIDGE,
+            ],
+            [self.ip, "-n", netns, "link", "set", BRIDGE, "up"],
+        ]
+        if not spec["isolated"]:
+            veth = veth_name(name)
+            steps += [
+                [
+                    self.ip,
+                    "link",
+                    "add",
+                    veth,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    UPLINK,
+                    "netns",
+                    netns,
+                ],
+                [self.ip, "addr", "add", "%s/%s" % (spec["gateway"], prefix), "dev", veth],
+                [self.ip, "link", "set", veth, "up"],
+                [self.ip, "-n", netns, "link", "set", UPLINK, "master", BRIDGE, "up"],
+                [self.ip, "-n", netns, "route", "add", "default", "via", spec["gateway"]],
+            ]
+        try:
+            for argv in steps:
+                self._run(argv, deadline, name, "create_network", "network")
+            self._write_json(self._network_file(name), spec)
+        except BaseException:
+            self.destroy_network(name, 10)
+            raise
+        return True
+
+    def destroy_network(self, name, timeout):
+        deadline = _Deadline(timeout)
+        changed = False
+        veth = veth_name(name)
+        if os.path.exists("/sys/class/net/" + veth):
+            self._run(
+                [self.ip, "link", "del", veth],
+                deadline,
+                name,
+                "destroy_network",
+                "network",
+                check=False,
+            )
+            changed = True
+        if netns_exists(name):
+            self._run(
+                [self.ip, "netns", "del", netns_name(name)],
+                deadline,
+                name,
+                "destroy_network",
+                "network",
+            )
+            changed = True
+        try:
+            os.unlink(self._network_file(name))
+            changed = True
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        return changed
+
+    def network_command(self, name, argv):
+        """``argv`` run inside the network (from its own address): a health check."""
+        return [self.ip, "netns", "exec", netns_name(name)] + list(argv)
