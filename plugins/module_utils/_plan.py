@@ -54,7 +54,7 @@ class PlanError(HavenError):
     (``plan.groups[1].servers[0].network``), the message says why."""
 
     def __init__(self, path, message):
-        super(PlanError, self).__init__("%s: %s" % (path, message))
+        super(PlanError, self).__init__("%s: %s" % (path, message), result={"bad_key": path})
         self.path = path
         self.reason = message
 
