@@ -23,8 +23,11 @@ state of an earlier one continues it (healthy servers are not booted
 again). Times are the injected monotonic clock's, in seconds from the
 run's start; the RTO is the start to the last health check passed.
 
-Nothing here knows a VM: providers (qemu, libvirt), real health checks and
-script runners implement the small interfaces below.
+Nothing here knows a VM: providers implement ``providers._base.Provider``
+(calls by VM name, each with a timeout; ``create(server_spec(...), disks)``,
+``status(name)["state"]``), health checks and script runners the small
+interfaces below. ``providers`` is one provider or a mapping from a plan's
+provider name (``qemu``, ``libvirt``) to one.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -36,6 +39,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from ansible_collections.haven.dr.plugins.module_utils.providers._base import ABSENT, RUNNING
+
 OK, FAILED, TIMEOUT, SKIPPED = "ok", "failed", "timeout", "skipped"
 
 
@@ -46,31 +51,18 @@ class StepTimeout(Exception):
 # The interfaces ------------------------------------------------------------------
 
 
-class Provider(abc.ABC):
-    """Boots a plan's servers somewhere. Each call gets the seconds it may
-    take (the engine gives up on it after that, too). ``server`` is the
-    plan's ``Server``; ``disks`` what ``PlanRun``'s ``disks`` callable gave
-    (by default the server's ``Disk`` list)."""
+def server_spec(plan, server):
+    """The provider's server dict (``providers/_base.py``) of a plan's ``Server``."""
+    nics = []
+    for nic in server.nics:
+        network = plan.networks[nic.network]
+        nics.append({"network": nic.network, "ip": nic.ip, "gateway": network.gateway, "mac": nic.mac})
+    return {"name": server.name, "memory": server.memory_mib, "cpus": server.vcpus, "nics": nics, "options": {}}
 
-    @abc.abstractmethod
-    def create(self, server, disks, timeout):
-        """Define the server (not running yet). Returns nothing of use."""
 
-    @abc.abstractmethod
-    def power_on(self, server, timeout):
-        """Start it."""
-
-    @abc.abstractmethod
-    def power_off(self, server, timeout):
-        """Stop it (harmless when stopped)."""
-
-    @abc.abstractmethod
-    def status(self, server, timeout):
-        """``running``, ``stopped`` or ``absent``."""
-
-    @abc.abstractmethod
-    def destroy(self, server, timeout):
-        """Remove it and what it made (harmless when absent)."""
+def network_spec(network):
+    """The provider's network dict of a plan's ``Network``."""
+    return {"name": network.name, "cidr": network.cidr, "isolated": network.isolated, "bridge": network.bridge}
 
 
 class HealthChecker(abc.ABC):
@@ -105,19 +97,34 @@ class PlanState:
     ``created`` (in creation order), ``running``, ``healthy``. Plain data
     (``to_dict``/``from_dict``) so a later task can retry or clean up."""
 
-    def __init__(self, created=None, running=None, healthy=None):
+    def __init__(self, created=None, running=None, healthy=None, networks=None):
         self.created = list(created or [])
         self.running = set(running or [])
         self.healthy = set(healthy or [])
+        self.networks = [list(n) for n in networks or []]  # [provider, network], in creation order
         self.lock = threading.Lock()
 
     def to_dict(self):
-        return {"created": list(self.created), "running": sorted(self.running), "healthy": sorted(self.healthy)}
+        return {
+            "created": list(self.created),
+            "running": sorted(self.running),
+            "healthy": sorted(self.healthy),
+            "networks": [list(n) for n in self.networks],
+        }
 
     @classmethod
     def from_dict(cls, data):
         data = data or {}
-        return cls(data.get("created"), data.get("running"), data.get("healthy"))
+        return cls(data.get("created"), data.get("running"), data.get("healthy"), data.get("networks"))
+
+
+def provider_for(providers, kind):
+    """The provider of a plan's provider name: ``providers`` is one or a mapping."""
+    if isinstance(providers, dict):
+        if kind not in providers:
+            raise KeyError("no provider %r was given (given: %s)" % (kind, ", ".join(sorted(providers))))
+        return providers[kind]
+    return providers
 
 
 class Timeline:
@@ -185,16 +192,16 @@ class _Failure(Exception):
 
 
 class PlanRun:
-    """One run of ``plan`` (a resolved ``_plan.Plan``). ``disks(server)``
-    gives what ``provider.create`` boots from (for example the NBD exports
-    opened for it); ``call_timeout`` bounds each provider call (and the
+    """One run of ``plan`` (a resolved ``_plan.Plan``) on ``providers``.
+    ``disks(server)`` gives what ``provider.create`` boots from (the NBD URIs
+    of the exports opened for it, boot disk first); ``call_timeout`` bounds each provider call (and the
     group's deadline bounds everything); ``clock`` is monotonic seconds,
     ``sleep`` waits (both injectable for tests)."""
 
     def __init__(
         self,
         plan,
-        provider,
+        providers,
         checker,
         scripts=None,
         disks=None,
@@ -204,10 +211,10 @@ class PlanRun:
         log=None,
     ):
         self.plan = plan
-        self.provider = provider
+        self.providers = providers
         self.checker = checker
         self.scripts = scripts or NoScripts()
-        self.disks = disks or (lambda server: server.disks)
+        self.disks = disks or (lambda server: [d.volume for d in server.disks or []])
         self.call_timeout = float(call_timeout)
         self.clock = clock
         self.sleep = sleep or time.sleep
@@ -224,6 +231,7 @@ class PlanRun:
         state = state or PlanState()
         timeline = Timeline(self.clock)
         failures = []
+        self._networks(state, timeline, failures)
         for group in self.plan.groups:
             if failures:
                 break
@@ -238,6 +246,31 @@ class PlanRun:
             "rto_seconds": (max(passed) if passed else timeline.now()) if ok else None,
             "seconds": round(timeline.now(), 6),
         }
+
+    def _networks(self, state, timeline, failures):
+        """The plan's networks, on every provider its servers use, before any server."""
+        wanted = sorted(set(n.network for s in self.plan.servers() for n in s.nics))
+        for kind in sorted(set(s.provider for s in self.plan.servers())):
+            provider = self.providers.get(kind) if isinstance(self.providers, dict) else self.providers
+            if provider is None:
+                continue  # the servers on it fail at their create, naming it
+            for name in wanted:
+                if [kind, name] in state.networks:
+                    continue
+                started = timeline.now()
+                spec = network_spec(self.plan.networks[name])
+                try:
+                    call_with_timeout(provider.create_network, self.call_timeout, spec, self.call_timeout)
+                except Exception as exc:  # pylint: disable=broad-except
+                    output = "network %s: %s: %s" % (name, type(exc).__name__, exc)
+                    timeline.record(
+                        "network", None, None, started, TIMEOUT if isinstance(exc, StepTimeout) else FAILED, output
+                    )
+                    self.stop.set()
+                    failures.append({"group": None, "server": None, "step": "network", "check": None, "output": output})
+                    return
+                state.networks.append([kind, name])
+                timeline.record("network", None, None, started, OK, name)
 
     def _fail(self, failures, group, server, failure):
         self.stop.set()
@@ -317,24 +350,36 @@ class PlanRun:
                 return True
             with state.lock:
                 created = server.name in state.created
+            try:
+                provider = provider_for(self.providers, server.provider)
+            except KeyError as exc:
+                raise _Failure("create", str(exc.args[0]))
             if created:
-                status = self._call("status", group, server, deadline, timeline, self.provider.status, server)
-                if status == "absent":
+                status = self._call("status", group, server, deadline, timeline, provider.status, server.name)
+                status = status.get("state") if isinstance(status, dict) else status
+                if status == ABSENT:
                     with state.lock:
                         state.created.remove(server.name)
                         state.running.discard(server.name)
                     created = False
-                elif status == "running":
+                elif status == RUNNING:
                     with state.lock:
                         state.running.add(server.name)
             if not created:
                 self._call(
-                    "create", group, server, deadline, timeline, self.provider.create, server, self.disks(server)
+                    "create",
+                    group,
+                    server,
+                    deadline,
+                    timeline,
+                    provider.create,
+                    server_spec(self.plan, server),
+                    self.disks(server),
                 )
                 with state.lock:
                     state.created.append(server.name)
             if server.name not in state.running:
-                self._call("power_on", group, server, deadline, timeline, self.provider.power_on, server)
+                self._call("power_on", group, server, deadline, timeline, provider.power_on, server.name)
                 with state.lock:
                     state.running.add(server.name)
             if server.delay_seconds:
@@ -402,11 +447,12 @@ class PlanRun:
                 self.sleep(wait)
 
 
-def cleanup(plan, provider, state, call_timeout=300.0, clock=time.monotonic):
+def cleanup(plan, providers, state, call_timeout=300.0, clock=time.monotonic):
     """Destroy what ``state`` says was created, in reverse order: power off
-    what runs, then destroy. Idempotent: a destroyed server leaves the state,
-    so a second call does nothing. Goes on past a failure (the server stays
-    in the state). Returns ``{ok, timeline, errors, state}``."""
+    what runs, then destroy; then the networks made. Idempotent: what is
+    destroyed leaves the state, so a second call does nothing. Goes on past
+    a failure (that one stays in the state). Returns ``{ok, timeline,
+    errors, state}``."""
     servers = dict((s.name, s) for s in plan.servers())
     timeline = Timeline(clock)
     errors = []
@@ -416,23 +462,34 @@ def cleanup(plan, provider, state, call_timeout=300.0, clock=time.monotonic):
             errors.append({"server": name, "output": "not in the plan: cannot destroy it"})
             continue
         try:
+            provider = provider_for(providers, server.provider)
             if name in state.running:
-                _undo_step(timeline, "power_off", server, provider.power_off, call_timeout)
+                _undo_step(timeline, "power_off", name, provider.power_off, call_timeout)
                 state.running.discard(name)
-            _undo_step(timeline, "destroy", server, provider.destroy, call_timeout)
+            _undo_step(timeline, "destroy", name, provider.destroy, call_timeout)
         except Exception as exc:  # pylint: disable=broad-except
             errors.append({"server": name, "output": "%s: %s" % (type(exc).__name__, exc)})
             continue
         state.created.remove(name)
         state.healthy.discard(name)
+    if not state.created:  # a network goes once no server of the run is left on it
+        for kind, network in list(reversed(state.networks)):
+            try:
+                _undo_step(
+                    timeline, "destroy_network", network, provider_for(providers, kind).destroy_network, call_timeout
+                )
+            except Exception as exc:  # pylint: disable=broad-except
+                errors.append({"server": None, "output": "network %s: %s: %s" % (network, type(exc).__name__, exc)})
+                continue
+            state.networks.remove([kind, network])
     return {"ok": not errors, "timeline": timeline.steps, "errors": errors, "state": state}
 
 
-def _undo_step(timeline, step, server, func, timeout):
+def _undo_step(timeline, step, name, func, timeout):
     started = timeline.now()
     try:
-        call_with_timeout(func, timeout, server, timeout)
+        call_with_timeout(func, timeout, name, timeout)
     except Exception as exc:
-        timeline.record(step, None, server.name, started, TIMEOUT if isinstance(exc, StepTimeout) else FAILED, str(exc))
+        timeline.record(step, None, name, started, TIMEOUT if isinstance(exc, StepTimeout) else FAILED, str(exc))
         raise
-    timeline.record(step, None, server.name, started, OK)
+    timeline.record(step, None, name, started, OK)

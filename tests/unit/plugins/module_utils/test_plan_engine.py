@@ -20,12 +20,12 @@ from ansible_collections.haven.dr.plugins.module_utils._plan_engine import (
     HealthChecker,
     PlanRun,
     PlanState,
-    Provider,
     ScriptRunner,
     call_with_timeout,
     StepTimeout,
     cleanup,
 )
+from ansible_collections.haven.dr.plugins.module_utils.providers._base import Provider
 
 
 class Clock:
@@ -56,19 +56,20 @@ class FakeProvider(Provider):
         self.clock, self.step_seconds = clock, step_seconds
         self.active, self.max_active = 0, 0
         self.gate = None  # (a threading.Barrier) every create waits at it
+        self.specs, self.networks = {}, []
 
-    def _do(self, step, server, timeout):
+    def _do(self, step, name, timeout):
         with self.lock:
-            self.calls.append((step, server.name))
+            self.calls.append((step, name))
             self.active += 1
             self.max_active = max(self.max_active, self.active)
         try:
             if step == "create" and self.gate is not None:
                 self.gate.wait(2)  # broken (BrokenBarrierError) unless every boot is here at once
-            if (step, server.name) in self.hang:
+            if (step, name) in self.hang:
                 self.release.wait(5)
-            if (step, server.name) in self.fail:
-                raise RuntimeError(self.fail[(step, server.name)])
+            if (step, name) in self.fail:
+                raise RuntimeError(self.fail[(step, name)])
             if self.clock is not None and self.step_seconds:
                 self.clock.sleep(self.step_seconds)
         finally:
@@ -76,20 +77,27 @@ class FakeProvider(Provider):
                 self.active -= 1
 
     def create(self, server, disks, timeout):
-        self._do("create", server, timeout)
+        self.specs[server["name"]] = (server, disks)
+        self._do("create", server["name"], timeout)
 
-    def power_on(self, server, timeout):
-        self._do("power_on", server, timeout)
+    def power_on(self, name, timeout):
+        self._do("power_on", name, timeout)
 
-    def power_off(self, server, timeout):
-        self._do("power_off", server, timeout)
+    def power_off(self, name, timeout):
+        self._do("power_off", name, timeout)
 
-    def status(self, server, timeout):
-        self._do("status", server, timeout)
-        return self.status_of.get(server.name, "running")
+    def status(self, name, timeout):
+        self._do("status", name, timeout)
+        return {"name": name, "state": self.status_of.get(name, "running")}
 
-    def destroy(self, server, timeout):
-        self._do("destroy", server, timeout)
+    def destroy(self, name, timeout):
+        self._do("destroy", name, timeout)
+
+    def create_network(self, network, timeout):
+        self.networks.append(("create_network", network))
+
+    def destroy_network(self, name, timeout):
+        self.networks.append(("destroy_network", name))
 
 
 class FakeChecker(HealthChecker):
@@ -171,6 +179,7 @@ def test_groups_boot_in_order_and_a_sequential_group_one_server_at_a_time():
         "created": result["state"].created,
         "running": ["app1", "app2", "db1", "web1", "web2"],
         "healthy": ["app1", "app2", "db1", "web1", "web2"],
+        "networks": [],
     }
 
 
@@ -214,7 +223,7 @@ def test_a_failing_health_check_stops_the_plan_and_names_the_server_and_the_chec
     assert [c[1] for c in provider.calls] == ["db1", "db1"]  # nothing of app was started
     last = result["timeline"][-1]
     assert (last["step"], last["outcome"], last["seconds"]) == ("health_check", "timeout", 30.0)
-    assert result["state"].to_dict() == {"created": ["db1"], "running": ["db1"], "healthy": []}
+    assert result["state"].to_dict() == {"created": ["db1"], "running": ["db1"], "healthy": [], "networks": []}
 
 
 def test_in_a_parallel_group_the_running_boots_end_and_the_next_group_does_not_start():
@@ -305,7 +314,7 @@ def test_cleanup_destroys_what_was_created_in_reverse_and_twice_is_harmless():
     for name in reversed(created):
         expected += [("power_off", name), ("destroy", name)]
     assert provider.calls == expected
-    assert state.to_dict() == {"created": [], "running": [], "healthy": []}
+    assert state.to_dict() == {"created": [], "running": [], "healthy": [], "networks": []}
     provider.calls = []
     assert cleanup(plan(), provider, state)["ok"] and provider.calls == []
 
@@ -345,3 +354,51 @@ def test_a_retry_creates_again_a_server_whose_vm_is_gone():
     assert result["ok"]
     assert [c for c in provider.calls if c[1] == "db1"] == [("status", "db1"), ("create", "db1"), ("power_on", "db1")]
     assert state.created.count("db1") == 1
+
+
+def test_networks_come_first_servers_get_the_providers_spec_and_cleanup_removes_both():
+    the_plan = parse_plan(
+        {
+            "name": "drill",
+            "networks": {"drill": {"cidr": "10.99.0.0/24", "gateway": "10.99.0.1"}},
+            "groups": [
+                {
+                    "name": "db",
+                    "servers": [
+                        {
+                            "name": "db1",
+                            "vcpus": 1,
+                            "memory_mib": 256,
+                            "nics": [{"network": "drill", "ip": "10.99.0.2/24"}],
+                        }
+                    ],
+                }
+            ],
+        }
+    )
+    qemu = FakeProvider()
+    result = PlanRun(
+        the_plan, {"qemu": qemu}, FakeChecker(), disks=lambda s: ["nbd://tgt1:10809/app/db@3f9a2c01b7e4.1"]
+    ).run()
+    assert result["ok"], result["failed"]
+    assert qemu.networks == [
+        ("create_network", {"name": "drill", "cidr": "10.99.0.0/24", "isolated": True, "bridge": None})
+    ]
+    assert result["timeline"][0]["step"] == "network"
+    spec, disks = qemu.specs["db1"]
+    assert spec == {
+        "name": "db1",
+        "memory": 256,
+        "cpus": 1,
+        "nics": [{"network": "drill", "ip": "10.99.0.2/24", "gateway": "10.99.0.1", "mac": None}],
+        "options": {},
+    }
+    assert disks == ["nbd://tgt1:10809/app/db@3f9a2c01b7e4.1"]
+    done = cleanup(the_plan, {"qemu": qemu}, result["state"])
+    assert done["ok"] and qemu.networks[-1] == ("destroy_network", "drill")
+    assert result["state"].to_dict() == {"created": [], "running": [], "healthy": [], "networks": []}
+
+
+def test_a_server_whose_provider_was_not_given_fails_at_create_naming_it():
+    result = PlanRun(plan(), {"libvirt": FakeProvider()}, FakeChecker(), scripts=FakeScripts()).run()
+    assert result["failed"]["step"] == "create" and "no provider 'qemu' was given" in result["failed"]["output"]
