@@ -345,6 +345,9 @@ def test_errors_name_the_vm_and_what_timed_out(provider: QemuProvider, tmp_path:
     with pytest.raises(ProviderError, match="vm 'nope': power_on: no such VM"):
         provider.power_on("nope", 5)
     assert provider.status("nope", 5)["state"] == "absent"
+    assert provider.status({"name": "nope"}, 5)["state"] == "absent"  # a server works as a name
+    with pytest.raises(ProviderError, match=r"vm '\.\./x': find: names are"):
+        provider.destroy("../x", 5)
     assert not provider.destroy("nope", 5)
     with pytest.raises(ProviderError, match="vm 'bad': create: disk '/dev/sda' is not an NBD URI"):
         provider.create({"name": "bad"}, ["/dev/sda"], 5)

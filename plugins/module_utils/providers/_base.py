@@ -68,6 +68,16 @@ class ProviderTimeout(ProviderError):
     """A provider call ran out of time; the message says what did not happen."""
 
 
+def vm_name(server):
+    """The VM name of ``server``: a name, a server dict, or an object with ``name``
+    (the plan engine's ``Server``)."""
+    if isinstance(server, str):
+        return server
+    if isinstance(server, dict):
+        return server.get("name")
+    return getattr(server, "name", server)
+
+
 def disk_uri(disk):
     """(uri, readonly) of one entry of ``disks``."""
     if isinstance(disk, dict):

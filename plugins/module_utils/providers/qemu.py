@@ -57,6 +57,7 @@ from ansible_collections.haven.dr.plugins.module_utils.providers._base import (
     ProviderError,
     ProviderTimeout,
     disk_uri,
+    vm_name,
 )
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,47}$")
@@ -211,6 +212,7 @@ class QemuProvider(Provider):
     # --- paths -----------------------------------------------------------
 
     def vm_dir(self, name):
+        _check_name(name, "vm", "find")  # never a path outside state_dir
         return os.path.join(self.state_dir, "vms", name)
 
     def _path(self, name, leaf):
@@ -437,6 +439,7 @@ class QemuProvider(Provider):
         return True
 
     def attach_network(self, name, nic, timeout):
+        name = vm_name(name)
         deadline = _Deadline(timeout)
         spec = self._spec(name)
         if spec is None:
@@ -482,6 +485,7 @@ class QemuProvider(Provider):
         return "52:54:00:%02x:%02x:%02x" % (digest[0], digest[1], digest[2])
 
     def power_on(self, name, timeout):
+        name = vm_name(name)
         deadline = _Deadline(timeout)
         spec = self._spec(name)
         if spec is None:
@@ -621,6 +625,7 @@ class QemuProvider(Provider):
             time.sleep(0.1)
 
     def power_off(self, name, timeout):
+        name = vm_name(name)
         deadline = _Deadline(timeout)
         state, _raw = self._state(name, deadline, "power_off")
         if state == ABSENT:
@@ -647,6 +652,7 @@ class QemuProvider(Provider):
         return True
 
     def pause(self, name, timeout):
+        name = vm_name(name)
         deadline = _Deadline(timeout)
         state, _raw = self._state(name, deadline, "pause")
         if state == PAUSED:
@@ -657,6 +663,7 @@ class QemuProvider(Provider):
         return True
 
     def resume(self, name, timeout):
+        name = vm_name(name)
         deadline = _Deadline(timeout)
         state, _raw = self._state(name, deadline, "resume")
         if state == RUNNING:
@@ -667,6 +674,7 @@ class QemuProvider(Provider):
         return True
 
     def status(self, name, timeout):
+        name = vm_name(name)
         deadline = _Deadline(timeout)
         state, raw = self._state(name, deadline, "status")
         out = {"name": name, "state": state, "qemu_status": raw, "pid": self.pid(name)}
@@ -681,6 +689,7 @@ class QemuProvider(Provider):
         return out
 
     def destroy(self, name, timeout):
+        name = vm_name(name)
         deadline = _Deadline(timeout)
         if not os.path.isdir(self.vm_dir(name)):
             return False
