@@ -33,6 +33,7 @@ ORDER = [
     "checkpoint",  # takes before-upgrade-2026-12 with the hooks
     "checkpoint_info",  # finds it on the target
     "pit_export",  # exports the db volume as of it
+    "recovery_plan",  # validates a plan of db1.example.com against both nodes
     "protected_server",  # makes group crm, adds a server's disks to it, removes them
     "group_operation",  # failover, then failback: last
 ]
