@@ -225,8 +225,9 @@ class QemuProvider(Provider):
 
     def _run(self, argv, deadline, name, action, kind="vm", check=True):
         try:
-            proc = subprocess.run(
+            proc = subprocess.run(  # the exit status is looked at below
                 argv,
+                check=False,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
