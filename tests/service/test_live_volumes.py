@@ -470,3 +470,29 @@ def test_the_last_checkpoint_is_known_after_a_restart(tmp_path: Path) -> None:
             assert api.get("/v1/groups/app").json()["last_checkpoint"] == before
     finally:
         pair.stop()
+
+
+def test_a_sparse_volume_is_copied_by_its_holes_and_its_data(tmp_path: Path) -> None:
+    """Holes go as ZERO records (SEEK_DATA), data as WRITEs: a file of holes
+    with data here and there, some of it unaligned, ends equal on the target."""
+    pair = _api_pair(tmp_path)
+    try:
+        new = tmp_path / "sparse.img"
+        with open(new, "wb") as f:
+            f.truncate(96 * MiB)
+            for offset, size in (
+                (0, 4096),
+                (MiB + 512, 1000),
+                (70 * MiB - 7, 3 * MiB),
+                (96 * MiB - 4096, 4096),
+            ):
+                f.seek(offset)
+                f.write(os.urandom(size))
+        with _api(pair.source) as api:
+            added = api.post(
+                "/v1/groups/app/volumes", json={"name": "sparse", "path": "sparse.img"}
+            )
+            assert added.status_code == 201, added.text
+            _wait_whole(pair, api, "sparse", new, "the sparse volume's copy")
+    finally:
+        pair.stop()

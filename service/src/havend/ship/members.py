@@ -21,6 +21,7 @@ Writes ``members.json`` in the group's state directory (its slots).
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -42,6 +43,9 @@ COPY_JOURNAL_FILL = 0.5
 # or while this many bytes are not acknowledged by the target: the other
 # volumes' writes, in the same journal, wait behind no more than this.
 COPY_WINDOW = 4 << 20
+# A hole of the file (never written: SEEK_DATA) is copied as one ZERO record
+# of up to this many bytes, read by neither side.
+COPY_HOLE_MAX = 64 << 20
 # members.json is rewritten at least every this many copied bytes (a crash
 # copies again from there: harmless, the pieces are read afresh).
 COPY_SAVE_BYTES = 64 << 20
@@ -63,6 +67,21 @@ def read_slots(state_dir: str) -> list[Slot] | None:
         return load_slots(text)
     except Invalid as exc:
         raise Invalid(f"{slots_path(state_dir)}: {exc}") from None
+
+
+def _hole_at(volume: FileVolume, offset: int, most: int) -> int:
+    """Bytes of the hole of a regular file at ``offset`` (at most ``most``;
+    0: data there, or a block device, or no way to tell). Lock held: no
+    write can fill it meanwhile, and the page cache's data counts as data."""
+    if volume.fd < 0 or volume.is_block_device or most <= 0:
+        return 0
+    try:
+        data = os.lseek(volume.fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:  # ENXIO: no data after offset, all hole
+            return 0
+        data = offset + most
+    return min(max(0, data - offset), most)
 
 
 def open_slot_volume(slot: Slot) -> FileVolume:
@@ -203,10 +222,11 @@ class Membership:
         volume holds there now, as a WRITE (a ZERO for zeroes); its length
         (0: the journal filled up, regions are tracked from here)."""
         member = self.volumes[slot.index]
-        length = min(self.record_chunk, slot.size - slot.copied)
-        data = member.volume.read(slot.copied, length)
+        hole = _hole_at(member.volume, slot.copied, min(COPY_HOLE_MAX, slot.size - slot.copied))
+        length = hole or min(self.record_chunk, slot.size - slot.copied)
+        data = b"" if hole else member.volume.read(slot.copied, length)
         try:
-            if data.count(0) == length:
+            if hole or data.count(0) == length:
                 seq = self.journal.append(Kind.ZERO, slot.index, slot.copied, length=length)
                 self._appended(seq, 0)
             else:
