@@ -1,0 +1,294 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) haven.dr maintainers
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""The real health checks against real local sockets and HTTP servers.
+The probe path (a check run inside a network) is run through ``env`` as the
+prefix, standing in for ``ip netns exec haven-<network>``."""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from ansible_collections.haven.dr.plugins.module_utils import _health
+from ansible_collections.haven.dr.plugins.module_utils._health import Checker, in_server_network
+from ansible_collections.haven.dr.plugins.module_utils._plan import parse_plan
+from ansible_collections.haven.dr.plugins.module_utils._plan_engine import PlanRun
+
+HERE = None
+INSIDE = ["env"]  # a prefix that runs the probe as a separate process
+
+
+def where(prefix):
+    return lambda server, check: prefix
+
+
+def check_of(**keys):
+    plan = parse_plan(
+        {
+            "name": "p",
+            "networks": {"lan": {"cidr": "127.0.0.0/8"}},
+            "groups": [
+                {"name": "g", "servers": [{"name": "s1", "nics": [{"network": "lan", "ip": "127.0.0.1/8"}], "health_check": keys}]}
+            ],
+        }
+    )
+    server = plan.groups[0].servers[0]
+    return plan, server, server.health_check
+
+
+@pytest.fixture
+def listening():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(5)
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+@pytest.fixture
+def closed_port():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+class Handler(BaseHTTPRequestHandler):
+    routes = {
+        "/ok": (200, "hello drill"),
+        "/json": (200, json.dumps({"status": "up", "database": {"connected": True}})),
+        "/down": (200, json.dumps({"status": "down", "database": {"connected": False}})),
+        "/missing": (404, "no such page"),
+        "/text": (200, "not json"),
+    }
+
+    def do_GET(self):  # noqa: N802 - the http.server name
+        if self.path == "/slow":
+            time.sleep(3)
+        status, body = self.routes.get(self.path, (200, "slow"))
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def web():
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.daemon = True
+    thread.start()
+    yield "http://127.0.0.1:%d" % server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("prefix", [HERE, INSIDE], ids=["here", "inside"])
+def test_tcp_passes_on_a_listening_port_and_fails_with_the_error(prefix, listening, closed_port):
+    plan, server, check = check_of(type="tcp", port=listening)
+    ok, output = Checker(where(prefix)).check(server, check, 5)
+    assert ok, output
+    assert output == "connected to 127.0.0.1:%d" % listening
+    plan, server, check = check_of(type="tcp", port=closed_port)
+    ok, output = Checker(where(prefix)).check(server, check, 5)
+    assert not ok
+    assert output.startswith("127.0.0.1:%d: " % closed_port)
+    assert "refused" in output.lower()
+
+
+@pytest.mark.parametrize("prefix", [HERE, INSIDE], ids=["here", "inside"])
+def test_http_status_and_body(prefix, web):
+    checker = Checker(where(prefix))
+    plan, server, check = check_of(type="http", url=web + "/ok", body_contains="drill")
+    assert checker.check(server, check, 5) == (True, "%s/ok answered 200" % web)
+    plan, server, check = check_of(type="http", url=web + "/ok", body_contains="production")
+    ok, output = checker.check(server, check, 5)
+    assert not ok and "does not contain 'production'" in output and "hello drill" in output
+    plan, server, check = check_of(type="http", url=web + "/missing")
+    ok, output = checker.check(server, check, 5)
+    assert not ok and "answered 404, not 200" in output
+    plan, server, check = check_of(type="http", url=web + "/missing", status=404)
+    assert checker.check(server, check, 5)[0]
+
+
+@pytest.mark.parametrize("prefix", [HERE, INSIDE], ids=["here", "inside"])
+def test_each_try_is_bounded_by_the_timeout(prefix, web):
+    plan, server, check = check_of(type="http", url=web + "/slow")
+    started = time.monotonic()
+    ok, output = Checker(where(prefix)).check(server, check, 1.5)
+    assert not ok and output
+    assert time.monotonic() - started < 2.9
+
+
+def test_http_nothing_listening(closed_port):
+    plan, server, check = check_of(type="http", url="http://127.0.0.1:%d/" % closed_port)
+    for prefix in (HERE, INSIDE):
+        ok, output = Checker(where(prefix)).check(server, check, 5)
+        assert not ok and "refused" in output.lower(), output
+
+
+class FakeJmespath:
+    """Enough of jmespath for these expressions (it may not be installed)."""
+
+    @staticmethod
+    def search(expression, data):
+        if expression == "status == 'up' && database.connected":
+            return data.get("status") == "up" and data["database"]["connected"]
+        raise ValueError("unknown expression %r" % expression)
+
+
+def test_http_jmespath_over_the_json_body(web, monkeypatch):
+    monkeypatch.setattr(_health, "jmespath", FakeJmespath)
+    expression = "status == 'up' && database.connected"
+    plan, server, check = check_of(type="http", url=web + "/json", jmespath=expression)
+    assert Checker().check(server, check, 5)[0]
+    plan, server, check = check_of(type="http", url=web + "/down", jmespath=expression)
+    ok, output = Checker(where(INSIDE)).check(server, check, 5)
+    assert not ok and "is false" in output
+    plan, server, check = check_of(type="http", url=web + "/text", jmespath=expression)
+    ok, output = Checker().check(server, check, 5)
+    assert not ok and "not JSON" in output
+
+
+def test_http_jmespath_without_the_library_names_the_option(web, monkeypatch):
+    monkeypatch.setattr(_health, "jmespath", None)
+    plan, server, check = check_of(type="http", url=web + "/json", jmespath="status")
+    ok, output = Checker().check(server, check, 5)
+    assert not ok
+    assert "jmespath option" in output and "pip install jmespath" in output
+
+
+@pytest.mark.parametrize("prefix", [HERE, INSIDE], ids=["here", "inside"])
+def test_command_exit_status_output_and_environment(prefix):
+    checker = Checker(where(prefix))
+    plan, server, check = check_of(type="command", command='echo "up on $HAVEN_CHECK_HOST"')
+    assert checker.check(server, check, 5) == (True, "up on 127.0.0.1")
+    plan, server, check = check_of(type="command", command="echo no >&2; exit 3")
+    ok, output = checker.check(server, check, 5)
+    assert not ok and output == "'echo no >&2; exit 3' exited 3, not 0: no"
+    plan, server, check = check_of(type="command", command="exit 3", expect_rc=3)
+    assert checker.check(server, check, 5)[0]
+    plan, server, check = check_of(type="command", command="sleep 10")
+    started = time.monotonic()
+    ok, output = checker.check(server, check, 1)
+    assert not ok and "did not end within 0.85 s" in output
+    assert time.monotonic() - started < 3
+
+
+def test_guest_agent_is_refused_plainly():
+    plan, server, check = check_of(type="guest_agent", command="true")
+    ok, output = Checker().check(server, check, 5)
+    assert not ok and "guest_agent health checks are not supported" in output
+
+
+def test_a_probe_that_cannot_run_says_so(listening):
+    plan, server, check = check_of(type="tcp", port=listening)
+    ok, output = Checker(where(["/nonexistent/netns-exec"])).check(server, check, 5)
+    assert not ok and "cannot run the probe" in output
+    ok, output = Checker(where(["sh", "-c", "echo broken >&2; exit 1", "x"])).check(server, check, 5)
+    assert not ok and "the probe failed (exit 1): broken" in output
+
+
+class NetnsProvider:
+    def __init__(self):
+        self.asked = []
+
+    def network_command(self, name, argv):
+        self.asked.append(name)
+        return ["env"] + list(argv)
+
+
+def test_in_server_network_picks_the_nic_of_the_checks_host():
+    plan = parse_plan(
+        {
+            "name": "p",
+            "networks": {"a": {"cidr": "10.1.0.0/24"}, "b": {"cidr": "10.2.0.0/24"}},
+            "groups": [
+                {
+                    "name": "g",
+                    "servers": [
+                        {
+                            "name": "s1",
+                            "nics": [{"network": "a", "ip": "10.1.0.5/24"}, {"network": "b", "ip": "10.2.0.5/24"}],
+                            "health_check": {"type": "tcp", "host": "10.2.0.5", "port": 1},
+                        },
+                        {"name": "s2", "health_check": {"type": "http", "url": "http://10.9.0.1/"}},
+                        {"name": "s3", "network": "a", "health_check": {"type": "http", "url": "http://10.2.0.7:80/x"}},
+                    ],
+                }
+            ],
+        }
+    )
+    provider = NetnsProvider()
+    where_ = in_server_network(plan, {"qemu": provider})
+    s1, s2, s3 = plan.groups[0].servers
+    assert where_(s1, s1.health_check) == ["env"] and provider.asked == ["b"]
+    assert where_(s2, s2.health_check) is None  # no NIC: here
+    assert where_(s3, s3.health_check) == ["env"] and provider.asked == ["b", "a"]  # its only NIC
+    assert in_server_network(plan, object())(s1, s1.health_check) is None  # no network_command
+
+
+class UpProvider:
+    """A provider whose VMs are nothing: the checks are real."""
+
+    def __getattr__(self, name):
+        return lambda *args: True
+
+    def status(self, name, timeout):
+        return {"state": "absent"}
+
+
+def test_the_engine_with_real_checks_reports_the_last_error(listening, closed_port):
+    plan = parse_plan(
+        {
+            "name": "p",
+            "networks": {"lan": {"cidr": "127.0.0.0/8"}},
+            "groups": [
+                {
+                    "name": "g",
+                    "timeout_seconds": 30,
+                    "servers": [
+                        {
+                            "name": "up",
+                            "nics": [{"network": "lan", "ip": "127.0.0.1/8"}],
+                            "health_check": {"type": "tcp", "port": listening, "interval_seconds": 0.1},
+                        },
+                        {
+                            "name": "down",
+                            "nics": [{"network": "lan", "ip": "127.0.0.2/8"}],
+                            "health_check": {
+                                "type": "tcp",
+                                "host": "127.0.0.1",
+                                "port": closed_port,
+                                "timeout_seconds": 1,
+                                "interval_seconds": 0.2,
+                            },
+                        },
+                    ],
+                }
+            ],
+        }
+    )
+    started = time.monotonic()
+    result = PlanRun(plan, UpProvider(), Checker(where(INSIDE))).run()
+    assert time.monotonic() - started < 10
+    assert not result["ok"]
+    failed = result["failed"]
+    assert failed["server"] == "down" and failed["step"] == "health_check"
+    assert failed["check"] == "tcp 127.0.0.1:%d" % closed_port
+    assert "did not pass within its 1 s" in failed["output"] and "refused" in failed["output"].lower()
