@@ -1,0 +1,861 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright (c) haven.dr maintainers
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+module: drill
+short_description: Run a recovery drill - boot a recovery plan from a checkpoint in an isolated network, check it, tear it down
+version_added: 0.1.0
+description:
+  - Proves that a checkpoint recovers the application, while production keeps running and replicating.
+  - Checks the plan against the B(source) node (O(url)) and the B(recovery) node (O(recovery_url)), as
+    M(haven.dr.recovery_plan) does; opens one writable copy-on-write point-in-time export per disk on the
+    recovery node (the replica is never written); boots the plan's groups in order on the qemu provider, each
+    server's NICs on the plan's networks (isolated ones only - nothing in them reaches production); runs each
+    server's health check inside its network; then tears everything down (the VMs, the networks, the
+    exports), also after a failure, and records the result on the recovery node (C(POST
+    /v1/groups/{group}/verifications)) - a passed drill makes its checkpoint the group's C(last_verified).
+  - Returns the per-step timeline, the measured RTO (the start of the boot to the last health check passed)
+    and the RPO (the checkpoint's age when the drill started - the data a failover to it would lose).
+  - A drill that fails (a server's health check never passes, a boot step fails) ends within the plan's
+    timeouts and fails the task with RV(failure) naming the server, the step, the check and its last output;
+    everything else of the result is there too.
+  - The qemu provider needs root and Linux (network namespaces, taps) and C(qemu-system-x86_64) on the host
+    the module runs on, which must reach the recovery node's NBD exports. Servers on another provider fail the
+    task before anything boots.
+  - Needs a token of the C(read) scope on the source node and of the C(operate) scope on the recovery node.
+author:
+  - haven.dr maintainers (@haven-dr)
+extends_documentation_fragment:
+  - haven.dr.connection
+  - ansible.builtin.action_common_attributes
+  - haven.dr.attributes
+attributes:
+  check_mode:
+    support: full
+    details: In check mode the plan is checked against both nodes and RV(would_boot) says what would boot from
+      which checkpoint; nothing is opened, booted or recorded.
+  diff_mode:
+    support: none
+options:
+  recovery_url:
+    description:
+      - Base URL of the recovery site's node (the replication target), which keeps the checkpoints and serves
+        the exports the servers boot from.
+    type: str
+    required: true
+  recovery_token:
+    description:
+      - Bearer token of the recovery node's API, of the C(operate) scope.
+    type: str
+    required: true
+  recovery_ca_path:
+    description:
+      - CA certificate (PEM) of the recovery node's certificate, default O(ca_path). O(validate_certs),
+        O(client_cert), O(client_key), O(request_timeout) and O(retries) apply to both nodes.
+    type: path
+  checkpoint:
+    description:
+      - The point every disk boots from unless the plan's disk names its own - V(latest), V(oldest), a
+        checkpoint id or a unique prefix of one (6 characters or more), as the recovery node keeps them.
+      - Default O(plan.checkpoint) (itself V(latest) by default).
+    type: str
+  state_dir:
+    description:
+      - Where the provider keeps the drill's VMs and networks (a retry finds them there). Default
+        C(~/.cache/haven-dr/drills/<plan name>).
+    type: path
+  cleanup:
+    description:
+      - Whether everything the drill made is torn down at its end, whatever its outcome (the VMs, the networks,
+        the exports). V(false) leaves them for a look (the recovery node's group stays C(testing) while its
+        exports are open); the next drill of the plan with the same O(state_dir) continues from them.
+    type: bool
+    default: true
+  record:
+    description:
+      - Whether the result (passed or not, the RTO and a summary report) is posted to the recovery node as a
+        verification of each protection group's checkpoint.
+    type: bool
+    default: true
+  call_timeout:
+    description:
+      - Bounds each provider call (create, power on, destroy...) in seconds; the plan's group and health check
+        timeouts bound the rest.
+    type: float
+    default: 300
+  qemu:
+    description:
+      - The qemu provider's guests.
+    type: dict
+    default: {}
+    suboptions:
+      kernel:
+        description:
+          - The kernel the servers boot, default the newest tiny guest that C(tools/guest_image.py) built in
+            C(~/.cache/haven-dr/guest/).
+        type: path
+      initrd:
+        description:
+          - The initrd with O(qemu.kernel).
+        type: path
+      servers:
+        description:
+          - Per server name, what its VM gets beyond the plan - C(role) (what a tiny guest runs, as
+            C(tcp:5432) or C(http:80:TEXT); docs/providers.md), C(cmdline) (more kernel arguments),
+            C(kernel) and C(initrd) (its own).
+        type: dict
+        default: {}
+  plan:
+    description:
+      - The recovery plan, as for M(haven.dr.recovery_plan). Every disk boots from a checkpoint (a
+        V(replica) disk is refused) and every NIC is on an isolated network.
+    type: dict
+    required: true
+    suboptions:
+      name:
+        description:
+          - The plan's name.
+        type: str
+        required: true
+      description:
+        description:
+          - What the plan is for.
+        type: str
+      provider:
+        description:
+          - What boots the servers that do not name their O(plan.groups[].servers[].provider).
+        type: str
+        choices: [qemu, libvirt]
+        default: qemu
+      checkpoint:
+        description:
+          - The point the disks boot from, unless a disk names its own - V(latest), V(oldest), a checkpoint id
+            or a unique prefix of one (6 characters or more), as the recovery node keeps them.
+        type: str
+        default: latest
+      networks:
+        description:
+          - The recovery site's networks the servers' NICs are on, by name. Each one a mapping of
+            C(isolated) (bool, default V(true) - no route out, as a drill needs), C(cidr) (the NICs' addresses
+            must be in it), C(gateway) and C(bridge) (the host bridge a provider attaches the NICs to).
+        type: dict
+        default: {}
+      groups:
+        description:
+          - The boot groups, in boot order. A group boots when the one before it is up (every server of it
+            passed its health check, its post scripts ran).
+        type: list
+        elements: dict
+        required: true
+        suboptions:
+          name:
+            description:
+              - The group's name, unique in the plan.
+            type: str
+            required: true
+          servers:
+            description:
+              - The servers of the group (one at least).
+            type: list
+            elements: dict
+            required: true
+            suboptions:
+              name:
+                description:
+                  - The protected server, the C(server) label of its volumes on the source node (C(/v1/servers)).
+                  - A server may be in one group of a plan only.
+                type: str
+                required: true
+              protection_group:
+                description:
+                  - The consistency group of its volumes. Required only when the server has volumes in
+                    several groups.
+                type: str
+              volumes:
+                description:
+                  - Its volumes in that group, default every volume labelled with its name.
+                  - A volume may be used by one server of a plan only.
+                type: list
+                elements: str
+              provider:
+                description:
+                  - What boots it, default O(plan.provider).
+                type: str
+                choices: [qemu, libvirt]
+              vcpus:
+                description:
+                  - Virtual CPUs.
+                type: int
+                default: 2
+              memory_mib:
+                description:
+                  - Memory, in MiB.
+                type: int
+                default: 2048
+              network:
+                description:
+                  - One NIC on this network (a name of O(plan.networks)), instead of O(plan.groups[].servers[].nics).
+                type: str
+              nics:
+                description:
+                  - Its NICs, in order.
+                type: list
+                elements: dict
+                suboptions:
+                  network:
+                    description:
+                      - A name of O(plan.networks).
+                    type: str
+                    required: true
+                  mac:
+                    description:
+                      - Its MAC address, C(xx:xx:xx:xx:xx:xx), unique in the plan. Default the provider's.
+                    type: str
+                  ip:
+                    description:
+                      - Its address, with or without a prefix (C(10.20.0.11/24)), in the network's C(cidr), unique
+                        in the plan. The default host of a V(tcp) or V(command) health check.
+                    type: str
+              disks:
+                description:
+                  - Its disks, default one per volume from O(plan.checkpoint), booting from the first.
+                type: list
+                elements: dict
+                suboptions:
+                  volume:
+                    description:
+                      - One of the server's volumes.
+                    type: str
+                    required: true
+                  source:
+                    description:
+                      - V(checkpoint) boots from a copy-on-write point-in-time export (the replica is never
+                        written), V(replica) from the promoted replica itself (after a failover). Default
+                        V(checkpoint).
+                    type: str
+                    choices: [checkpoint, replica]
+                  checkpoint:
+                    description:
+                      - With O(plan.groups[].servers[].disks[].source=checkpoint), the point, as O(plan.checkpoint)
+                        (its default).
+                    type: str
+                  boot:
+                    description:
+                      - Whether it boots from this disk (one disk at most; default the first).
+                    type: bool
+              health_check:
+                description:
+                  - How to tell that it is up. Without one the server counts as up once powered on (a warning
+                    says so).
+                  - A key its O(plan.groups[].servers[].health_check.type) does not use is an error.
+                type: dict
+                suboptions:
+                  type:
+                    description:
+                      - V(tcp) (a port accepts a connection), V(http) (the answer's status, and its body or a
+                        JMESPath expression over its JSON body), V(command) (a command over ssh, with paramiko
+                        when it runs), V(guest_agent) (a command through the QEMU guest agent).
+                    type: str
+                    required: true
+                    choices: [tcp, http, command, guest_agent]
+                  timeout_seconds:
+                    description:
+                      - The check must pass within this, from power-on and the server's delay.
+                    type: float
+                    default: 300
+                  interval_seconds:
+                    description:
+                      - Seconds between tries.
+                    type: float
+                    default: 5
+                  host:
+                    description:
+                      - V(tcp) and V(command) - the host to reach, default the first NIC's ip.
+                    type: str
+                  port:
+                    description:
+                      - V(tcp) - the port (required).
+                    type: int
+                  url:
+                    description:
+                      - V(http) - the URL (required).
+                    type: str
+                  status:
+                    description:
+                      - V(http) - the status expected, default 200.
+                    type: int
+                  body_contains:
+                    description:
+                      - V(http) - a text the body must contain.
+                    type: str
+                  jmespath:
+                    description:
+                      - V(http) - a JMESPath expression over the JSON body that must be true.
+                    type: str
+                  validate_certs:
+                    description:
+                      - V(http) - whether an https URL's certificate is verified, default V(true).
+                    type: bool
+                  command:
+                    description:
+                      - V(command) and V(guest_agent) - the command (required).
+                    type: str
+                  user:
+                    description:
+                      - V(command) - the ssh user, default C(root).
+                    type: str
+                  ssh_port:
+                    description:
+                      - V(command) - the ssh port, default 22.
+                    type: int
+                  key_file:
+                    description:
+                      - V(command) - the ssh private key.
+                    type: path
+                  expect_rc:
+                    description:
+                      - V(command) and V(guest_agent) - the exit status expected, default 0.
+                    type: int
+              delay_seconds:
+                description:
+                  - Seconds to wait after power-on, before the first health check.
+                type: float
+                default: 0
+          parallel:
+            description:
+              - Whether the group's servers boot at the same time; V(false) boots them one after the other, in
+                order.
+            type: bool
+            default: true
+          timeout_seconds:
+            description:
+              - Bounds the whole group - its scripts, boots and health checks.
+            type: float
+            default: 1800
+          delay_seconds:
+            description:
+              - Seconds to wait once the group is up, before the next group.
+            type: float
+            default: 0
+          pre:
+            description:
+              - Scripts run in order before the group's servers boot.
+            type: list
+            elements: dict
+            suboptions:
+              command:
+                description:
+                  - The command.
+                type: str
+                required: true
+              timeout_seconds:
+                description:
+                  - Seconds it may take.
+                type: float
+                default: 300
+          post:
+            description:
+              - Scripts run in order once every server of the group passed its health check.
+            type: list
+            elements: dict
+            suboptions:
+              command:
+                description:
+                  - The command.
+                type: str
+                required: true
+              timeout_seconds:
+                description:
+                  - Seconds it may take.
+                type: float
+                default: 300
+notes:
+  - The plan's format and what running it does are in docs/recovery-plans.md (its Drills section for this
+    module); the provider in docs/providers.md.
+seealso:
+  - module: haven.dr.recovery_plan
+  - module: haven.dr.pit_export
+"""
+
+EXAMPLES = r"""
+# url, token and ca_path of the source node come from HAVEN_URL, HAVEN_TOKEN and HAVEN_CA_PATH here.
+- name: Drill the database from the latest checkpoint, in an isolated network
+  haven.dr.drill:
+    recovery_url: "{{ haven_recovery_url }}"
+    recovery_token: "{{ haven_recovery_token }}"  # operate scope
+    plan:
+      name: app-drill
+      networks:
+        drill-lan: {isolated: true, cidr: 10.99.0.0/24}
+      groups:
+        - name: database
+          timeout_seconds: 300
+          servers:
+            - name: db1.example.com  # the label of its volumes (db and log of group app)
+              vcpus: 1
+              memory_mib: 256
+              nics:
+                - {network: drill-lan, ip: 10.99.0.11/24}
+              health_check: {type: tcp, port: 5432, timeout_seconds: 240, interval_seconds: 2}
+    qemu:
+      servers:
+        db1.example.com: {role: "tcp:5432"}  # what the tiny test guest runs
+  register: drill
+
+- name: Show the measured RTO and RPO
+  ansible.builtin.debug:
+    msg: "passed={{ drill.passed }} RTO {{ drill.rto_seconds }} s, RPO {{ drill.rpo.app.seconds }} s"
+"""
+
+RETURN = r"""
+passed:
+  description: Whether every server booted and passed its health check.
+  returned: always
+  type: bool
+  sample: true
+rto_seconds:
+  description: The measured RTO - the drill's start (opening the exports) to the last health check passed, in
+    seconds. Null when it failed.
+  returned: always
+  type: float
+  sample: 21.4
+timeline:
+  description:
+    - Every step of the run, in order - C(step) (network, create, power_on, delay, health_check, pre, post),
+      C(group), C(server), C(started) and C(ended) (seconds since the drill started), C(seconds), C(outcome)
+      (ok, failed, timeout, skipped) and C(output); the drill's own first steps are C(export) (one per disk).
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - {"step": "create", "group": "database", "server": "db1", "started": 0.01, "ended": 0.02, "seconds": 0.01,
+       "outcome": "ok", "output": ""}
+teardown:
+  description: The teardown's steps (power_off, destroy, destroy_network, close_export), as RV(timeline).
+  returned: always
+  type: list
+  elements: dict
+checkpoint:
+  description: Per protection group, the checkpoint its disks booted from (C(id), C(seq), C(time), C(label)).
+  returned: always
+  type: dict
+  sample: {"app": {"id": "3f9a2c01b7e44d3e8f1a2b3c4d5e6f70", "seq": 118, "time": 1767225600.5, "label": ""}}
+rpo:
+  description:
+    - Per protection group, the data-loss window a failover to that checkpoint would have - C(seconds), its
+      age when the drill started, and C(checkpoint), its id.
+  returned: always
+  type: dict
+  sample: {"app": {"checkpoint": "3f9a2c01b7e44d3e8f1a2b3c4d5e6f70", "seconds": 42.7}}
+exports:
+  description: The point-in-time exports the drill opened (C(export), C(uri), C(group), C(volume), C(server)).
+  returned: success
+  type: list
+  elements: dict
+verification:
+  description: Per protection group, the recovery node's record of the drill (null with O(record=false)).
+  returned: always
+  type: dict
+  sample: {"app": {"id": 7, "group": "app", "passed": true, "plan": "app-drill", "rto_seconds": 21.4}}
+failure:
+  description:
+    - Null when the drill passed; else the first failure - C(group), C(server), C(step), C(check) (the health
+      check, as C(tcp 10.99.0.11:5432)) and C(output) (its last output).
+  returned: always
+  type: dict
+  sample: {"group": "database", "server": "db1", "step": "health_check", "check": "tcp 10.99.0.11:5432",
+           "output": "tcp 10.99.0.11:5432 did not pass within its 240 s (80 tries); last: connection refused"}
+cleaned_up:
+  description: Whether nothing the drill made is left (false with O(cleanup=false) or when a teardown step
+    failed; RV(left) says what is).
+  returned: always
+  type: bool
+left:
+  description: What the teardown could not remove or was told to keep - C(state) (the provider's VMs and
+    networks) and C(exports).
+  returned: always
+  type: dict
+would_boot:
+  description: In check mode, per server, its group, protection group and the checkpoint id of each disk.
+  returned: check_mode
+  type: list
+  elements: dict
+seconds:
+  description: How long the whole drill took, teardown included.
+  returned: always
+  type: float
+"""
+
+import glob
+import os
+import time
+
+from ansible_collections.haven.dr.plugins.module_utils._client import HavenClient
+from ansible_collections.haven.dr.plugins.module_utils._errors import HavenError
+from ansible_collections.haven.dr.plugins.module_utils._health import Checker, in_server_network
+from ansible_collections.haven.dr.plugins.module_utils._module import HavenModule
+from ansible_collections.haven.dr.plugins.module_utils._plan import PlanError, parse_plan, plan_argspec, resolve_plan
+from ansible_collections.haven.dr.plugins.module_utils._plan_engine import PlanRun, PlanState, cleanup
+
+GUEST_CACHE = "~/.cache/haven-dr/guest"
+
+
+def newest_guest(cache=GUEST_CACHE):
+    """The newest tiny guest ``tools/guest_image.py`` built: ``{kernel, initrd}`` or None."""
+    found = []
+    for where in glob.glob(os.path.join(os.path.expanduser(cache), "*")):
+        kernel, initrd = os.path.join(where, "vmlinuz"), os.path.join(where, "initrd.gz")
+        if os.path.isfile(kernel) and os.path.isfile(initrd):
+            found.append((os.path.getmtime(initrd), kernel, initrd))
+    if not found:
+        return None
+    found.sort()
+    return {"kernel": found[-1][1], "initrd": found[-1][2]}
+
+
+class GuestProvider:
+    """The qemu provider, each server's spec given what ``qemu.servers`` says of it."""
+
+    def __init__(self, provider, servers):
+        self.provider = provider
+        self.servers = servers or {}
+
+    def create(self, server, disks, timeout):
+        server = dict(server)
+        extra = dict(self.servers.get(server["name"]) or {})
+        if "role" in extra:
+            server["role"] = extra.pop("role")
+        options = dict(server.get("options") or {})
+        options.update(extra)
+        server["options"] = options
+        return self.provider.create(server, disks, timeout)
+
+    def __getattr__(self, name):
+        return getattr(self.provider, name)
+
+
+class Drill:
+    """One drill of a plan."""
+
+    def __init__(self, haven):
+        self.haven = haven
+        self.params = haven.params
+        self.source = haven.client
+        p = self.params
+        self.recovery = HavenClient(
+            p["recovery_url"],
+            token=p["recovery_token"],
+            ca_path=p["recovery_ca_path"] or p["ca_path"],
+            validate_certs=p["validate_certs"],
+            client_cert=p["client_cert"],
+            client_key=p["client_key"],
+            timeout=p["request_timeout"],
+            retries=p["retries"],
+        )
+        self.exports = []
+        self.teardown = []
+
+    # --- before anything boots ------------------------------------------------
+
+    def plan(self):
+        data = dict(self.params["plan"])
+        if self.params["checkpoint"]:
+            data["checkpoint"] = self.params["checkpoint"]
+        plan = parse_plan(data)
+        servers = self.source.get("/v1/servers")
+        known = dict((s["name"], s.get("groups") or []) for s in servers)
+        names = set()
+        for server in plan.servers():
+            names.update([server.protection_group] if server.protection_group else known.get(server.name, []))
+        checkpoints = dict((g, self.recovery.get_or_none("/v1/groups/%s/checkpoints" % g)) for g in sorted(names))
+        facts = {
+            "node": self.source.url,
+            "servers": servers,
+            "volumes": self.source.get("/v1/volumes"),
+            "checkpoints": checkpoints,
+        }
+        resolved, warnings = resolve_plan(plan, facts)
+        for server in resolved.servers():
+            if server.provider != "qemu":
+                raise PlanError(server.path + ".provider", "a drill runs on the qemu provider only, not %s" % server.provider)
+            for i, disk in enumerate(server.disks):
+                if disk.source != "checkpoint":
+                    raise PlanError(
+                        "%s.disks[%d].source" % (server.path, i),
+                        "a drill boots from checkpoints only: the replica itself is never used",
+                    )
+            for i, nic in enumerate(server.nics):
+                if not resolved.networks[nic.network].isolated:
+                    raise PlanError(
+                        "%s.nics[%d].network" % (server.path, i),
+                        "network %s is not isolated: a drill runs in isolated networks only" % nic.network,
+                    )
+        return resolved, warnings, checkpoints
+
+    @staticmethod
+    def points(plan, checkpoints, started):
+        """Per protection group, its checkpoint and its age at ``started`` (wall clock)."""
+        point, rpo = {}, {}
+        for server in plan.servers():
+            group = server.protection_group
+            for disk in server.disks:
+                found = [c for c in checkpoints.get(group) or [] if c["id"] == disk.checkpoint_id]
+                if found and group not in point:
+                    c = found[0]
+                    point[group] = {"id": c["id"], "seq": c.get("seq"), "time": c.get("time"), "label": c.get("label")}
+                    age = started - float(c["time"]) if c.get("time") is not None else None
+                    rpo[group] = {"checkpoint": c["id"], "seconds": round(age, 3) if age is not None else None}
+        return point, rpo
+
+    def state_dir(self, plan):
+        where = self.params["state_dir"] or os.path.join("~/.cache/haven-dr/drills", plan.name)
+        return os.path.abspath(os.path.expanduser(where))
+
+    def provider(self, plan):
+        from ansible_collections.haven.dr.plugins.module_utils.providers import get_provider
+
+        q = self.params["qemu"] or {}
+        image = None
+        if q.get("kernel") or q.get("initrd"):
+            image = {"kernel": q.get("kernel"), "initrd": q.get("initrd")}
+        else:
+            image = newest_guest()
+        qemu = get_provider("qemu", state_dir=os.path.join(self.state_dir(plan), "qemu"), image=image)
+        return GuestProvider(qemu, q.get("servers"))
+
+    # --- the drill --------------------------------------------------------------
+
+    def open_exports(self, plan, origin, steps):
+        """One writable export per disk, boot disk first: {server name: [uri]};
+        each an ``export`` step of ``steps`` (seconds since ``origin``)."""
+        disks = {}
+        for server in plan.servers():
+            uris = []
+            for disk in sorted(server.disks, key=lambda d: not d.boot):
+                began = time.monotonic() - origin
+                opened = self.recovery.post(
+                    "/v1/exports",
+                    {
+                        "group": server.protection_group,
+                        "volume": disk.volume,
+                        "checkpoint": disk.checkpoint_id,
+                        "writable": True,
+                    },
+                )
+                self.exports.append(
+                    {
+                        "export": opened["export"],
+                        "uri": opened["uri"],
+                        "group": server.protection_group,
+                        "volume": disk.volume,
+                        "server": server.name,
+                    }
+                )
+                uris.append(opened["uri"])
+                ended = time.monotonic() - origin
+                steps.append(
+                    {
+                        "step": "export",
+                        "group": None,
+                        "server": server.name,
+                        "started": round(began, 6),
+                        "ended": round(ended, 6),
+                        "seconds": round(ended - began, 6),
+                        "outcome": "ok",
+                        "output": opened["export"],
+                    }
+                )
+            disks[server.name] = uris
+        return disks
+
+    def close_exports(self):
+        left = []
+        for export in reversed(self.exports):
+            started = time.time()
+            try:
+                self.recovery.delete("/v1/exports/%s" % export["export"])
+                outcome, output = "ok", export["export"]
+            except HavenError as exc:
+                if getattr(exc, "status", None) == 404:
+                    outcome, output = "ok", "%s: gone already" % export["export"]
+                else:
+                    outcome, output = "failed", "%s: %s" % (export["export"], exc)
+                    left.append(export)
+            self.teardown.append(
+                {
+                    "step": "close_export",
+                    "group": export["group"],
+                    "server": export["server"],
+                    "seconds": round(time.time() - started, 6),
+                    "outcome": outcome,
+                    "output": output,
+                }
+            )
+        self.exports = list(reversed(left))
+
+    def record(self, plan, point, passed, rto, report):
+        out = {}
+        for group in sorted(point):
+            out[group] = self.recovery.post(
+                "/v1/groups/%s/verifications" % group,
+                {
+                    "checkpoint": point[group]["id"],
+                    "passed": passed,
+                    "plan": plan.name,
+                    "rto_seconds": rto,
+                    "report": report,
+                },
+            )
+        return out
+
+    def run(self):
+        p = self.params
+        started_wall = time.time()
+        started = time.monotonic()
+        plan, warnings, checkpoints = self.plan()
+        for warning in warnings:
+            self.haven.module.warn(warning)
+        point, rpo = self.points(plan, checkpoints, started_wall)
+        result = {
+            "changed": False,
+            "passed": False,
+            "rto_seconds": None,
+            "timeline": [],
+            "teardown": [],
+            "checkpoint": point,
+            "rpo": rpo,
+            "verification": None,
+            "failure": None,
+            "exports": [],
+            "cleaned_up": True,
+            "left": {"state": None, "exports": []},
+        }
+        if self.haven.check_mode:
+            result["would_boot"] = [
+                {
+                    "group": g.name,
+                    "server": s.name,
+                    "protection_group": s.protection_group,
+                    "nics": [{"network": n.network, "ip": n.ip} for n in s.nics],
+                    "disks": [
+                        {"volume": d.volume, "boot": d.boot, "checkpoint_id": d.checkpoint_id} for d in s.disks
+                    ],
+                    "health_check": s.health_check.describe() if s.health_check else None,
+                }
+                for g in plan.groups
+                for s in g.servers
+            ]
+            result["changed"] = True
+            result["seconds"] = round(time.monotonic() - started, 3)
+            return result
+        provider = self.provider(plan)
+        providers = {"qemu": provider}
+        state = PlanState()
+        outcome = None
+        export_steps = []  # the drill's first steps: its RTO counts from their start
+        result["changed"] = True
+        try:
+            try:
+                disks = self.open_exports(plan, started, export_steps)
+            except HavenError as exc:
+                outcome = {
+                    "ok": False,
+                    "failed": {"group": None, "server": None, "step": "export", "check": None, "output": str(exc)},
+                    "timeline": [],
+                    "state": state,
+                    "rto_seconds": None,
+                }
+            else:
+                result["exports"] = list(self.exports)
+                run = PlanRun(
+                    plan,
+                    providers,
+                    Checker(in_server_network(plan, provider)),
+                    disks=lambda server: disks[server.name],
+                    call_timeout=p["call_timeout"],
+                )
+                offset = time.monotonic() - started
+                outcome = run.run(state)
+                for step in outcome["timeline"]:  # seconds since the drill's start
+                    step["started"] = round(step["started"] + offset, 6)
+                    step["ended"] = round(step["ended"] + offset, 6)
+                if outcome["rto_seconds"] is not None:
+                    outcome["rto_seconds"] = round(outcome["rto_seconds"] + offset, 3)
+        finally:
+            if p["cleanup"]:
+                undone = cleanup(plan, providers, state, call_timeout=p["call_timeout"])
+                self.teardown.extend(undone["timeline"])
+                for error in undone["errors"]:
+                    self.haven.module.warn("drill teardown: %s: %s" % (error["server"] or "network", error["output"]))
+                self.close_exports()
+        result["teardown"] = self.teardown
+        result["timeline"] = export_steps + outcome["timeline"]
+        result["passed"] = bool(outcome["ok"])
+        result["rto_seconds"] = outcome["rto_seconds"] if outcome["ok"] else None
+        result["failure"] = outcome["failed"]
+        left_state = state.to_dict()
+        result["left"] = {"state": left_state, "exports": list(self.exports)}
+        result["cleaned_up"] = not (left_state["created"] or left_state["networks"] or self.exports)
+        report = {
+            "passed": result["passed"],
+            "rto_seconds": result["rto_seconds"],
+            "rpo": rpo,
+            "failure": result["failure"],
+            "servers": [s.name for s in plan.servers()],
+            "steps": [dict((k, step.get(k)) for k in ("step", "server", "seconds", "outcome")) for step in result["timeline"]][:200],
+            "cleaned_up": result["cleaned_up"],
+        }
+        if p["record"] and point:
+            result["verification"] = self.record(plan, point, result["passed"], result["rto_seconds"], report)
+        result["seconds"] = round(time.monotonic() - started, 3)
+        return result
+
+
+def run_module(haven):
+    result = Drill(haven).run()
+    if not result["passed"] and not haven.check_mode:
+        failure = result["failure"] or {}
+        where = failure.get("server") or failure.get("group") or "the drill"
+        what = failure.get("check") or failure.get("step")
+        haven.module.fail_json(
+            msg="drill of plan %s failed: %s at %s: %s"
+            % (haven.params["plan"]["name"], where, what, failure.get("output")),
+            **result
+        )
+    return result
+
+
+def main():
+    spec = dict(
+        recovery_url=dict(type="str", required=True),
+        recovery_token=dict(type="str", required=True, no_log=True),
+        recovery_ca_path=dict(type="path"),
+        plan=dict(type="dict", required=True, options=plan_argspec()),
+        checkpoint=dict(type="str"),
+        state_dir=dict(type="path"),
+        cleanup=dict(type="bool", default=True),
+        record=dict(type="bool", default=True),
+        call_timeout=dict(type="float", default=300.0),
+        qemu=dict(
+            type="dict",
+            default={},
+            options=dict(
+                kernel=dict(type="path"),
+                initrd=dict(type="path"),
+                servers=dict(type="dict", default={}),
+            ),
+        ),
+    )
+    haven = HavenModule(argument_spec=spec)
+    haven.run(run_module)
+
+
+if __name__ == "__main__":
+    main()
