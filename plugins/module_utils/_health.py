@@ -34,15 +34,15 @@ import ipaddress
 import json
 import os
 import socket
-import ssl
 import subprocess
 import sys
 
+from ansible.module_utils.urls import open_url
+
 try:
     from urllib.error import HTTPError
-    from urllib.request import Request, urlopen
 except ImportError:  # pragma: no cover - Python 2
-    HTTPError = Request = urlopen = None
+    from urllib2 import HTTPError  # pylint: disable=import-error
 
 try:
     import jmespath
@@ -67,19 +67,25 @@ try:
         out["ok"] = True
     else:
         try:
-            from urllib.request import urlopen
-            from urllib.error import HTTPError
+            import http.client as hc
+            from urllib.parse import urlsplit
         except ImportError:
-            from urllib2 import urlopen, HTTPError
-        ctx = None
-        if a["url"].startswith("https") and not a["validate_certs"]:
-            ctx = ssl._create_unverified_context()
-        try:
-            r = urlopen(a["url"], timeout=a["timeout"], **({"context": ctx} if ctx else {}))
-        except HTTPError as e:
-            r = e
-        out["status"] = r.getcode()
+            import httplib as hc
+            from urlparse import urlsplit
+        u = urlsplit(a["url"])
+        if u.scheme == "https":
+            ctx = ssl.create_default_context()
+            if not a["validate_certs"]:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            c = hc.HTTPSConnection(u.hostname, u.port or 443, timeout=a["timeout"], context=ctx)
+        else:
+            c = hc.HTTPConnection(u.hostname, u.port or 80, timeout=a["timeout"])
+        c.request("GET", (u.path or "/") + ("?" + u.query if u.query else ""), headers={"Host": u.netloc})
+        r = c.getresponse()
+        out["status"] = r.status
         out["body"] = r.read(%d).decode("utf-8", "replace")
+        c.close()
         out["ok"] = True
 except Exception as e:
     out["error"] = "%%s: %%s" %% (type(e).__name__, e)
@@ -173,12 +179,11 @@ class Checker(HealthChecker):
 
     @staticmethod
     def _get(check, timeout):
-        kwargs = {"timeout": timeout}
-        if check.url.startswith("https") and check.validate_certs is False:
-            kwargs["context"] = ssl._create_unverified_context()  # pylint: disable=protected-access
         try:
-            answer = urlopen(Request(check.url), **kwargs)
-        except HTTPError as exc:
+            answer = open_url(
+                check.url, timeout=timeout, validate_certs=check.validate_certs is not False, follow_redirects="none"
+            )
+        except HTTPError as exc:  # a status that is not 2xx is an answer too
             answer = exc
         return answer.getcode(), answer.read(MAX_BODY).decode("utf-8", "replace")
 

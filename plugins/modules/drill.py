@@ -504,13 +504,16 @@ from ansible_collections.haven.dr.plugins.module_utils._module import HavenModul
 from ansible_collections.haven.dr.plugins.module_utils._plan import PlanError, parse_plan, plan_argspec, resolve_plan
 from ansible_collections.haven.dr.plugins.module_utils._plan_engine import PlanRun, PlanState, cleanup
 
-GUEST_CACHE = "~/.cache/haven-dr/guest"
+def cache_dir(*parts):
+    """``~/.cache/haven-dr/<parts>`` (``$XDG_CACHE_HOME`` when set), as tools/guest_image.py has it."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.environ.get("HOME") or "/root", ".cache")
+    return os.path.join(base, "haven-dr", *parts)
 
 
-def newest_guest(cache=GUEST_CACHE):
+def newest_guest(cache=None):
     """The newest tiny guest ``tools/guest_image.py`` built: ``{kernel, initrd}`` or None."""
     found = []
-    for where in glob.glob(os.path.join(os.path.expanduser(cache), "*")):
+    for where in glob.glob(os.path.join(cache or cache_dir("guest"), "*")):
         kernel, initrd = os.path.join(where, "vmlinuz"), os.path.join(where, "initrd.gz")
         if os.path.isfile(kernel) and os.path.isfile(initrd):
             found.append((os.path.getmtime(initrd), kernel, initrd))
@@ -615,8 +618,7 @@ class Drill:
         return point, rpo
 
     def state_dir(self, plan):
-        where = self.params["state_dir"] or os.path.join("~/.cache/haven-dr/drills", plan.name)
-        return os.path.abspath(os.path.expanduser(where))
+        return os.path.abspath(self.params["state_dir"] or cache_dir("drills", plan.name))
 
     def provider(self, plan):
         from ansible_collections.haven.dr.plugins.module_utils.providers import get_provider
