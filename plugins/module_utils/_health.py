@@ -40,9 +40,9 @@ import sys
 from ansible.module_utils.urls import open_url
 
 try:
+    from ansible.module_utils.urls import HTTPError
+except ImportError:  # pragma: no cover - an ansible-core without it
     from urllib.error import HTTPError
-except ImportError:  # pragma: no cover - Python 2
-    from urllib2 import HTTPError  # pylint: disable=import-error
 
 try:
     import jmespath

@@ -504,6 +504,7 @@ from ansible_collections.haven.dr.plugins.module_utils._module import HavenModul
 from ansible_collections.haven.dr.plugins.module_utils._plan import PlanError, parse_plan, plan_argspec, resolve_plan
 from ansible_collections.haven.dr.plugins.module_utils._plan_engine import PlanRun, PlanState, cleanup
 
+
 def cache_dir(*parts):
     """``~/.cache/haven-dr/<parts>`` (``$XDG_CACHE_HOME`` when set), as tools/guest_image.py has it."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.environ.get("HOME") or "/root", ".cache")
