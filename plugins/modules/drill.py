@@ -790,7 +790,7 @@ class Drill:
                     step["started"] = round(step["started"] + offset, 6)
                     step["ended"] = round(step["ended"] + offset, 6)
                 if outcome["rto_seconds"] is not None:
-                    outcome["rto_seconds"] = round(outcome["rto_seconds"] + offset, 3)
+                    outcome["rto_seconds"] = round(outcome["rto_seconds"] + offset, 6)
         finally:
             if p["cleanup"]:
                 undone = cleanup(plan, providers, state, call_timeout=p["call_timeout"])

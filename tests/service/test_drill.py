@@ -206,7 +206,8 @@ def test_a_drill_boots_checks_records_and_cleans_up_while_production_replicates(
     steps = [(s["step"], s["outcome"]) for s in result["timeline"]]
     for step in ("export", "network", "create", "power_on", "health_check"):
         assert (step, "ok") in steps, steps
-    assert result["rto_seconds"] >= max(s["ended"] for s in result["timeline"] if s["step"] == "health_check")
+    last_check = max(s["ended"] for s in result["timeline"] if s["step"] == "health_check")
+    assert result["rto_seconds"] == pytest.approx(last_check, abs=1e-5)
     cp = site.checkpoint
     assert result["checkpoint"]["app"]["id"] == cp["id"] and result["checkpoint"]["app"]["seq"] == cp["seq"]
     assert 0 < result["rpo"]["app"]["seconds"] < 600
