@@ -34,7 +34,7 @@ ORDER = [
     "checkpoint_info",  # finds it on the target
     "pit_export",  # exports the db volume as of it
     "recovery_plan",  # validates a plan of db1.example.com against both nodes
-    "drill",  # boots db1.example.com from the latest checkpoint in an isolated network, tears it down
+    "drill",  # boots db1.example.com from the latest checkpoint, isolated, and tears it down
     "protected_server",  # makes group crm, adds a server's disks to it, removes them
     "group_operation",  # failover, then failback: last
 ]

@@ -25,9 +25,7 @@ from plays import ROOT, ansible, ansible_env
 from havend.nbd.client import NBDClient
 
 sys.path.insert(0, str(ROOT / "tools"))
-import guest_image  # noqa: E402
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the qemu provider needs root")
+import guest_image
 
 MARK = b"HAVEN-MARK-db1"
 PORT = 5432
@@ -153,7 +151,9 @@ def run_drill(site: Site, image: dict[str, str], port: int, timeout: float) -> d
     }
     out = site.tmp / "drill.json"
     save = {"ansible.builtin.copy": {"content": "{{ drill | to_json }}", "dest": str(out)}}
-    play = [{"hosts": "localhost", "connection": "local", "gather_facts": False, "tasks": [task, save]}]
+    play = [
+        {"hosts": "localhost", "connection": "local", "gather_facts": False, "tasks": [task, save]}
+    ]
     path = site.tmp / "drill.yml"
     path.write_text(yaml.safe_dump(play))
     done = ansible(
@@ -209,7 +209,10 @@ def test_a_drill_boots_checks_records_and_cleans_up_while_production_replicates(
     last_check = max(s["ended"] for s in result["timeline"] if s["step"] == "health_check")
     assert result["rto_seconds"] == pytest.approx(last_check, abs=1e-5)
     cp = site.checkpoint
-    assert result["checkpoint"]["app"]["id"] == cp["id"] and result["checkpoint"]["app"]["seq"] == cp["seq"]
+    assert (
+        result["checkpoint"]["app"]["id"] == cp["id"]
+        and result["checkpoint"]["app"]["seq"] == cp["seq"]
+    )
     assert 0 < result["rpo"]["app"]["seconds"] < 600
     assert result["cleaned_up"] is True
     assert result["verification"]["app"]["passed"] is True
