@@ -52,6 +52,12 @@ class NodeBase:
         self.api_groups: set[str] = set()  # created through the API (not the config file)
         self.target_endpoint: Endpoint | None = None  # where sources ship (config or paired)
 
+    def _keep_config(self, group: SourceGroup, config: GroupConfig) -> None:
+        """A source group's settings as now in force, and its volumes' server
+        labels (shown by the API, sent to the target in every HELLO)."""
+        self._group_configs[group.name] = config
+        group.labels = {v.name: v.server for v in config.volumes}
+
     def _source_group(self, name: str) -> SourceGroup:
         for group in self.source_groups:
             if group.name == name:

@@ -141,8 +141,7 @@ class GroupsMixin(VolumesMixin, NodeBase):
         self.source_groups.append(group)
         self._shippers.append(shipper)
         self._group_tasks[group.name] = tasks
-        self._group_configs[group.name] = group_config
-        group.labels = {v.name: v.server for v in group_config.volumes}
+        self._keep_config(group, group_config)
         self._tasks.extend(tasks)
         for member in group.live_volumes():
             self.nbd.add_export(member.name, member, f"{member.name} of {group.name}")  # type: ignore[arg-type]
@@ -305,7 +304,7 @@ class GroupsMixin(VolumesMixin, NodeBase):
                 task = asyncio.get_running_loop().create_task(self._periodic(group, new))
                 tasks.append(task)
                 self._tasks.append(task)
-        self._group_configs[name] = new
+        self._keep_config(group, new)
         self.store.update_group(name, merged)
         log.info("group %s: settings changed: %s", name, ", ".join(sorted(changes)))
         return dataclasses.asdict(group.status())

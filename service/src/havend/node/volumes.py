@@ -99,8 +99,7 @@ class VolumesMixin(NodeBase):
             raise Conflict(f"volume {volume_name} cannot be added: {exc}") from None
         self.nbd.add_export(member.name, member, f"{member.name} of {group.name}")  # type: ignore[arg-type]
         self.store.update_group(name, wanted)
-        self._group_configs[name] = group_config
-        group.labels = {v.name: v.server for v in group_config.volumes}
+        self._keep_config(group, group_config)
         group.copy_wanted.set()
         return self._volume_status(group, member.index)
 
@@ -128,8 +127,7 @@ class VolumesMixin(NodeBase):
             self.nbd.add_export(member.name, member, f"{member.name} of {group.name}")  # type: ignore[arg-type]
             raise
         self.store.update_group(name, wanted)
-        self._group_configs[name] = group_config
-        group.labels = {v.name: v.server for v in group_config.volumes}
+        self._keep_config(group, group_config)
         return {"group": name, "volume": volume, "removed": True, "purged": purge}
 
     def _volume_status(self, group: SourceGroup, index: int) -> dict[str, Any]:
@@ -137,8 +135,6 @@ class VolumesMixin(NodeBase):
         slot = group.slots[index]
         member = group.volumes[index]
         state, done = group.copy_progress(index)
-        config = self._group_configs.get(group.name)
-        servers = {v.name: v.server for v in config.volumes} if config else {}
         return {
             "name": slot.name,
             "group": group.name,
@@ -147,7 +143,7 @@ class VolumesMixin(NodeBase):
             "path": member.path,
             "uri": f"{self.addresses.get('nbd')}/{member.name}",
             "writable": group.fence is None,
-            "server": servers.get(slot.name, slot.server),
+            "server": group.labels.get(slot.name, slot.server),
             "state": state,
             "sync": {"done_bytes": done, "total_bytes": slot.size} if state == SYNCING else None,
         }
