@@ -34,17 +34,31 @@ class HavenModule:
     def client(self):
         if self._client is None:
             p = self.params
-            self._client = HavenClient(
-                p["url"],
-                token=p["token"],
-                ca_path=p["ca_path"],
-                validate_certs=p["validate_certs"],
-                client_cert=p["client_cert"],
-                client_key=p["client_key"],
-                timeout=p["request_timeout"],
-                retries=p["retries"],
-            )
+            self._client = self.node_client(p["url"], p["token"], p["ca_path"])
         return self._client
+
+    def node_client(self, url, token, ca_path):
+        """A client of a node, with the task's TLS, timeout and retry options."""
+        p = self.params
+        return HavenClient(
+            url,
+            token=token,
+            ca_path=ca_path,
+            validate_certs=p["validate_certs"],
+            client_cert=p["client_cert"],
+            client_key=p["client_key"],
+            timeout=p["request_timeout"],
+            retries=p["retries"],
+        )
+
+    def recovery_client(self):
+        """The client of the recovery node (options ``recovery_url``,
+        ``recovery_token``, ``recovery_ca_path``, default ``ca_path``), or
+        None without ``recovery_url``."""
+        p = self.params
+        if not p.get("recovery_url"):
+            return None
+        return self.node_client(p["recovery_url"], p["recovery_token"], p["recovery_ca_path"] or p["ca_path"])
 
     @property
     def check_mode(self):

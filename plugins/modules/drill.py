@@ -236,7 +236,6 @@ import glob
 import os
 import time
 
-from ansible_collections.haven.dr.plugins.module_utils._client import HavenClient
 from ansible_collections.haven.dr.plugins.module_utils._errors import HavenError
 from ansible_collections.haven.dr.plugins.module_utils._health import Checker, in_server_network
 from ansible_collections.haven.dr.plugins.module_utils._module import HavenModule
@@ -291,17 +290,7 @@ class Drill:
         self.haven = haven
         self.params = haven.params
         self.source = haven.client
-        p = self.params
-        self.recovery = HavenClient(
-            p["recovery_url"],
-            token=p["recovery_token"],
-            ca_path=p["recovery_ca_path"] or p["ca_path"],
-            validate_certs=p["validate_certs"],
-            client_cert=p["client_cert"],
-            client_key=p["client_key"],
-            timeout=p["request_timeout"],
-            retries=p["retries"],
-        )
+        self.recovery = haven.recovery_client()  # recovery_url is required here
         self.exports = []
         self.teardown = []
 

@@ -203,7 +203,6 @@ bad_key:
   sample: plan.groups[1].servers[0].network
 """
 
-from ansible_collections.haven.dr.plugins.module_utils._client import HavenClient
 from ansible_collections.haven.dr.plugins.module_utils._module import HavenModule
 from ansible_collections.haven.dr.plugins.module_utils._plan import parse_plan, plan_argspec, resolve_plan
 
@@ -215,22 +214,7 @@ class PlanCheck:
         self.haven = haven
         self.params = haven.params
         self.source = haven.client
-        self.recovery = self._recovery_client()
-
-    def _recovery_client(self):
-        p = self.params
-        if not p["recovery_url"]:
-            return None
-        return HavenClient(
-            p["recovery_url"],
-            token=p["recovery_token"],
-            ca_path=p["recovery_ca_path"] or p["ca_path"],
-            validate_certs=p["validate_certs"],
-            client_cert=p["client_cert"],
-            client_key=p["client_key"],
-            timeout=p["request_timeout"],
-            retries=p["retries"],
-        )
+        self.recovery = haven.recovery_client()
 
     def facts(self, plan):
         """What the nodes hold that the plan names."""

@@ -653,25 +653,22 @@ class QemuProvider(Provider):
         return True
 
     def pause(self, name, timeout):
-        name = vm_name(name)
-        deadline = _Deadline(timeout)
-        state, _raw = self._state(name, deadline, "pause")
-        if state == PAUSED:
-            return False
-        if state != RUNNING:
-            raise ProviderError(name, "pause", "the VM is %s, not running" % state)
-        self._qmp(name, deadline, "pause", "stop")
-        return True
+        return self._switch(name, timeout, "pause", RUNNING, PAUSED, "stop")
 
     def resume(self, name, timeout):
+        return self._switch(name, timeout, "resume", PAUSED, RUNNING, "cont")
+
+    def _switch(self, name, timeout, action, before, after, command):
+        """``action``: a VM in state ``before`` goes to ``after`` by the QMP
+        ``command``; one there already is left as it is (False)."""
         name = vm_name(name)
         deadline = _Deadline(timeout)
-        state, _raw = self._state(name, deadline, "resume")
-        if state == RUNNING:
+        state, _raw = self._state(name, deadline, action)
+        if state == after:
             return False
-        if state != PAUSED:
-            raise ProviderError(name, "resume", "the VM is %s, not paused" % state)
-        self._qmp(name, deadline, "resume", "cont")
+        if state != before:
+            raise ProviderError(name, action, "the VM is %s, not %s" % (state, before))
+        self._qmp(name, deadline, action, command)
         return True
 
     def status(self, name, timeout):

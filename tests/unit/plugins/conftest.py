@@ -142,6 +142,16 @@ def havend_tls(tmp_path):
 
 
 @pytest.fixture
+def listening():
+    """A loopback port something listens on (nothing answers)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(5)
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+@pytest.fixture
 def closed_port():
     """A loopback port nothing listens on."""
     sock = socket.socket()

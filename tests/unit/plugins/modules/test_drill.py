@@ -51,15 +51,6 @@ class NullProvider:
 
 
 @pytest.fixture
-def listening():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(5)
-    yield sock.getsockname()[1]
-    sock.close()
-
-
-@pytest.fixture
 def nodes(havend, havend_tls):
     havend.script.on("GET", "/v1/servers", (200, SERVERS))
     havend.script.on("GET", "/v1/volumes", (200, VOLUMES))
