@@ -293,10 +293,14 @@ class SourceGroup(OverflowTracking, Fencing, ReverseStaging, Membership):
                 )
             seq = self.journal.append(Kind.CHECKPOINT, 0, 0, checkpoint.payload(), owned=True)
             self._appended(seq, 0)
-        self.last_checkpoint = dataclasses.replace(checkpoint, seq=seq)
+            self.last_checkpoint = dataclasses.replace(checkpoint, seq=seq)
         if self.state_dir:  # shown after a restart too (a play takes one per label)
+            # Advisory, and off the checkpoint's path: written, not synced, by
+            # the group's one sync thread (in order; close() waits for it).
             body = json.dumps(self.last_checkpoint.to_dict()).encode()
-            write_atomic(os.path.join(self.state_dir, "last_checkpoint.json"), body)
+            path = os.path.join(self.state_dir, "last_checkpoint.json")
+            with contextlib.suppress(RuntimeError):  # closing
+                self._syncer.submit(write_atomic, path, body, durable=False)
         return self.last_checkpoint
 
     def load_last_checkpoint(self) -> None:
