@@ -10,7 +10,9 @@ from the kernel command line:
                                     ``haven <name> <role>`` (busybox nc)
 - ``haven.role=http:PORT:TEXT``     serve TEXT (percent-encoded) as ``/`` (busybox httpd)
 - ``haven.role=writer``             write sequence-stamped 512-byte records to
-                                    /dev/vda, each followed by ``sync``
+                                    /dev/vda (``writer:vdb``: that disk), each
+                                    followed by ``sync`` and ``haven: ack N`` on the console
+- ``haven.role=writer+tcp:5432``    several roles at once, joined by ``+``
 - ``haven.role=idle`` (default)     nothing
 - ``haven.name=NAME``               the server's name (its hostname)
 - ``haven.ip=10.0.0.2/24``          eth0's address; ``haven.gw=10.0.0.1`` a default route
@@ -102,39 +104,46 @@ if [ -n "$MOUNT" ]; then
     mount "${MOUNT%%:*}" "${MOUNT#*:}" || say "mount $MOUNT failed"
 fi
 
-case "$ROLE" in
+run_role() {
+case "$1" in
     tcp:*)
-        PORT=${ROLE#tcp:}
-        printf '#!/bin/sh\necho "haven %s tcp"\n' "$NAME" > /bin/haven-tcp
-        chmod +x /bin/haven-tcp
+        PORT=${1#tcp:}
+        printf '#!/bin/sh\necho "haven %s tcp"\n' "$NAME" > /bin/haven-tcp-$PORT
+        chmod +x /bin/haven-tcp-$PORT
         # -ll: keep listening after each client; -e: one child per connection
-        nc -ll -p "$PORT" -e /bin/haven-tcp &
+        nc -ll -p "$PORT" -e /bin/haven-tcp-$PORT &
         ;;
     http:*)
-        REST=${ROLE#http:}
+        REST=${1#http:}
         PORT=${REST%%:*}
         TEXT=
         [ "$REST" != "$PORT" ] && TEXT=${REST#*:}
-        mkdir -p /www
-        httpd -d "${TEXT:-haven $NAME}" > /www/index.html
-        httpd -p "$PORT" -h /www
+        mkdir -p /www-$PORT
+        httpd -d "${TEXT:-haven $NAME}" > /www-$PORT/index.html
+        httpd -p "$PORT" -h /www-$PORT
         ;;
-    writer)
-        # record N at sector N % 2048 (1 MiB ring): "haven-seq <16 digits> <name>", synced
+    writer|writer:*)
+        # record N at sector N % 2048 (1 MiB ring) of the disk (default vda):
+        # "haven-seq <16 digits> <name>", synced, then "haven: ack N" on the console
+        DISK=vda
+        [ "$1" != writer ] && DISK=${1#writer:}
         (
             seq=0
             while true; do
                 seq=$((seq+1))
                 printf 'haven-seq %016d %s\n' "$seq" "$NAME" |
-                    dd of=/dev/vda bs=512 seek=$((seq % 2048)) conv=notrunc,sync 2>/dev/null
-                sync
+                    dd of=/dev/$DISK bs=512 seek=$((seq % 2048)) conv=notrunc,sync 2>/dev/null &&
+                    sync && say "ack $seq"
                 sleep 0.2
             done
         ) &
         ;;
     idle) ;;
-    *) say "unknown role $ROLE" ;;
+    *) say "unknown role $1" ;;
 esac
+}
+# roles joined by "+" all run: writer+tcp:5432
+for one in $(echo "$ROLE" | tr '+' ' '); do run_role "$one"; done
 [ -b /dev/vda ] && say "vda $(dd if=/dev/vda bs=64 count=1 2>/dev/null | tr -cd 'A-Za-z0-9._-')"
 say "up name=$NAME role=$ROLE ip=$IP"
 while true; do sleep 3600; done

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -263,7 +264,7 @@ def test_the_writer_role_stamps_its_disk_and_syncs(provider: QemuProvider, tmp_p
         f.truncate(4 * MiB)
     server = start_havend(disk, name="w")
     try:
-        provider.create({"name": "w1", "role": "writer"}, [server.uri], 10)
+        provider.create({"name": "w1", "role": "writer+tcp:7001"}, [server.uri], 10)
         provider.power_on("w1", BOOT)
         wait_console(provider, "w1", "haven: up")
 
@@ -280,6 +281,12 @@ def test_the_writer_role_stamps_its_disk_and_syncs(provider: QemuProvider, tmp_p
         seqs = sorted(records())
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) and seqs[0] <= 2, seqs
         assert b" w1\n" in disk.read_bytes()[512:1024]
+        # every acknowledged record is on the disk: the last one too
+        log = Path(provider.status("w1", 10)["serial_log"]).read_text(errors="replace")
+        acks = [int(n) for n in re.findall(r"haven: ack (\d+)", log)]
+        assert acks and acks == list(range(acks[0], acks[0] + len(acks))), acks
+        assert acks[-1] in seqs
+        assert "unknown role" not in log and "role=writer+tcp:7001" in log
     finally:
         server.stop()
 
