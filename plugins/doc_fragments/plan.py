@@ -39,6 +39,17 @@ options:
             or a unique prefix of one (6 characters or more), as the recovery node keeps them.
         type: str
         default: latest
+      rto_target_seconds:
+        description:
+          - The recovery time objective - how long the plan may take from the start of a drill, failover or
+            failback to its last health check passed. A run reports its measured RTO against it (and the drill
+            report marks a run over it as missed).
+        type: float
+      rpo_target_seconds:
+        description:
+          - The recovery point objective - how much data, in seconds of writes, a recovery may lose. A run
+            reports each protection group's measured data-loss window against it.
+        type: float
       networks:
         description:
           - The recovery site's networks the servers' NICs are on, by name. Each one a mapping of

@@ -126,6 +126,8 @@ def plan_argspec():
         description=dict(type="str"),
         provider=dict(type="str", default="qemu", choices=list(PROVIDERS)),
         checkpoint=dict(type="str", default="latest"),
+        rto_target_seconds=dict(type="float"),
+        rpo_target_seconds=dict(type="float"),
         networks=dict(
             type="dict",
             default={},
@@ -260,6 +262,8 @@ class Plan:
     description: object = None
     provider: str = "qemu"
     checkpoint: str = "latest"
+    rto_target_seconds: object = None  # what the business needs; a run is measured against it
+    rpo_target_seconds: object = None
 
     def servers(self):
         """Every server, in boot order."""
@@ -273,6 +277,8 @@ class Plan:
             "description": self.description,
             "provider": self.provider,
             "checkpoint": self.checkpoint,
+            "rto_target_seconds": self.rto_target_seconds,
+            "rpo_target_seconds": self.rpo_target_seconds,
             "networks": dict((n, _without(asdict(net), "name")) for n, net in self.networks.items()),
             "groups": [],
         }
@@ -393,6 +399,8 @@ def parse_plan(data, path="plan"):
         description=raw["description"],
         provider=raw["provider"],
         checkpoint=raw["checkpoint"],
+        rto_target_seconds=_target(raw, "rto_target_seconds", path),
+        rpo_target_seconds=_target(raw, "rpo_target_seconds", path),
         networks=networks,
         groups=[],
     )
@@ -553,6 +561,13 @@ def _parse_disk(plan, d, path):
         checkpoint = d["checkpoint"] if d["checkpoint"] is not None else plan.checkpoint
         _checkpoint_ref(checkpoint, path + ".checkpoint")
     return Disk(volume=d["volume"], source=source, checkpoint=checkpoint, boot=bool(d["boot"]))
+
+
+def _target(raw, key, path):
+    value = raw[key]
+    if value is not None and value <= 0:
+        raise PlanError("%s.%s" % (path, key), "must be more than 0 seconds, not %s" % value)
+    return value
 
 
 def _checkpoint_ref(ref, path):

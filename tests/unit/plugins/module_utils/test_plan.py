@@ -126,6 +126,8 @@ def error(data, facts_=None):
 def test_a_plan_is_normalised_with_every_default():
     plan = parse_plan(three_tier())
     assert [g.name for g in plan.groups] == ["db", "app", "web"]
+    assert plan.rto_target_seconds is None and plan.rpo_target_seconds is None
+    assert parse_plan(dict(three_tier(), rto_target_seconds=600)).to_dict()["rto_target_seconds"] == 600
     assert [g.parallel for g in plan.groups] == [True, True, False]
     assert plan.groups[0].timeout_seconds == 900.0 and plan.groups[1].timeout_seconds == 1800.0
     assert plan.networks["drill"].isolated is True and plan.networks["dr-lan"].isolated is False
@@ -239,6 +241,8 @@ def test_a_plan_is_normalised_with_every_default():
         (lambda p: p["groups"][1]["servers"][1].update(nics=[]), "plan.groups[1].servers[1].network", "not both"),
         (lambda p: p["groups"][0].update(timeout_seconds=0), "plan.groups[0].timeout_seconds", "more than 0"),
         (lambda p: p["networks"]["drill"].update(cidr="10.99.0.0/33"), "plan.networks.drill.cidr", "not a network"),
+        (lambda p: p.update(rto_target_seconds=0), "plan.rto_target_seconds", "more than 0"),
+        (lambda p: p.update(rpo_target_seconds=-5), "plan.rpo_target_seconds", "more than 0"),
         (lambda p: p.update(groups=[]), "plan.groups", "at least one"),
         (lambda p: p.pop("name"), "plan.name", "required"),
     ],
