@@ -79,10 +79,18 @@ def test_planned_failover_loses_no_acknowledged_write(sites: Sites) -> None:
 def test_unplanned_failover_reports_exactly_the_writes_lost(sites: Sites) -> None:
     sites.write(200)
     wait_caught_up(sites.source, sites.target, timeout=WAIT)
+    cut = time.time()
     sites.proxy.partition()  # the protected site is cut off...
     sites.write(77)  # ...while it goes on writing: these never reach the target
     promoted = sites.op(sites.target, "promote", group="app")
     assert not promoted["planned"] and promoted["exports"]
+    # The target's view of the loss: after its last applied write, up to when it
+    # last heard the source (before the cut: the 77 writes came after).
+    window = promoted["loss_window"]
+    assert window["from_seq"] == promoted["applied_seq"]
+    assert window["from_time"] == promoted["applied_time"]
+    assert window["last_heard"] is not None and window["last_heard"] <= cut + 0.5
+    assert window["seconds"] == pytest.approx(window["last_heard"] - window["from_time"], abs=1e-5)
     images = sites.promoted_images(sites.target.address("views"))
     report = check_prefix(sites.log, images)
     assert report.ok, report

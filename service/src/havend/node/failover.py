@@ -170,7 +170,11 @@ class FailoverMixin(NodeBase):
         assert self.target is not None
         self.target.drop_link(group)
         result = await group.promote(checkpoint=ref)
-        return result | {"exports": self._export_promoted(group)}
+        return (
+            result
+            | {"loss_window": loss_window(result, group.last_heard)}
+            | {"exports": self._export_promoted(group)}
+        )
 
     async def rollback(self, name: str, ref: str) -> dict[str, Any]:
         group = self._target_group(name)
@@ -179,3 +183,25 @@ class FailoverMixin(NodeBase):
         result = await group.rollback(checkpoint.id)
         self.target.drop_link(group)
         return result
+
+
+def loss_window(promoted: dict[str, Any], last_heard: float | None) -> dict[str, Any]:
+    """What an unplanned promotion may have lost, as far as the target knows:
+    the writes the source made after ``from_time`` (its clock: the applied
+    point, or the chosen checkpoint's) that never arrived, up to when it was
+    last heard (this side's clock; None when not since this process started).
+    Writes made after that are counted by the source when it returns
+    (``fence.lost``)."""
+    applied, seq = promoted.get("applied_time"), promoted.get("applied_seq")
+    chosen = promoted.get("checkpoint")
+    if chosen:  # rolled back to it: everything after it is lost too
+        applied, seq = chosen.get("time"), chosen.get("seq")
+    seconds = None
+    if last_heard is not None and applied is not None:
+        seconds = round(max(0.0, last_heard - applied), 6)
+    return {
+        "from_seq": seq,
+        "from_time": applied,
+        "last_heard": last_heard,
+        "seconds": seconds,
+    }

@@ -51,6 +51,7 @@ class ReplicaStatus:
     changed_bytes: int  # written on the promoted side since the promotion
     split_brain: dict | None  # TargetSplitBrain.to_dict(): fenced until resolved
     cdp: dict
+    last_heard: float | None = None  # wall clock of the source's last frame (None: not since start)
 
 
 class TargetGroup(Resync, Promotion, ReplicaMembers):
@@ -66,6 +67,9 @@ class TargetGroup(Resync, Promotion, ReplicaMembers):
         self._members_lock = threading.Lock()  # volume changes: the loop and the applier
         self.volumes: list[FileVolume] = [open_replica(v) for v in meta["volumes"]]
         self.declared: list[dict] | None = None  # the volumes of the session's HELLO
+        # When the source was last heard from (wall clock, this process): the end of an
+        # unplanned failover's loss window as far as this side can know it.
+        self.last_heard: float | None = None
         self.applied_seq = self._read_applied()
         self.synced_seq = self.applied_seq  # what the "applied" file says
         with open(os.path.join(directory, "sync.json")) as f:
@@ -498,6 +502,7 @@ class TargetGroup(Resync, Promotion, ReplicaMembers):
             changed_bytes=self.changes.changed_bytes() if self.changes else 0,
             split_brain=split.to_dict() if (split := self.records.split_brain) else None,
             cdp=self.undo.status() | {"preserved_bytes": self.preserved_bytes},
+            last_heard=self.last_heard,
         )
 
     def close(self) -> None:

@@ -279,6 +279,7 @@ class TargetNode:
         """Carry out one frame of a session (``received``: its commit loop's
         event); the bytes to answer with."""
         loop = asyncio.get_running_loop()
+        group.last_heard = time.time()
         if isinstance(frame, wire.Batch):
             if frame.group != group.id:
                 raise RemoteProtocolError(f"BATCH for another group on {group.name}'s link")
