@@ -613,7 +613,7 @@ def _parse_check(c, nics, path):
 # Against the nodes ---------------------------------------------------------------
 
 
-def resolve_plan(plan, facts):
+def resolve_plan(plan, facts, replica=False):
     """``plan`` checked against the nodes and completed: returns
     ``(plan, warnings)``, a new ``Plan`` with each server's protection group,
     volumes and disks filled in and each disk's ``checkpoint_id`` resolved.
@@ -624,6 +624,10 @@ def resolve_plan(plan, facts):
     group that node does not hold), or no ``checkpoints`` at all when the
     recovery node was not asked (the checkpoints are then not checked and a
     warning says so). ``node``: a name for messages.
+
+    ``replica``: every disk boots from the promoted replica (a failover: the
+    point is the promotion's); a disk that names another checkpoint than the
+    plan's is an error, and no checkpoint is checked.
     """
     node = facts.get("node") or "the source node"
     servers = dict((s["name"], s) for s in facts.get("servers") or [])
@@ -633,7 +637,7 @@ def resolve_plan(plan, facts):
     groups = set(volumes) | set(g for s in servers.values() for g in s.get("groups") or [])
     checkpoints = facts.get("checkpoints")
     warnings = []
-    if checkpoints is None:
+    if checkpoints is None and not replica:
         warnings.append("the recovery node was not asked: the checkpoints of the plan are not checked")
     used = {}
     out_groups = []
@@ -641,14 +645,14 @@ def resolve_plan(plan, facts):
         out_servers = []
         for server in group.servers:
             out_servers.append(
-                _resolve_server(plan, server, node, servers, volumes, groups, checkpoints, used, warnings)
+                _resolve_server(plan, server, node, servers, volumes, groups, checkpoints, used, warnings, replica)
             )
         out_groups.append(replace(group, servers=out_servers))
     _warn_mixed_points(out_groups, warnings)
     return replace(plan, groups=out_groups), warnings
 
 
-def _resolve_server(plan, server, node, servers, volumes, groups, checkpoints, used, warnings):
+def _resolve_server(plan, server, node, servers, volumes, groups, checkpoints, used, warnings, replica=False):
     path = server.path
     known = servers.get(server.name)
     if known is None:
@@ -703,6 +707,15 @@ def _resolve_server(plan, server, node, servers, volumes, groups, checkpoints, u
                 )
     else:
         disks = [Disk(volume=n, checkpoint=plan.checkpoint, boot=i == 0) for i, n in enumerate(names)]
+    if replica:
+        for i, d in enumerate(disks):
+            if d.source == "checkpoint" and d.checkpoint != plan.checkpoint:
+                raise PlanError(
+                    "%s.disks[%d].checkpoint" % (path, i),
+                    "a failover boots the promoted replica: the point is the promotion's (the module's "
+                    "checkpoint option), not a disk's own",
+                )
+            disks[i] = replace(d, source="replica", checkpoint=None)
     for i, d in enumerate(disks):
         if d.source == "checkpoint" and checkpoints is not None:
             d.checkpoint_id = _resolve_checkpoint(

@@ -230,57 +230,35 @@ seconds:
   description: How long the whole drill took, teardown included.
   returned: always
   type: float
+haven_report:
+  description:
+    - The run as the C(haven.dr.drill_report) callback reads it - C(kind) (drill), C(plan), C(passed),
+      C(started) and C(ended) (epoch seconds), C(rto_seconds) and the plan's C(rto_target_seconds), C(rpo) per
+      protection group (C(seconds), C(writes), C(checkpoint)) and the plan's C(rpo_target_seconds),
+      C(timeline), C(teardown), C(failure) and C(servers) (each with its boot group and protection group).
+  returned: always
+  type: dict
 """
 
-import glob
 import os
 import time
 
 from ansible_collections.haven.dr.plugins.module_utils._errors import HavenError
 from ansible_collections.haven.dr.plugins.module_utils._health import Checker, in_server_network
 from ansible_collections.haven.dr.plugins.module_utils._module import HavenModule
-from ansible_collections.haven.dr.plugins.module_utils._plan import PlanError, parse_plan, plan_argspec, resolve_plan
+from ansible_collections.haven.dr.plugins.module_utils._plan import PlanError, plan_argspec
 from ansible_collections.haven.dr.plugins.module_utils._plan_engine import PlanRun, PlanState, cleanup
-
-
-def cache_dir(*parts):
-    """``~/.cache/haven-dr/<parts>`` (``$XDG_CACHE_HOME`` when set), as tools/guest_image.py has it."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.environ.get("HOME") or "/root", ".cache")
-    return os.path.join(base, "haven-dr", *parts)
-
-
-def newest_guest(cache=None):
-    """The newest tiny guest ``tools/guest_image.py`` built: ``{kernel, initrd}`` or None."""
-    found = []
-    for where in glob.glob(os.path.join(cache or cache_dir("guest"), "*")):
-        kernel, initrd = os.path.join(where, "vmlinuz"), os.path.join(where, "initrd.gz")
-        if os.path.isfile(kernel) and os.path.isfile(initrd):
-            found.append((os.path.getmtime(initrd), kernel, initrd))
-    if not found:
-        return None
-    found.sort()
-    return {"kernel": found[-1][1], "initrd": found[-1][2]}
-
-
-class GuestProvider:
-    """The qemu provider, each server's spec given what ``qemu.servers`` says of it."""
-
-    def __init__(self, provider, servers):
-        self.provider = provider
-        self.servers = servers or {}
-
-    def create(self, server, disks, timeout):
-        server = dict(server)
-        extra = dict(self.servers.get(server["name"]) or {})
-        if "role" in extra:
-            server["role"] = extra.pop("role")
-        options = dict(server.get("options") or {})
-        options.update(extra)
-        server["options"] = options
-        return self.provider.create(server, disks, timeout)
-
-    def __getattr__(self, name):
-        return getattr(self.provider, name)
+from ansible_collections.haven.dr.plugins.module_utils._recovery import (
+    Steps,
+    cache_dir,
+    check_plan,
+    engine_failed,
+    failure_of,
+    guest_argspec,
+    haven_report,
+    make_providers,
+    would_boot,
+)
 
 
 class Drill:
@@ -297,26 +275,10 @@ class Drill:
     # --- before anything boots ------------------------------------------------
 
     def plan(self):
-        data = dict(self.params["plan"])
-        if self.params["checkpoint"]:
-            data["checkpoint"] = self.params["checkpoint"]
-        plan = parse_plan(data)
-        servers = self.source.get("/v1/servers")
-        known = dict((s["name"], s.get("groups") or []) for s in servers)
-        names = set()
-        for server in plan.servers():
-            names.update([server.protection_group] if server.protection_group else known.get(server.name, []))
-        checkpoints = dict((g, self.recovery.get_or_none("/v1/groups/%s/checkpoints" % g)) for g in sorted(names))
-        facts = {
-            "node": self.source.url,
-            "servers": servers,
-            "volumes": self.source.get("/v1/volumes"),
-            "checkpoints": checkpoints,
-        }
-        resolved, warnings = resolve_plan(plan, facts)
+        resolved, warnings, checkpoints = check_plan(
+            self.params["plan"], self.source, self.recovery, checkpoint=self.params["checkpoint"]
+        )
         for server in resolved.servers():
-            if server.provider != "qemu":
-                raise PlanError(server.path + ".provider", "a drill runs on the qemu provider only, not %s" % server.provider)
             for i, disk in enumerate(server.disks):
                 if disk.source != "checkpoint":
                     raise PlanError(
@@ -349,36 +311,23 @@ class Drill:
     def state_dir(self, plan):
         return os.path.abspath(self.params["state_dir"] or cache_dir("drills", plan.name))
 
-    def provider(self, plan):
-        from ansible_collections.haven.dr.plugins.module_utils.providers import get_provider
-
-        q = self.params["qemu"] or {}
-        image = None
-        if q.get("kernel") or q.get("initrd"):
-            image = {"kernel": q.get("kernel"), "initrd": q.get("initrd")}
-        else:
-            image = newest_guest()
-        qemu = get_provider("qemu", state_dir=os.path.join(self.state_dir(plan), "qemu"), image=image)
-        return GuestProvider(qemu, q.get("servers"))
-
     # --- the drill --------------------------------------------------------------
 
-    def open_exports(self, plan, origin, steps):
+    def open_exports(self, plan, steps):
         """One writable export per disk, boot disk first: {server name: [uri]};
-        each an ``export`` step of ``steps`` (seconds since ``origin``)."""
+        each an ``export`` step of ``steps``."""
         disks = {}
         for server in plan.servers():
             uris = []
             for disk in sorted(server.disks, key=lambda d: not d.boot):
-                began = time.monotonic() - origin
-                opened = self.recovery.post(
-                    "/v1/exports",
-                    {
-                        "group": server.protection_group,
-                        "volume": disk.volume,
-                        "checkpoint": disk.checkpoint_id,
-                        "writable": True,
-                    },
+                opened = steps.run(
+                    "export",
+                    lambda d=disk, s=server: self.recovery.post(
+                        "/v1/exports",
+                        {"group": s.protection_group, "volume": d.volume, "checkpoint": d.checkpoint_id, "writable": True},
+                    ),
+                    server=server.name,
+                    output=lambda o: o["export"],
                 )
                 self.exports.append(
                     {
@@ -390,19 +339,6 @@ class Drill:
                     }
                 )
                 uris.append(opened["uri"])
-                ended = time.monotonic() - origin
-                steps.append(
-                    {
-                        "step": "export",
-                        "group": None,
-                        "server": server.name,
-                        "started": round(began, 6),
-                        "ended": round(ended, 6),
-                        "seconds": round(ended - began, 6),
-                        "outcome": "ok",
-                        "output": opened["export"],
-                    }
-                )
             disks[server.name] = uris
         return disks
 
@@ -449,7 +385,7 @@ class Drill:
     def run(self):
         p = self.params
         started_wall = time.time()
-        started = time.monotonic()
+        steps = Steps(time.monotonic())
         plan, warnings, checkpoints = self.plan()
         for warning in warnings:
             self.haven.module.warn(warning)
@@ -469,56 +405,30 @@ class Drill:
             "left": {"state": None, "exports": []},
         }
         if self.haven.check_mode:
-            result["would_boot"] = [
-                {
-                    "group": g.name,
-                    "server": s.name,
-                    "protection_group": s.protection_group,
-                    "nics": [{"network": n.network, "ip": n.ip} for n in s.nics],
-                    "disks": [
-                        {"volume": d.volume, "boot": d.boot, "checkpoint_id": d.checkpoint_id} for d in s.disks
-                    ],
-                    "health_check": s.health_check.describe() if s.health_check else None,
-                }
-                for g in plan.groups
-                for s in g.servers
-            ]
+            result["would_boot"] = would_boot(plan)
             result["changed"] = True
-            result["seconds"] = round(time.monotonic() - started, 3)
+            result["seconds"] = round(steps.now(), 3)
             return result
-        provider = self.provider(plan)
-        providers = {"qemu": provider}
+        providers = make_providers(plan, self.state_dir(plan), p["qemu"])
         state = PlanState()
         outcome = None
-        export_steps = []  # the drill's first steps: its RTO counts from their start
         result["changed"] = True
         try:
             try:
-                disks = self.open_exports(plan, started, export_steps)
+                disks = self.open_exports(plan, steps)
             except HavenError as exc:
-                outcome = {
-                    "ok": False,
-                    "failed": {"group": None, "server": None, "step": "export", "check": None, "output": str(exc)},
-                    "timeline": [],
-                    "state": state,
-                    "rto_seconds": None,
-                }
+                outcome = engine_failed(failure_of(exc, "export"))
             else:
                 result["exports"] = list(self.exports)
                 run = PlanRun(
                     plan,
                     providers,
-                    Checker(in_server_network(plan, provider)),
+                    Checker(in_server_network(plan, providers)),
                     disks=lambda server: disks[server.name],
                     call_timeout=p["call_timeout"],
                 )
-                offset = time.monotonic() - started
-                outcome = run.run(state)
-                for step in outcome["timeline"]:  # seconds since the drill's start
-                    step["started"] = round(step["started"] + offset, 6)
-                    step["ended"] = round(step["ended"] + offset, 6)
-                if outcome["rto_seconds"] is not None:
-                    outcome["rto_seconds"] = round(outcome["rto_seconds"] + offset, 6)
+                offset = steps.now()
+                outcome = steps.add_run(run.run(state), offset)
         finally:
             if p["cleanup"]:
                 undone = cleanup(plan, providers, state, call_timeout=p["call_timeout"])
@@ -527,7 +437,7 @@ class Drill:
                     self.haven.module.warn("drill teardown: %s: %s" % (error["server"] or "network", error["output"]))
                 self.close_exports()
         result["teardown"] = self.teardown
-        result["timeline"] = export_steps + outcome["timeline"]
+        result["timeline"] = steps.steps
         result["passed"] = bool(outcome["ok"])
         result["rto_seconds"] = outcome["rto_seconds"] if outcome["ok"] else None
         result["failure"] = outcome["failed"]
@@ -545,7 +455,8 @@ class Drill:
         }
         if p["record"] and point:
             result["verification"] = self.record(plan, point, result["passed"], result["rto_seconds"], report)
-        result["seconds"] = round(time.monotonic() - started, 3)
+        result["seconds"] = round(steps.now(), 3)
+        result["haven_report"] = haven_report("drill", plan, result, started_wall)
         return result
 
 
@@ -574,15 +485,7 @@ def main():
         cleanup=dict(type="bool", default=True),
         record=dict(type="bool", default=True),
         call_timeout=dict(type="float", default=300.0),
-        qemu=dict(
-            type="dict",
-            default={},
-            options=dict(
-                kernel=dict(type="path"),
-                initrd=dict(type="path"),
-                servers=dict(type="dict", default={}),
-            ),
-        ),
+        qemu=guest_argspec(),
     )
     haven = HavenModule(argument_spec=spec)
     haven.run(run_module)

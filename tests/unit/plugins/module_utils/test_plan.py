@@ -462,3 +462,22 @@ def test_the_docs_example_validates_against_the_schema():
     bad["groups"][0]["servers"][0]["colour"] = "red"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, schema())
+
+
+def test_a_failover_boots_every_disk_from_the_promoted_replica():
+    data = three_tier()
+    data["groups"][2]["servers"][0]["disks"][0].pop("checkpoint")  # its own point: refused below
+    f = facts()
+    del f["checkpoints"]  # nothing of the checkpoints is asked or checked
+    plan, warnings = resolve_plan(parse_plan(data), f, replica=True)
+    disks = [d for s in plan.servers() for d in s.disks]
+    assert disks and all(d.source == "replica" and d.checkpoint is None and d.checkpoint_id is None for d in disks)
+    assert not [w for w in warnings if "checkpoints of the plan" in w or "different points" in w]
+    exc = error_replica(three_tier(), f)  # web1's disk names checkpoint "oldest"
+    assert exc.path == "plan.groups[2].servers[0].disks[0].checkpoint" and "promoted replica" in exc.reason
+
+
+def error_replica(data, facts_):
+    with pytest.raises(PlanError) as info:
+        resolve_plan(parse_plan(data), facts_, replica=True)
+    return info.value

@@ -78,7 +78,7 @@ def the_plan(port, isolated=True, **server):
 def run(capsys, nodes, tmp_path, monkeypatch, check_mode=False, **args):
     source, target = nodes
     provider = NullProvider()
-    monkeypatch.setattr(drill.Drill, "provider", lambda self, plan: provider)
+    monkeypatch.setattr(drill, "make_providers", lambda plan, state_dir, guest: {"qemu": provider})
     args.setdefault("url", source.url)
     args.setdefault("token", "hvn_r_read")
     args.update(recovery_url=target.url, recovery_token="hvn_o_target", recovery_ca_path=target.ca)
@@ -112,6 +112,11 @@ def test_a_drill_opens_boots_checks_tears_down_and_records(capsys, nodes, tmp_pa
     record = posted[2][2]
     assert record["checkpoint"] == CP["id"] and record["passed"] is True and record["plan"] == "db-drill"
     assert record["rto_seconds"] == result["rto_seconds"] and record["report"]["servers"] == ["db1"]
+    report = result["haven_report"]
+    assert (report["kind"], report["plan"], report["passed"]) == ("drill", "db-drill", True)
+    assert report["rto_seconds"] == result["rto_seconds"] and report["timeline"] == result["timeline"]
+    assert report["rpo"]["app"]["checkpoint"] == CP["id"] and report["teardown"] == result["teardown"]
+    assert report["servers"] == [{"name": "db1", "group": "database", "protection_group": "app"}]
 
 
 def test_a_check_that_never_passes_fails_naming_it_and_still_tears_down(capsys, nodes, tmp_path, monkeypatch):
@@ -130,13 +135,16 @@ def test_a_check_that_never_passes_fails_naming_it_and_still_tears_down(capsys, 
     assert ("DELETE", "/v1/exports/" + EXPORT["export"]) in methods
     record = [r[3] for r in target.script.requests if r[1].endswith("/verifications")]
     assert record[0]["passed"] is False and record[0]["report"]["failure"]["server"] == "db1"
+    assert result["haven_report"]["passed"] is False and result["haven_report"]["failure"] == result["failure"]
 
 
 def test_check_mode_shows_what_would_boot_and_touches_nothing(capsys, nodes, tmp_path, monkeypatch):
     result, provider = run(capsys, nodes, tmp_path, monkeypatch, check_mode=True, plan=the_plan(1))
     assert not result.get("failed"), result
     assert result["would_boot"][0]["server"] == "db1"
-    assert result["would_boot"][0]["disks"] == [{"volume": "db", "boot": True, "checkpoint_id": CP["id"]}]
+    assert result["would_boot"][0]["disks"] == [
+        {"volume": "db", "boot": True, "source": "checkpoint", "checkpoint_id": CP["id"]}
+    ]
     assert provider.calls == []
     source, target = nodes
     assert [r[0] for r in target.script.requests] == ["GET"]
