@@ -18,10 +18,12 @@ import glob
 import json
 import os
 import time
+from dataclasses import replace
 
 from ansible_collections.haven.dr.plugins.module_utils._errors import HavenError
-from ansible_collections.haven.dr.plugins.module_utils._plan import PlanError, parse_plan, resolve_plan
+from ansible_collections.haven.dr.plugins.module_utils._plan import Network, Nic, PlanError, parse_plan, resolve_plan
 from ansible_collections.haven.dr.plugins.module_utils._plan_engine import PlanState
+from ansible_collections.haven.dr.plugins.module_utils._waiter import wait_operation
 from ansible_collections.haven.dr.plugins.module_utils.providers._base import ProviderError
 
 
@@ -44,15 +46,22 @@ def newest_guest(cache=None):
     return {"kernel": found[-1][1], "initrd": found[-1][2]}
 
 
-# The guest options every module that boots servers takes (its ``qemu`` option).
-def guest_argspec():
+def recovery_argspec():
+    """The options of every module that boots a plan: the recovery node, the
+    provider calls' bound and the guests (doc fragment ``haven.dr.recovery``)."""
     return dict(
-        type="dict",
-        default={},
-        options=dict(
-            kernel=dict(type="path"),
-            initrd=dict(type="path"),
-            servers=dict(type="dict", default={}),
+        recovery_url=dict(type="str", required=True),
+        recovery_token=dict(type="str", required=True, no_log=True),
+        recovery_ca_path=dict(type="path"),
+        call_timeout=dict(type="float", default=300.0),
+        qemu=dict(
+            type="dict",
+            default={},
+            options=dict(
+                kernel=dict(type="path"),
+                initrd=dict(type="path"),
+                servers=dict(type="dict", default={}),
+            ),
         ),
     )
 
@@ -284,9 +293,115 @@ def would_boot(plan):
     ]
 
 
-def quiet(func, *args):
-    """``func(*args)``, its HavenError (an unreachable node) as None."""
-    try:
-        return func(*args)
-    except HavenError:
+def run_operation(client, group, operation, body, timeout, log=None):
+    """havend's ``operation`` of ``group`` on ``client``'s node, waited for
+    (``timeout`` is havend's, the wait a little longer): its result. A failed
+    operation raises with havend's error (a split brain's report among them)."""
+    body = dict(body or {}, timeout=timeout)
+    started = client.post("/v1/groups/%s/operations/%s" % (group, operation), body)
+    done, lines = wait_operation(client, started, timeout + 30, 0.5, log)
+    if done.get("state") != "succeeded":
+        raise HavenError("%s of group %s failed: %s" % (operation, group, done.get("error")), url=client.url)
+    return dict(done.get("result") or {}, progress_lines=lines)
+
+
+def promoted_disks(recovery, plan):
+    """``{server name: [uri]}``, boot disk first: the recovery node's writable
+    exports of the promoted volumes (``/v1/volumes``)."""
+    uris = {}
+    for volume in recovery.get("/v1/volumes"):
+        uris[(volume["group"], volume["name"])] = volume.get("uri") if volume.get("writable") else None
+    out = {}
+    for server in plan.servers():
+        out[server.name] = []
+        for disk in sorted(server.disks, key=lambda d: not d.boot):
+            uri = uris.get((server.protection_group, disk.volume))
+            if not uri:
+                raise HavenError(
+                    "volume %s of group %s is not promoted on the recovery node: no export to boot %s from"
+                    % (disk.volume, server.protection_group, server.name),
+                    url=recovery.url,
+                )
+            out[server.name].append(uri)
+    return out
+
+
+class ExistingServers:
+    """A production provider for a failback: the protected servers exist
+    (they are powered on, never defined or replaced here)."""
+
+    def __init__(self, provider):
+        self.provider = provider
+
+    def create(self, server, disks, timeout):
+        state = self.provider.status(server["name"], timeout)["state"]
+        if state == "absent":
+            raise ProviderError(
+                server["name"],
+                "create",
+                "not in the production provider's state: a failback powers the protected servers on, "
+                "it does not define them",
+            )
+        return False
+
+    def create_network(self, network, timeout):
+        return False  # production's own, as it is
+
+    def destroy_network(self, name, timeout):
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.provider, name)
+
+
+def production_plan(plan, provider, timeout):
+    """``plan`` with each server's NICs and networks the production server's
+    own (``provider.status``: its NICs; ``provider.network``: their networks),
+    and each health check's host, when it is the plan's address, the
+    production address: what a failback boots and checks."""
+    networks = {}
+    groups = []
+    for group in plan.groups:
+        servers = []
+        for server in group.servers:
+            status = provider.status(server.name, timeout)
+            if status["state"] == "absent":
+                raise PlanError(
+                    server.path + ".name",
+                    "%s is not in the production provider's state (%s): nothing to bring home to"
+                    % (server.name, getattr(provider, "state_dir", "?")),
+                )
+            nics = [Nic(network=n["network"], ip=n.get("ip")) for n in status.get("nics") or []]
+            for nic in nics:
+                if nic.network not in networks:
+                    spec = provider.network(nic.network) if hasattr(provider, "network") else None
+                    spec = spec or {}
+                    networks[nic.network] = Network(
+                        name=nic.network,
+                        isolated=bool(spec.get("isolated", False)),
+                        cidr=spec.get("cidr"),
+                        gateway=spec.get("gateway"),
+                        bridge=spec.get("bridge"),
+                    )
+            servers.append(replace(server, nics=nics, health_check=_at_home(server, nics)))
+        groups.append(replace(group, servers=servers))
+    return replace(plan, groups=groups, networks=networks)
+
+
+def _at_home(server, nics):
+    check = server.health_check
+    if check is None:
         return None
+    away = [n.address for n in server.nics if n.ip]
+    home = nics[0].address if nics and nics[0].ip else None
+    if home is None:
+        return check
+    changes = {}
+    if check.host is None or check.host in away:
+        if check.type in ("tcp", "command"):
+            changes["host"] = home
+    if check.url:
+        for address in away:
+            if "//%s" % address in check.url:
+                changes["url"] = check.url.replace("//%s" % address, "//%s" % home, 1)
+    return replace(check, **changes)

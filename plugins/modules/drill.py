@@ -34,6 +34,7 @@ author:
   - haven.dr maintainers (@haven-dr)
 extends_documentation_fragment:
   - haven.dr.plan
+  - haven.dr.recovery
   - haven.dr.connection
   - ansible.builtin.action_common_attributes
   - haven.dr.attributes
@@ -45,22 +46,6 @@ attributes:
   diff_mode:
     support: none
 options:
-  recovery_url:
-    description:
-      - Base URL of the recovery site's node (the replication target), which keeps the checkpoints and serves
-        the exports the servers boot from.
-    type: str
-    required: true
-  recovery_token:
-    description:
-      - Bearer token of the recovery node's API, of the C(operate) scope.
-    type: str
-    required: true
-  recovery_ca_path:
-    description:
-      - CA certificate (PEM) of the recovery node's certificate, default O(ca_path). O(validate_certs),
-        O(client_cert), O(client_key), O(request_timeout) and O(retries) apply to both nodes.
-    type: path
   checkpoint:
     description:
       - The point every disk boots from unless the plan's disk names its own - V(latest), V(oldest), a
@@ -85,34 +70,6 @@ options:
         verification of each protection group's checkpoint.
     type: bool
     default: true
-  call_timeout:
-    description:
-      - Bounds each provider call (create, power on, destroy...) in seconds; the plan's group and health check
-        timeouts bound the rest.
-    type: float
-    default: 300
-  qemu:
-    description:
-      - The qemu provider's guests.
-    type: dict
-    default: {}
-    suboptions:
-      kernel:
-        description:
-          - The kernel the servers boot, default the newest tiny guest that C(tools/guest_image.py) built in
-            C(~/.cache/haven-dr/guest/).
-        type: path
-      initrd:
-        description:
-          - The initrd with O(qemu.kernel).
-        type: path
-      servers:
-        description:
-          - Per server name, what its VM gets beyond the plan - C(role) (what a tiny guest runs, as
-            C(tcp:5432) or C(http:80:TEXT); docs/providers.md), C(cmdline) (more kernel arguments),
-            C(kernel) and C(initrd) (its own).
-        type: dict
-        default: {}
 notes:
   - The plan's format and what running it does are in docs/recovery-plans.md (its Drills section for this
     module); the provider in docs/providers.md.
@@ -254,9 +211,9 @@ from ansible_collections.haven.dr.plugins.module_utils._recovery import (
     check_plan,
     engine_failed,
     failure_of,
-    guest_argspec,
     haven_report,
     make_providers,
+    recovery_argspec,
     would_boot,
 )
 
@@ -475,17 +432,13 @@ def run_module(haven):
 
 
 def main():
-    spec = dict(
-        recovery_url=dict(type="str", required=True),
-        recovery_token=dict(type="str", required=True, no_log=True),
-        recovery_ca_path=dict(type="path"),
+    spec = recovery_argspec()
+    spec.update(
         plan=dict(type="dict", required=True, options=plan_argspec()),
         checkpoint=dict(type="str"),
         state_dir=dict(type="path"),
         cleanup=dict(type="bool", default=True),
         record=dict(type="bool", default=True),
-        call_timeout=dict(type="float", default=300.0),
-        qemu=guest_argspec(),
     )
     haven = HavenModule(argument_spec=spec)
     haven.run(run_module)
