@@ -144,14 +144,15 @@ class CallbackModule(CallbackBase):
         except (OverflowError, OSError, ValueError):
             stem = file_stem(report, time.time())
         unique, count = stem, 1
-        while unique in self._stems or any(
-            os.path.exists(os.path.join(directory, unique + ext)) for name, ext in EXTENSIONS if name in formats
-        ):
+        while unique in self._stems or any(os.path.exists(os.path.join(directory, unique + ext)) for name, ext in EXTENSIONS if name in formats):
             count += 1
             unique = "%s-%d" % (stem, count)
         self._stems.add(unique)
-        renderers = {"json": lambda: render_json(report).encode("utf-8"), "junit": lambda: render_junit(report),
-                     "html": lambda: render_html(report).encode("utf-8")}
+        renderers = {
+            "json": lambda: render_json(report).encode("utf-8"),
+            "junit": lambda: render_junit(report),
+            "html": lambda: render_html(report).encode("utf-8"),
+        }
         shown = None
         try:
             os.makedirs(directory, exist_ok=True)

@@ -248,13 +248,15 @@ class RecoveryReport:
             steps = [s for s in self.timeline if s.server == name]
             checks = [s for s in steps if s.step == "health_check"]
             powered = [s for s in steps if s.step == "power_on"]
-            rows.append({
-                "name": name,
-                "group": text(known.get("group")) or next((s.group for s in steps if s.group), None),
-                "protection_group": text(known.get("protection_group")) or None,
-                "power_on": powered[-1] if powered else None,
-                "health_check": checks[-1] if checks else None,
-            })
+            rows.append(
+                {
+                    "name": name,
+                    "group": text(known.get("group")) or next((s.group for s in steps if s.group), None),
+                    "protection_group": text(known.get("protection_group")) or None,
+                    "power_on": powered[-1] if powered else None,
+                    "health_check": checks[-1] if checks else None,
+                }
+            )
         return rows
 
     def to_data(self):
@@ -283,6 +285,7 @@ def _listed(value):
 
 def file_stem(report, when):
     """``<plan>-<kind>-<UTC timestamp>`` from characters safe in any file name; ``when`` is epoch seconds."""
+
     def safe(value, fallback):
         cleaned = _UNSAFE_NAME.sub("_", value).strip("._")[:64]
         return cleaned or fallback
@@ -317,9 +320,16 @@ def render_junit(report):
         cases.append((failure is not None, skipped is not None))
 
     properties = ET.SubElement(suite, "properties")
-    for key, value in (("kind", report.kind), ("mode", report.mode), ("plan", report.plan), ("host", report.host),
-                       ("passed", report.passed), ("rto_seconds", report.rto), ("rto_target_seconds", report.rto_target),
-                       ("rpo_target_seconds", report.rpo_target)):
+    for key, value in (
+        ("kind", report.kind),
+        ("mode", report.mode),
+        ("plan", report.plan),
+        ("host", report.host),
+        ("passed", report.passed),
+        ("rto_seconds", report.rto),
+        ("rto_target_seconds", report.rto_target),
+        ("rpo_target_seconds", report.rpo_target),
+    ):
         if value is not None:
             ET.SubElement(properties, "property", name=key, value=_xml_text(value if not isinstance(value, bool) else str(value).lower()))
     for prefix, steps in (("", report.timeline), ("teardown ", report.teardown)):
@@ -327,7 +337,8 @@ def render_junit(report):
             classname = ".".join(p for p in (report.plan, step.group, step.server) if p)
             name = prefix + step.step
             if step.failed:
-                case(classname, name, step.seconds, failure=(step.output.splitlines()[-1][:200] if step.output.strip() else step.outcome, step.outcome, step.output))
+                message = step.output.strip().splitlines()[-1][:200] if step.output.strip() else step.outcome
+                case(classname, name, step.seconds, failure=(message, step.outcome, step.output))
             elif step.outcome == "skipped":
                 case(classname, name, step.seconds, skipped="skipped", output=step.output)
             else:
@@ -392,7 +403,11 @@ def _target_cell(target, measured_text):
         return '<td class="n">%s</td><td class="n none">none</td><td class="none">no target</td>' % _e(measured_text)
     cls = "met" if target.met else "missed"
     return '<td class="n">%s</td><td class="n">%s s</td><td class="%s">%s</td>' % (
-        _e(measured_text), _e(seconds_text(target.target)), cls, "met" if target.met else "MISSED")
+        _e(measured_text),
+        _e(seconds_text(target.target)),
+        cls,
+        "met" if target.met else "MISSED",
+    )
 
 
 def _step_rows(steps, span, rto, bars):
@@ -430,8 +445,7 @@ def _step_table(steps, span, rto, bars):
     if not steps:
         return '<p class="none">No steps.</p>'
     head = ["#", "step", "group", "server", "start s", "end s", "seconds", "outcome"] + (["timeline"] if bars else []) + ["output"]
-    return "<table><thead><tr>%s</tr></thead><tbody>\n%s\n</tbody></table>" % (
-        "".join("<th>%s</th>" % h for h in head), _step_rows(steps, span, rto, bars))
+    return "<table><thead><tr>%s</tr></thead><tbody>\n%s\n</tbody></table>" % ("".join("<th>%s</th>" % h for h in head), _step_rows(steps, span, rto, bars))
 
 
 def render_html(report):
@@ -444,18 +458,28 @@ def render_html(report):
         "<title>haven.dr %s: %s</title>" % (_e(report.title()), report.verdict),
         "<style>%s</style></head><body>" % _CSS,
         '<h1>haven.dr %s <span class="verdict %s" id="verdict">%s</span></h1>' % (_e(report.title()), report.verdict, report.verdict),
-        '<p class="meta">plan <b>%s</b> &middot; kind <b>%s</b> &middot; mode <b>%s</b> &middot; host <b>%s</b> &middot; task <b>%s</b></p>' % (
-            _e(report.plan), _e(report.kind), _e(report.mode or "-"), _e(report.host or "-"), _e(report.task or "-")),
-        '<p class="meta">started %s &middot; ended %s &middot; took %s s &middot; the %s itself %s</p>' % (
-            _e(utc_text(report.started)), _e(utc_text(report.ended)), _e(seconds_text(report.seconds)), _e(report.kind),
-            '<span class="met">passed</span>' if report.passed else '<span class="missed">failed</span>'),
+        '<p class="meta">plan <b>%s</b> &middot; kind <b>%s</b> &middot; mode <b>%s</b> &middot; host <b>%s</b> &middot; task <b>%s</b></p>'
+        % (_e(report.plan), _e(report.kind), _e(report.mode or "-"), _e(report.host or "-"), _e(report.task or "-")),
+        '<p class="meta">started %s &middot; ended %s &middot; took %s s &middot; the %s itself %s</p>'
+        % (
+            _e(utc_text(report.started)),
+            _e(utc_text(report.ended)),
+            _e(seconds_text(report.seconds)),
+            _e(report.kind),
+            '<span class="met">passed</span>' if report.passed else '<span class="missed">failed</span>',
+        ),
     ]
     if report.missed:
         parts.append('<ul class="reasons">%s</ul>' % "".join("<li>%s</li>" % _e(r) for r in report.missed))
     if report.failure:
-        parts.append('<div class="failure"><h2>Failure</h2><table>%s</table></div>' % "".join(
-            "<tr><th>%s</th><td>%s</td></tr>" % (_e(k), "<pre>%s</pre>" % _e(report.failure[k]) if k == "output" else _e(report.failure[k]))
-            for k in ("group", "server", "step", "check", "output") if report.failure.get(k)))
+        parts.append(
+            '<div class="failure"><h2>Failure</h2><table>%s</table></div>'
+            % "".join(
+                "<tr><th>%s</th><td>%s</td></tr>" % (_e(k), "<pre>%s</pre>" % _e(report.failure[k]) if k == "output" else _e(report.failure[k]))
+                for k in ("group", "server", "step", "check", "output")
+                if report.failure.get(k)
+            )
+        )
     parts.append("<h2>Targets</h2><table><thead><tr><th>objective</th><th>measured</th><th>target</th><th>result</th></tr></thead><tbody>")
     parts.append('<tr id="rto"><td>RTO</td>%s</tr>' % _target_cell(rto_target, "%s s" % seconds_text(report.rto) if report.rto is not None else "not measured"))
     if report.rpo:
@@ -466,29 +490,48 @@ def render_html(report):
                 extra.append("%d writes" % entry["writes"])
             if entry["checkpoint"]:
                 extra.append("checkpoint %s" % entry["checkpoint"])
-            parts.append("<tr><td>RPO %s%s</td>%s</tr>" % (
-                _e(group), " <small>(%s)</small>" % _e(", ".join(extra)) if extra else "",
-                _target_cell(shown, "%s s" % seconds_text(entry["seconds"]) if entry["seconds"] is not None else "not measured")))
+            parts.append(
+                "<tr><td>RPO %s%s</td>%s</tr>"
+                % (
+                    _e(group),
+                    " <small>(%s)</small>" % _e(", ".join(extra)) if extra else "",
+                    _target_cell(shown, "%s s" % seconds_text(entry["seconds"]) if entry["seconds"] is not None else "not measured"),
+                )
+            )
     else:
         parts.append("<tr><td>RPO</td>%s</tr>" % _target_cell(rpo_target, "not measured"))
     parts.append("</tbody></table>")
     if report.bytes:
-        parts.append("<h2>Data</h2><table><tbody>%s</tbody></table>" % "".join(
-            '<tr><th>%s bytes</th><td class="n">%s</td></tr>' % (_e(k), _e(report.bytes[k])) for k in sorted(report.bytes, key=text)))
+        parts.append(
+            "<h2>Data</h2><table><tbody>%s</tbody></table>"
+            % "".join('<tr><th>%s bytes</th><td class="n">%s</td></tr>' % (_e(k), _e(report.bytes[k])) for k in sorted(report.bytes, key=text))
+        )
     rows = report.server_rows()
     if rows:
-        parts.append("<h2>Servers</h2><table><thead><tr><th>server</th><th>group</th><th>protection group</th>"
-                     "<th>power on at s</th><th>power on</th><th>health check passed at s</th><th>health check</th></tr></thead><tbody>")
+        parts.append(
+            "<h2>Servers</h2><table><thead><tr><th>server</th><th>group</th><th>protection group</th>"
+            "<th>power on at s</th><th>power on</th><th>health check passed at s</th><th>health check</th></tr></thead><tbody>"
+        )
         for row in rows:
             power, check = row["power_on"], row["health_check"]
-            parts.append("<tr><td>%s</td><td>%s</td><td>%s</td><td class=\"n\">%s</td><td class=\"o-%s\">%s</td><td class=\"n\">%s</td><td class=\"o-%s\">%s</td></tr>" % (
-                _e(row["name"]), _e(row["group"] or ""), _e(row["protection_group"] or ""),
-                _e(seconds_text(power.started) if power else "-"), _e(_css_word(power.outcome) if power else "other"), _e(power.outcome if power else "-"),
-                _e(seconds_text(check.ended) if check and check.outcome == "ok" else "-"),
-                _e(_css_word(check.outcome) if check else "other"), _e(check.outcome if check else "no check")))
+            parts.append(
+                '<tr><td>%s</td><td>%s</td><td>%s</td><td class="n">%s</td><td class="o-%s">%s</td>'
+                '<td class="n">%s</td><td class="o-%s">%s</td></tr>'
+                % (
+                    _e(row["name"]),
+                    _e(row["group"] or ""),
+                    _e(row["protection_group"] or ""),
+                    _e(seconds_text(power.started) if power else "-"),
+                    _e(_css_word(power.outcome) if power else "other"),
+                    _e(power.outcome if power else "-"),
+                    _e(seconds_text(check.ended) if check and check.outcome == "ok" else "-"),
+                    _e(_css_word(check.outcome) if check else "other"),
+                    _e(check.outcome if check else "no check"),
+                )
+            )
         parts.append("</tbody></table>")
     span = report.span()
-    parts.append("<h2>Timeline</h2><p class=\"meta\">Seconds from the start; the bars span %s s, the dark line is the RTO.</p>" % _e(seconds_text(span)))
+    parts.append('<h2>Timeline</h2><p class="meta">Seconds from the start; the bars span %s s, the dark line is the RTO.</p>' % _e(seconds_text(span)))
     parts.append(_step_table(report.timeline, span, report.rto, True))
     parts.append("<h2>Teardown</h2>")
     parts.append(_step_table(report.teardown, span, None, any(s.started is not None for s in report.teardown)))
@@ -500,12 +543,16 @@ def summary_line(report, path=None):
     """``haven.dr drill shop: PASSED  RTO 21.4 s (target 300 s)  RPO app 4.2 s (target 60 s)  12 steps  -> <path>``"""
     verdict = report.verdict if report.ok else "FAILED (%s)" % "; ".join(report.missed)
     target = " (target %s s)" % seconds_text(report.rto_target) if report.rto_target is not None else " (no target)"
-    parts = ["haven.dr %s: %s" % (report.title(), verdict),
-             "RTO %s%s" % ("%s s" % seconds_text(report.rto) if report.rto is not None else "not measured", target)]
+    parts = [
+        "haven.dr %s: %s" % (report.title(), verdict),
+        "RTO %s%s" % ("%s s" % seconds_text(report.rto) if report.rto is not None else "not measured", target),
+    ]
     rpo_target = " (target %s s)" % seconds_text(report.rpo_target) if report.rpo_target is not None else " (no target)"
     if report.rpo:
-        parts.append("RPO %s%s" % (", ".join("%s %s" % (g, "%s s" % seconds_text(e["seconds"]) if e["seconds"] is not None else "-")
-                                              for g, e in report.rpo.items()), rpo_target))
+        parts.append(
+            "RPO %s%s"
+            % (", ".join("%s %s" % (g, "%s s" % seconds_text(e["seconds"]) if e["seconds"] is not None else "-") for g, e in report.rpo.items()), rpo_target)
+        )
     elif report.rpo_target is not None:
         parts.append("RPO -%s" % rpo_target)
     parts.append("%d step%s" % (len(report.timeline), "" if len(report.timeline) == 1 else "s"))
