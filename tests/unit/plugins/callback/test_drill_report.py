@@ -181,7 +181,7 @@ def test_a_passed_drill_is_written_as_json_junit_and_html_and_summed_up(tmp_path
 
     page = read(tmp_path, stem + ".html").decode("utf-8")
     assert page.startswith("<!DOCTYPE html>")
-    assert 'id="verdict">PASSED<' in page and "FAILED" not in page
+    assert 'id="verdict">PASSED<' in page and ">FAILED<" not in page
     assert "21.4 s" in page and "300 s" in page and "4.2 s" in page and "60 s" in page
     for step in REPORT["timeline"]:
         assert ">%s<" % step["step"] in page
