@@ -19,8 +19,9 @@ description:
     testsuite per report, a testcase per step, the RTO and RPO targets and the result) and C(.html) (one
     self-contained page, no script or external resource - the timeline of every step with a bar chart, the servers'
     boots and health checks, RTO and RPO against the plan's targets, the teardown and the failure) into O(output_dir).
-  - "At the end of the run, prints one line per report, for example
-    C(haven.dr drill shop: PASSED  RTO 21.4 s (target 300 s)  RPO app 4.2 s (target 60 s)  12 steps  -> drill-reports/shop-drill-20261203T101500Z.html)."
+  - At the end of the run, prints one line per report with its kind, plan, PASSED or FAILED (and why), the RTO and
+    the RPO of each protection group against their targets, the number of steps and the path of its page (see the
+    examples).
   - A report passes when its C(passed) is true and every target it gives is met (RTO when C(rto_target_seconds) is
     given, the RPO of every protection group when C(rpo_target_seconds) is given). A target whose measurement is
     missing is not met. The line and the files say which target was missed.
@@ -67,6 +68,9 @@ EXAMPLES = r"""
 
 # or for one run:
 # ANSIBLE_CALLBACKS_ENABLED=haven.dr.drill_report HAVEN_DRILL_REPORT_DIR=reports ansible-playbook drill.yml
+
+# the line printed per report at the end of the run:
+# haven.dr drill shop: PASSED  RTO 21.4 s (target 300 s)  RPO app 4.2 s (target 60 s)  12 steps  -> drill-reports/shop-drill-20261203T101500Z.html
 """
 
 import os
