@@ -14,6 +14,7 @@ apt_packages=(
     python3-venv python3-libnbd rsync git make strace openssh-server
 )
 apt_packages+=(chromium)  # the drill report's HTML is checked in headless Chromium
+apt_packages+=(libvirt-daemon-system libvirt-clients python3-libvirt iptables)  # the libvirt provider
 missing=()
 for pkg in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")

@@ -5,7 +5,9 @@
 
 """Providers that run a recovery plan's servers (internal use only).
 
-``get_provider("qemu", state_dir=..., image=...)`` returns one; the
+``get_provider("qemu", state_dir=..., image=...)`` or
+``get_provider("libvirt", uri="qemu:///system", state_dir=..., image=...)``
+returns one; the
 interface is :class:`._base.Provider` (see docs/providers.md).
 """
 
@@ -15,7 +17,7 @@ __metaclass__ = type
 
 from ansible_collections.haven.dr.plugins.module_utils.providers._base import ProviderError
 
-KINDS = ("qemu",)
+KINDS = ("qemu", "libvirt")
 
 
 def get_provider(kind, **options):
@@ -24,6 +26,10 @@ def get_provider(kind, **options):
         from ansible_collections.haven.dr.plugins.module_utils.providers.qemu import QemuProvider
 
         return QemuProvider(**options)
+    if kind == "libvirt":
+        from ansible_collections.haven.dr.plugins.module_utils.providers.libvirt import LibvirtProvider
+
+        return LibvirtProvider(**options)
     raise ProviderError(
         str(kind), "get_provider", "unknown provider (known: %s)" % ", ".join(KINDS), "provider"
     )

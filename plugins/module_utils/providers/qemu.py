@@ -35,11 +35,8 @@ __metaclass__ = type
 import ctypes
 import errno
 import fcntl
-import hashlib
-import ipaddress
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -56,11 +53,24 @@ from ansible_collections.haven.dr.plugins.module_utils.providers._base import (
     Provider,
     ProviderError,
     ProviderTimeout,
-    disk_uri,
     vm_name,
 )
+from ansible_collections.haven.dr.plugins.module_utils.providers._common import (
+    NAME,
+    Deadline,
+    check_name,
+    kernel_cmdline,
+    mac_address,
+    network_spec,
+    normalize_nic,
+    normalize_server,
+    read_json,
+    run_command,
+    short_name,
+    write_json,
+)
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,47}$")
+_NAME = NAME
 _CLONE_NEWNET = 0x40000000
 _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
@@ -70,21 +80,10 @@ BRIDGE = "br0"
 UPLINK = "uplink"
 
 
-class _Deadline:
-    def __init__(self, timeout):
-        self.timeout = float(timeout)
-        self.end = time.monotonic() + self.timeout
-
-    def left(self, floor=0.0):
-        return max(floor, self.end - time.monotonic())
-
-    def expired(self):
-        return time.monotonic() >= self.end
+_Deadline = Deadline
 
 
-def _short(name, prefix, width=10):
-    """A device name of at most 15 characters, from a hash of ``name``."""
-    return prefix + hashlib.sha1(name.encode()).hexdigest()[:width]
+_short = short_name
 
 
 def tap_name(vm, index):
@@ -103,14 +102,7 @@ def netns_exists(network):
     return os.path.exists("/run/netns/" + netns_name(network))
 
 
-def _check_name(name, kind, action):
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ProviderError(
-            str(name),
-            action,
-            "names are 1-48 of a-z 0-9 _ . - (starting with a letter or digit)",
-            kind,
-        )
+_check_name = check_name
 
 
 class _Qmp:
@@ -224,49 +216,10 @@ class QemuProvider(Provider):
     # --- helpers ---------------------------------------------------------
 
     def _run(self, argv, deadline, name, action, kind="vm", check=True):
-        try:
-            proc = subprocess.run(  # the exit status is looked at below
-                argv,
-                check=False,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                timeout=deadline.left(0.5),
-            )
-        except subprocess.TimeoutExpired:
-            raise ProviderTimeout(
-                name,
-                action,
-                "%s did not finish within %.0f s" % (" ".join(argv), deadline.timeout),
-                kind,
-            )
-        except OSError as exc:
-            raise ProviderError(name, action, "cannot run %s: %s" % (argv[0], exc), kind)
-        if check and proc.returncode != 0:
-            err = (proc.stderr or proc.stdout).decode(errors="replace").strip()
-            raise ProviderError(
-                name,
-                action,
-                "%s failed (exit %d): %s" % (" ".join(argv), proc.returncode, err),
-                kind,
-            )
-        return proc
+        return run_command(argv, deadline, name, action, kind, check)
 
-    @staticmethod
-    def _write_json(path, obj):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.rename(tmp, path)
-
-    @staticmethod
-    def _read_json(path):
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+    _write_json = staticmethod(write_json)
+    _read_json = staticmethod(read_json)
 
     def _spec(self, name):
         return self._read_json(self._path(name, "spec.json"))
@@ -384,43 +337,7 @@ class QemuProvider(Provider):
     # --- VMs -------------------------------------------------------------
 
     def _normalize(self, server, disks):
-        name = server.get("name")
-        _check_name(name, "vm", "create")
-        options = dict(server.get("options") or {})
-        kernel = options.pop("kernel", None) or self.image.get("kernel")
-        initrd = options.pop("initrd", None) or self.image.get("initrd")
-        if not kernel or not initrd:
-            raise ProviderError(
-                name, "create", "no kernel/initrd: give the provider an image or the server options"
-            )
-        nics = []
-        for nic in server.get("nics") or []:
-            if isinstance(nic, str):
-                nic = {"network": nic}
-            _check_name(nic.get("network"), "network", "create")
-            nics.append(
-                {"network": nic["network"], "ip": nic.get("ip"), "gateway": nic.get("gateway")}
-            )
-        norm_disks = []
-        for disk in disks or []:
-            uri, readonly = disk_uri(disk)
-            if not re.match(r"^nbd(\+unix)?://", uri or ""):
-                raise ProviderError(
-                    name, "create", "disk %r is not an NBD URI (nbd://host:port/export)" % (uri,)
-                )
-            norm_disks.append({"uri": uri, "readonly": readonly})
-        return {
-            "name": name,
-            "memory": int(server.get("memory", 256)),
-            "cpus": int(server.get("cpus", 1)),
-            "role": server.get("role") or "idle",
-            "nics": nics,
-            "disks": norm_disks,
-            "kernel": os.path.abspath(kernel),
-            "initrd": os.path.abspath(initrd),
-            "cmdline": options.pop("cmdline", ""),
-            "options": options,
-        }
+        return normalize_server(server, disks, self.image)
 
     def create(self, server, disks, timeout):
         spec = self._normalize(server, disks)
@@ -445,10 +362,7 @@ class QemuProvider(Provider):
         spec = self._spec(name)
         if spec is None:
             raise ProviderError(name, "attach_network", "no such VM")
-        if isinstance(nic, str):
-            nic = {"network": nic}
-        _check_name(nic.get("network"), "network", "attach_network")
-        entry = {"network": nic["network"], "ip": nic.get("ip"), "gateway": nic.get("gateway")}
+        entry = normalize_nic(nic, "attach_network")
         if entry in spec["nics"]:
             return False
         state, _raw = self._state(name, deadline, "attach_network")
@@ -463,27 +377,9 @@ class QemuProvider(Provider):
         return True
 
     def _cmdline(self, spec):
-        args = [
-            "console=ttyS0",
-            "panic=-1",
-            "quiet",
-            "haven.name=" + spec["name"],
-            "haven.role=" + spec["role"],
-        ]
-        if spec["nics"]:
-            first = spec["nics"][0]
-            if first.get("ip"):
-                args.append("haven.ip=" + first["ip"])
-            if first.get("gateway"):
-                args.append("haven.gw=" + first["gateway"])
-        if spec["cmdline"]:
-            args.append(spec["cmdline"])
-        return " ".join(args)
+        return kernel_cmdline(spec)
 
-    @staticmethod
-    def mac(name, index):
-        digest = hashlib.sha1(("%s/%d" % (name, index)).encode()).digest()
-        return "52:54:00:%02x:%02x:%02x" % (digest[0], digest[1], digest[2])
+    mac = staticmethod(mac_address)
 
     def power_on(self, name, timeout):
         name = vm_name(name)
@@ -712,32 +608,7 @@ class QemuProvider(Provider):
 
     # --- networks --------------------------------------------------------
 
-    @staticmethod
-    def _network_spec(network):
-        if isinstance(network, str):
-            raise ProviderError(
-                network, "create_network", "a network is a dict with name and cidr", "network"
-            )
-        name = network.get("name")
-        _check_name(name, "network", "create_network")
-        try:
-            net = ipaddress.ip_network(network.get("cidr", ""), strict=False)
-        except ValueError as exc:
-            raise ProviderError(name, "create_network", "cidr: %s" % exc, "network")
-        if net.version != 4 or net.prefixlen > 30:
-            raise ProviderError(
-                name, "create_network", "cidr: an IPv4 network of at least 4 addresses", "network"
-            )
-        hosts = list(net.hosts()) if net.num_addresses <= 65536 else None
-        gateway = network.get("gateway") or str(hosts[0] if hosts else net.network_address + 1)
-        address = network.get("address") or str(hosts[-1] if hosts else net.broadcast_address - 1)
-        return {
-            "name": name,
-            "cidr": str(net),
-            "isolated": bool(network.get("isolated", True)),
-            "gateway": gateway,
-            "address": address,
-        }
+    _network_spec = staticmethod(network_spec)
 
     def network(self, name):
         """The spec of an existing network, or None."""
