@@ -27,8 +27,8 @@ description:
     timeouts and fails the task with RV(failure) naming the server, the step, the check and its last output;
     everything else of the result is there too.
   - The qemu provider needs root and Linux (network namespaces, taps) and C(qemu-system-x86_64) on the host
-    the module runs on, which must reach the recovery node's NBD exports. Servers on another provider fail the
-    task before anything boots.
+    the module runs on, which must reach the recovery node's NBD exports; the libvirt provider a libvirtd
+    (C(qemu:///system)) and Debian's C(python3-libvirt) there (docs/providers.md).
   - Needs a token of the C(read) scope on the source node and of the C(operate) scope on the recovery node.
 author:
   - haven.dr maintainers (@haven-dr)

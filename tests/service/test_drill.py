@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import subprocess
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ from havend.nbd.client import NBDClient
 
 sys.path.insert(0, str(ROOT / "tools"))
 import guest_image
+from test_libvirt_provider import libvirtd  # noqa: F401  (a fixture, used by name)
 
 MARK = b"HAVEN-MARK-db1"
 PORT = 5432
@@ -102,8 +104,11 @@ def site(tmp_path: Path) -> Iterator[Site]:
         pair.stop()
 
 
-def run_drill(site: Site, image: dict[str, str], port: int, timeout: float) -> dict[str, Any]:
-    """The drill of db1 as a play; its registered result."""
+def run_drill(
+    site: Site, image: dict[str, str], port: int, timeout: float, kind: str = "qemu"
+) -> dict[str, Any]:
+    """The drill of db1 as a play, its VM on provider ``kind``; its registered result."""
+    site.kind = kind
     sub = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}"
     net = "d" + secrets.token_hex(4)
     site.network = net
@@ -118,6 +123,7 @@ def run_drill(site: Site, image: dict[str, str], port: int, timeout: float) -> d
             "checkpoint": site.checkpoint["id"][:8],
             "plan": {
                 "name": "db-drill",
+                "provider": kind,
                 "networks": {net: {"isolated": True, "cidr": f"{sub}.0/24"}},
                 "groups": [
                     {
@@ -174,13 +180,38 @@ def run_drill(site: Site, image: dict[str, str], port: int, timeout: float) -> d
 def assert_nothing_left(site: Site) -> None:
     assert site.tgt.get("/v1/exports").json() == []
     assert not Path(f"/var/run/netns/haven-{site.network}").exists()
-    vms = site.tmp / "drill-state" / "qemu" / "vms"
+    vms = site.tmp / "drill-state" / site.kind / "vms"
     assert not vms.exists() or not list(vms.iterdir())
     assert "drill-state/qemu/vms" not in os.popen("ps -eo args").read()
+    if site.kind == "libvirt":  # no domain or network of the drill's state dir left in libvirtd
+        listed = subprocess.run(
+            ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        assert "db1" not in listed, listed
+        nets = subprocess.run(
+            ["virsh", "-c", "qemu:///system", "net-list", "--all", "--name"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        assert site.network not in nets, nets
+
+
+@pytest.fixture(params=["qemu", "libvirt"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """The provider the drill's VM runs on; libvirt's daemon started for it."""
+    if request.param == "libvirt":
+        request.getfixturevalue("libvirtd")
+    return request.param
 
 
 def test_a_drill_boots_checks_records_and_cleans_up_while_production_replicates(
-    site: Site, image: dict[str, str]
+    site: Site, image: dict[str, str], kind: str
 ) -> None:
     during: dict[str, float] = {}
 
@@ -197,7 +228,7 @@ def test_a_drill_boots_checks_records_and_cleans_up_while_production_replicates(
 
     writer = threading.Thread(target=production, daemon=True)
     writer.start()
-    result = run_drill(site, image, PORT, timeout=180)
+    result = run_drill(site, image, PORT, timeout=180, kind=kind)
     ended = time.monotonic()
     writer.join(200)
     assert not result.get("failed"), json.dumps(result, indent=1)[-6000:]

@@ -155,7 +155,6 @@ def test_check_mode_shows_what_would_boot_and_touches_nothing(capsys, nodes, tmp
     [
         (the_plan(1, isolated=False), "plan.groups[0].servers[0].nics[0].network"),
         (the_plan(1, disks=[{"volume": "db", "source": "replica"}]), "plan.groups[0].servers[0].disks[0].source"),
-        (the_plan(1, provider="libvirt"), "plan.groups[0].servers[0].provider"),
     ],
 )
 def test_a_drill_refuses_what_is_not_a_drill(capsys, nodes, tmp_path, monkeypatch, plan, bad_key):
