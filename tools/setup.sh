@@ -13,6 +13,7 @@ apt_packages=(
     qemu-system-x86 qemu-utils libnbd-bin nbdkit nbd-client fio busybox-static linux-image-cloud-amd64
     python3-venv python3-libnbd rsync git make strace openssh-server
 )
+apt_packages+=(dropbear-bin qemu-guest-agent)  # ssh and guest-agent health checks in the tiny guests
 missing=()
 for pkg in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")

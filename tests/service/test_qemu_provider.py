@@ -5,6 +5,7 @@ their disks NBD exports (a havend target node's point-in-time view,
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import secrets
@@ -30,8 +31,10 @@ import guest_image  # noqa: E402
 
 
 def _collection_on_path() -> None:
-    """The collection importable as ansible_collections.haven.dr (a link to this checkout)."""
-    base = Path(os.environ.get("TMPDIR", "/tmp")) / f"haven-collection-{os.getuid()}"
+    """The collection importable as ansible_collections.haven.dr (a link to this
+    checkout: one per checkout, so worktrees side by side each test their own)."""
+    tag = hashlib.sha1(str(ROOT).encode()).hexdigest()[:8]
+    base = Path(os.environ.get("TMPDIR", "/tmp")) / f"haven-collection-{os.getuid()}-{tag}"
     link = base / "ansible_collections" / "haven" / "dr"
     if not link.exists():
         link.parent.mkdir(parents=True, exist_ok=True)
