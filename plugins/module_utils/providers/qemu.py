@@ -236,9 +236,16 @@ class _Qga:
             request = {"execute": command, "arguments": {"id": token}}
             self._send(b"\xff" + json.dumps(request).encode() + b"\n", command)
             if command == "guest-sync-delimited":
-                while b"\xff" not in self.buf:
-                    self.buf = b""
+                old_agent = False
+                while b"\xff" not in self.buf:  # what comes before it is stale
+                    lines = self.buf.split(b"\n")
+                    self.buf = lines[-1]
+                    if any(b'"CommandNotFound"' in line for line in lines[:-1]):
+                        old_agent = True
+                        break
                     self._fill(command)
+                if old_agent:
+                    continue  # guest-sync
                 self.buf = self.buf.split(b"\xff", 1)[1]
             while True:
                 message = self._message(command)
