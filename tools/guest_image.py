@@ -3,7 +3,8 @@
 
 The kernel is the Debian cloud kernel from /boot (``linux-image-cloud-amd64``);
 the initrd is busybox-static, the virtio (and ACPI power button) modules in
-dependency order (``modinfo -k``), and a small ``/init`` that reads what to do
+dependency order (``modinfo -k``), ``qemu-ga`` and dropbear with the shared
+libraries they need (``ldd``, the dynamic loader too), and a small ``/init`` that reads what to do
 from the kernel command line:
 
 - ``haven.role=tcp:PORT``           answer every TCP connection on PORT with
@@ -17,6 +18,12 @@ from the kernel command line:
 - ``haven.name=NAME``               the server's name (its hostname)
 - ``haven.ip=10.0.0.2/24``          eth0's address; ``haven.gw=10.0.0.1`` a default route
 - ``haven.mount=/dev/vda:/mnt``     mount a disk (ext4) before the role runs
+- ``haven.ssh_key=BASE64``          an authorized_keys line (base64 of it) for root:
+                                    dropbear then serves ssh on port 22 (public key only)
+
+Whatever the role, the QEMU guest agent (Debian's ``qemu-ga``) runs on the
+virtio-serial port ``org.qemu.guest_agent.0`` (the qemu provider gives every VM
+one): ``guest-exec`` of ``/bin/sh -c ...`` answers a ``guest_agent`` health check.
 
 The guest prints ``haven: vda <the first 64 bytes, printable ones only>`` and
 ``haven: up ...`` on the serial console when the role runs, and
@@ -24,9 +31,9 @@ powers off when the ACPI power button is pressed (QMP ``system_powerdown``):
 busybox ``acpid`` syncs and triggers sysrq ``o``.
 
 The pair is cached under ``~/.cache/haven-dr/guest/<kernel version>-<hash>/``,
-the hash over the init, the module list and busybox: building twice is
-building once, and the cpio archive is deterministic (mtime 0, sorted, gzip
-without a timestamp), so the same inputs give the same bytes.
+the hash over the init, the module list, busybox and the programs with their
+libraries: building twice is building once, and the cpio archive is
+deterministic (mtime 0, sorted, gzip without a timestamp), so the same inputs give the same bytes.
 
     tools/guest_image.py            # build (or find) the image, print its paths as JSON
     tools/guest_image.py --force    # rebuild
@@ -52,23 +59,31 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "haven-
 BUSYBOX = Path("/bin/busybox")
 # What the guest needs (virtio_pci: the transport, which no driver depends on);
 # each is loaded after what it depends on.
-MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "button", "evdev")
-FORMAT = 1  # bump when the layout of the image changes
+MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "button", "evdev")
+# Dynamically linked programs copied with their libraries (path in the guest =
+# path on the host), and the Debian package of each: the guest agent and ssh.
+PROGRAMS = {
+    "/usr/sbin/qemu-ga": "qemu-guest-agent",
+    "/usr/sbin/dropbear": "dropbear-bin",
+    "/usr/bin/dropbearkey": "dropbear-bin",
+}
+FORMAT = 2  # bump when the layout of the image changes
 
 INIT = r"""#!/bin/busybox sh
 # haven.dr tiny guest init (tools/guest_image.py)
 /bin/busybox --install -s /bin
-export PATH=/bin
+export PATH=/bin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /tmp /run /var/log
+ln -s /run /var/run
 for m in $(cat /etc/modules.order); do
     insmod /lib/modules/$m.ko || echo "haven: insmod $m failed" > /dev/console
 done
 
 say() { echo "haven: $*" > /dev/console; }
-NAME=guest; ROLE=idle; IP=; GW=; MOUNT=
+NAME=guest; ROLE=idle; IP=; GW=; MOUNT=; SSH_KEY=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         haven.name=*) NAME=${arg#haven.name=} ;;
@@ -76,9 +91,25 @@ for arg in $(cat /proc/cmdline); do
         haven.ip=*) IP=${arg#haven.ip=} ;;
         haven.gw=*) GW=${arg#haven.gw=} ;;
         haven.mount=*) MOUNT=${arg#haven.mount=} ;;
+        haven.ssh_key=*) SSH_KEY=${arg#haven.ssh_key=} ;;
     esac
 done
 hostname "$NAME"
+
+# the QEMU guest agent on its virtio-serial port (no udev: the link by its name)
+mkdir -p /dev/virtio-ports
+for port in /sys/class/virtio-ports/*; do
+    [ -r "$port/name" ] || continue
+    dev=${port##*/}
+    [ -e /dev/$dev ] || mknod /dev/$dev c $(sed 's/:/ /' "$port/dev")
+    ln -sf ../$dev "/dev/virtio-ports/$(cat "$port/name")"
+done
+QGA=/dev/virtio-ports/org.qemu.guest_agent.0
+if [ -e $QGA ]; then
+    qemu-ga -m virtio-serial -p $QGA -t /run -l /var/log/qemu-ga.log &
+else
+    say "no guest agent port"
+fi
 
 # power button (QMP system_powerdown): sync, then off at once
 mkdir -p /etc/acpi/PWRF
@@ -98,6 +129,16 @@ if [ -n "$IP" ]; then
     ip addr add "$IP" dev eth0
     ip link set eth0 up
     [ -n "$GW" ] && ip route add default via "$GW"
+fi
+if [ -n "$SSH_KEY" ]; then
+    # ssh for root with that key only (no passwords); a new host key each boot
+    mkdir -p /root/.ssh /etc/dropbear
+    chmod 700 /root /root/.ssh
+    echo "$SSH_KEY" | base64 -d > /root/.ssh/authorized_keys
+    chmod 600 /root/.ssh/authorized_keys
+    K=/etc/dropbear/dropbear_ed25519_host_key
+    dropbearkey -t ed25519 -f $K > /dev/null 2>&1 || say "dropbearkey failed"
+    dropbear -r $K -s -p 22 -P /run/dropbear.pid 2> /var/log/dropbear.log || say "dropbear failed"
 fi
 if [ -n "$MOUNT" ]; then
     mkdir -p "${MOUNT#*:}"
@@ -145,7 +186,7 @@ esac
 # roles joined by "+" all run: writer+tcp:5432
 for one in $(echo "$ROLE" | tr '+' ' '); do run_role "$one"; done
 [ -b /dev/vda ] && say "vda $(dd if=/dev/vda bs=64 count=1 2>/dev/null | tr -cd 'A-Za-z0-9._-')"
-say "up name=$NAME role=$ROLE ip=$IP"
+say "up name=$NAME role=$ROLE ip=$IP ssh=${SSH_KEY:+on}"
 while true; do sleep 3600; done
 """
 
@@ -242,12 +283,77 @@ def _read_module(path: Path) -> bytes:
     return data
 
 
+def shared_libraries(program: Path) -> list[Path]:
+    """The shared libraries ``program`` loads (``ldd``), the dynamic loader among them."""
+    out = subprocess.run(
+        ["ldd", str(program)], capture_output=True, text=True, check=True, timeout=30
+    )
+    found: list[Path] = []
+    for line in out.stdout.splitlines():
+        line = line.strip()
+        if "=>" in line:
+            target = line.split("=>", 1)[1].split("(", 1)[0].strip()
+            if not target:  # linux-vdso.so.1 => (none): the kernel's
+                continue
+            if target == "not":
+                raise SystemExit(f"guest_image: {program} needs {line}")
+        else:
+            target = line.split("(", 1)[0].strip()
+        if target.startswith("/"):
+            found.append(Path(target))
+    return found
+
+
+def program_files() -> list[Path]:
+    """The programs of PROGRAMS and every library they load, sorted, once each
+    (a library's path is the one ldd names, as the loader looks it up)."""
+    missing = [f"{path} ({pkg})" for path, pkg in PROGRAMS.items() if not Path(path).exists()]
+    if missing:
+        raise SystemExit(
+            "guest_image: missing "
+            + ", ".join(missing)
+            + ": install the packages (make setup does)"
+        )
+    files = {Path(p) for p in PROGRAMS}
+    for program in PROGRAMS:
+        files.update(shared_libraries(Path(program)))
+    return sorted(files)
+
+
+def _parents(paths: list[str]) -> list[str]:
+    dirs: set[str] = set()
+    for path in paths:
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            dirs.add("/".join(parts[:i]))
+    return sorted(dirs)
+
+
+ETC = {
+    # dropbear looks root up (getpwnam, files are built into glibc) and wants
+    # its shell listed; the password is locked: public keys only
+    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n",
+    "etc/group": "root:x:0:\n",
+    "etc/shadow": "root:*:19000:0:99999:7:::\n",
+    "etc/shells": "/bin/sh\n",
+    "etc/nsswitch.conf": "passwd: files\ngroup: files\nshadow: files\n",
+}
+
+
 def initrd_entries(kver: str) -> list[tuple[str, int, bytes]]:
     directory, file_mode, exe = 0o040755, 0o100644, 0o100755
     modules = module_order(kver)
+    programs = program_files()
     entries: list[tuple[str, int, bytes]] = [
         (d, directory, b"")
-        for d in ("bin", "dev", "etc", "lib", "lib/modules", "mnt", "proc", "sys", "tmp")
+        for d in ("bin", "dev", "etc", "lib", "lib/modules", "mnt", "proc", "sys", "tmp", "var")
+    ]
+    entries.append(("root", 0o040700, b""))
+    have = {name for name, _, _ in entries}
+    entries += [
+        (d, directory, b"")
+        for d in _parents([str(p).lstrip("/") for p in programs])
+        if d not in have and d != "lib/modules"
     ]
     entries += [
         ("bin/busybox", exe, BUSYBOX.read_bytes()),
@@ -255,18 +361,29 @@ def initrd_entries(kver: str) -> list[tuple[str, int, bytes]]:
         ("init", exe, INIT.encode()),
         ("etc/modules.order", file_mode, "".join(f"{n}\n" for n, _ in modules).encode()),
     ]
+    entries += [
+        (name, file_mode if name != "etc/shadow" else 0o100600, text.encode())
+        for name, text in ETC.items()
+    ]
     entries += [(f"lib/modules/{n}.ko", file_mode, _read_module(p)) for n, p in modules]
+    # the real file under the path ldd names (a library path is often a symlink)
+    entries += [(str(p).lstrip("/"), exe, p.resolve().read_bytes()) for p in programs]
     return entries
 
 
 def image_key(kver: str) -> str:
-    """What the cached image depends on: the init, the modules and busybox."""
+    """What the cached image depends on: the init, the modules, busybox, the
+    programs and their libraries."""
     digest = hashlib.sha256()
     digest.update(b"format %d\n" % FORMAT)
     digest.update(INIT.encode())
     for name, path in module_order(kver):
         digest.update(f"{name} {path}\n".encode())
     digest.update(hashlib.sha256(BUSYBOX.read_bytes()).digest())
+    for name, text in sorted(ETC.items()):
+        digest.update(f"{name} {text}".encode())
+    for path in program_files():
+        digest.update(f"{path} ".encode() + hashlib.sha256(path.resolve().read_bytes()).digest())
     return f"{kver}-{digest.hexdigest()[:16]}"
 
 

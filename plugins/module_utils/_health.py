@@ -13,17 +13,23 @@ output)``, the output what it saw (the last error when it failed):
 - ``http``: ``url`` answers ``status``, its body contains ``body_contains``,
   and the ``jmespath`` expression over its JSON body is true (needs the
   Python library jmespath; without it the check fails saying so);
-- ``command``: ``command`` run by ``sh -c`` on the controller exits
-  ``expect_rc`` (``HAVEN_CHECK_HOST``, ``_USER``, ``_PORT``, ``_KEY_FILE``
-  in its environment, from the check's keys).
+- ``command``: ``command`` run over ssh (paramiko) on ``host:ssh_port`` as
+  ``user`` with ``key_file`` (else the default keys and agent; never a
+  password prompt) exits ``expect_rc``; an unknown host key is accepted (a
+  recovery VM's is new by nature) and its fingerprint is in the output;
+- ``guest_agent``: ``command`` run as ``sh -c`` in the guest by the server's
+  provider (``guest_exec``: the QEMU guest agent) exits ``expect_rc``.
 
 ``where(server, check)`` says where a check of ``server`` runs: None for here (the
 controller's own network), or the argv prefix that runs a command inside
 the server's network - the qemu provider's ``network_command(network, [])``
 (``ip netns exec haven-<network>``): an isolated drill network cannot be
-reached from the host, so tcp and http run there as a tiny Python probe
-(this interpreter) and commands as ``sh -c`` there. Every try is bounded
-by ``timeout`` (a probe that does not end in time is killed).
+reached from the host, so tcp, http and the ssh client run there as tiny
+Python probes (this interpreter; the ssh one imports paramiko). Every try
+is bounded by ``timeout`` (a probe that does not end in time is killed).
+``providers`` (a provider, or a dict of them by name; default the
+``providers`` of ``where``, as ``in_server_network`` gives) run the
+``guest_agent`` checks.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -32,7 +38,6 @@ __metaclass__ = type
 
 import ipaddress
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -49,6 +54,7 @@ try:
 except ImportError:
     jmespath = None
 
+from ansible_collections.haven.dr.plugins.module_utils._errors import HavenError
 from ansible_collections.haven.dr.plugins.module_utils._plan_engine import HealthChecker
 
 MAX_BODY = 65536  # what is read of an http answer
@@ -93,17 +99,132 @@ sys.stdout.write(json.dumps(out))
 """ % MAX_BODY
 
 
+# Run as ``python -c SSH_PROBE '<json>'`` inside a network: one ssh session
+# (paramiko) running one command; prints one JSON line {ok, rc, output,
+# fingerprint, error}, the error without the "ssh user@host:port: " the
+# checker puts before it. Every step is bounded by the time left of
+# ``timeout`` (counted from the probe's start).
+SSH_PROBE = r"""
+import base64, hashlib, json, socket, sys, time
+a = json.loads(sys.argv[1])
+end = time.monotonic() + a["timeout"]
+out = {"ok": False, "rc": None, "output": "", "fingerprint": None, "error": None}
+
+
+def left():
+    return max(0.05, end - time.monotonic())
+
+
+def done():
+    sys.stdout.write(json.dumps(out))
+    sys.stdout.flush()
+
+
+try:
+    import paramiko
+except ImportError:
+    out["error"] = "the command health check needs the Python library paramiko on the controller (pip install paramiko)"
+    done()
+    sys.exit(0)
+
+
+def fingerprint(key):
+    digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+    return "%s SHA256:%s" % (key.get_name(), digest)
+
+
+class Record(paramiko.MissingHostKeyPolicy):
+    # accepted (a recovery VM's host key is new by nature), kept for the output
+    def missing_host_key(self, client, hostname, key):
+        out["fingerprint"] = fingerprint(key)
+
+
+stage = "key"
+client = paramiko.SSHClient()
+client.set_missing_host_key_policy(Record())  # no known_hosts is loaded
+try:
+    pkey = None
+    if a["key_file"]:
+        try:
+            pkey = paramiko.PKey.from_path(a["key_file"])
+        except paramiko.PasswordRequiredException:
+            raise
+        except (IOError, OSError) as e:
+            raise ValueError("cannot read the key file %s: %s" % (a["key_file"], e.strerror or e))
+        except (paramiko.SSHException, ValueError, TypeError) as e:
+            if "encrypted" in str(e) or "assword" in str(e):
+                raise paramiko.PasswordRequiredException(str(e))
+            raise ValueError("the key file %s is not a private key paramiko reads: %s" % (a["key_file"], e))
+    stage = "connect"
+    sock = socket.create_connection((a["host"], a["port"]), timeout=left())
+    stage = "ssh"
+    client.connect(
+        a["host"], a["port"], a["user"], pkey=pkey, sock=sock, timeout=left(),
+        banner_timeout=left(), auth_timeout=left(), channel_timeout=left(),
+        look_for_keys=pkey is None, allow_agent=pkey is None,
+    )
+    transport = client.get_transport()
+    out["fingerprint"] = fingerprint(transport.get_remote_server_key())
+    stage = "command"
+    chan = transport.open_session(timeout=left())
+    chan.set_combine_stderr(True)
+    chan.exec_command(a["command"])
+    data = b""
+    while True:
+        chan.settimeout(left())
+        chunk = chan.recv(65536)
+        if not chunk:
+            break
+        if len(data) < a["max_output"]:
+            data += chunk
+    if not chan.status_event.wait(left()):
+        raise socket.timeout()
+    out["rc"] = chan.recv_exit_status()
+    out["output"] = data.decode("utf-8", "replace")
+    out["ok"] = True
+except paramiko.PasswordRequiredException:
+    out["error"] = "the key file %s needs a passphrase (none is asked for)" % a["key_file"]
+except paramiko.AuthenticationException as e:
+    how = "the key file %s" % a["key_file"] if a["key_file"] else "the default keys and agent (no key_file)"
+    out["error"] = "authentication failed (%s): %s" % (how, e)
+except (socket.timeout, TimeoutError) as e:
+    out["error"] = {
+        "connect": "connection timed out (no answer within %g s)",
+        "ssh": "no ssh answer within %g s",
+        "command": "the command did not end within %g s",
+    }.get(stage, "timed out within %g s") % a["timeout"]
+except ConnectionRefusedError:
+    out["error"] = "connection refused"
+except ValueError as e:
+    out["error"] = str(e)
+except paramiko.SSHException as e:
+    if stage == "ssh" and time.monotonic() >= end - 0.2:  # paramiko's own timeouts say less
+        out["error"] = "no ssh answer within %g s (%s)" % (a["timeout"], e or type(e).__name__)
+    else:
+        out["error"] = "ssh failed: %s" % (e or type(e).__name__)
+except (OSError, EOFError) as e:
+    out["error"] = "%s: %s" % (type(e).__name__, e)
+except Exception as e:
+    out["error"] = "%s: %s" % (type(e).__name__, e)
+finally:
+    client.close()
+done()
+"""
+
+
 def _clip(text):
     text = text or ""
     return text if len(text) <= MAX_OUTPUT else text[: MAX_OUTPUT - 3] + "..."
 
 
 class Checker(HealthChecker):
-    """Real tcp, http and command checks, here or inside a server's network."""
+    """Real tcp, http, command (ssh) and guest_agent checks, here or inside a
+    server's network."""
 
-    def __init__(self, where=None, python=None):
+    def __init__(self, where=None, python=None, providers=None):
         self.where = where or (lambda server, check: None)
         self.python = python or sys.executable
+        self.providers = providers if providers is not None else getattr(where, "providers", None)
         self.last = {}  # server name -> the output of its last try
 
     def check(self, server, check, timeout):
@@ -125,14 +246,16 @@ class Checker(HealthChecker):
             return self._http(check, timeout, prefix)
         if check.type == "command":
             return self._command(check, timeout, prefix)
-        return False, "%s health checks are not supported by this checker (tcp, http, command are)" % check.type
+        if check.type == "guest_agent":
+            return self._guest_agent(server, check, timeout)
+        return False, "%s health checks are not supported by this checker (tcp, http, command, guest_agent are)" % check.type
 
     # --- the probes --------------------------------------------------------
 
-    def _probe(self, args, timeout, prefix):
+    def _probe(self, args, timeout, prefix, source=PROBE):
         """The probe's answer (a dict) run inside the network of ``prefix``."""
         args = dict(args, timeout=max(0.1, timeout - 0.5))
-        argv = list(prefix) + [self.python, "-c", PROBE, json.dumps(args)]
+        argv = list(prefix) + [self.python, "-c", source, json.dumps(args)]
         try:
             done = subprocess.run(argv, check=False, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -188,27 +311,56 @@ class Checker(HealthChecker):
         return answer.getcode(), answer.read(MAX_BODY).decode("utf-8", "replace")
 
     def _command(self, check, timeout, prefix):
-        env = dict(os.environ)
-        for key, value in (
-            ("HOST", check.host),
-            ("USER", check.user),
-            ("PORT", check.ssh_port),
-            ("KEY_FILE", check.key_file),
-        ):
-            if value is not None:
-                env["HAVEN_CHECK_" + key] = str(value)
-        argv = list(prefix or []) + ["sh", "-c", check.command]
-        expect = check.expect_rc if check.expect_rc is not None else 0
+        target = "ssh %s@%s:%s" % (check.user or "root", check.host, check.ssh_port or 22)
+        args = {
+            "host": check.host,
+            "port": int(check.ssh_port or 22),
+            "user": check.user or "root",
+            "key_file": check.key_file,
+            "command": check.command,
+            "max_output": MAX_OUTPUT * 4,
+        }
+        out = self._probe(args, timeout, prefix or [], source=SSH_PROBE)
+        return judge_ssh(target, check, out)
+
+    def _provider(self, server):
+        providers = self.providers
+        if isinstance(providers, dict):
+            return providers.get(getattr(server, "provider", None))
+        return providers
+
+    def _guest_agent(self, server, check, timeout):
+        provider = self._provider(server)
+        if provider is None or not hasattr(provider, "guest_exec"):
+            return False, "guest_agent checks run through the server's provider (guest_exec): this checker has none for %s" % (
+                getattr(server, "provider", None) or "it"
+            )
         try:
-            done = subprocess.run(argv, check=False, capture_output=True, timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            return False, "%r did not end within %g s" % (check.command, timeout)
-        except OSError as exc:
-            return False, "cannot run %r: %s" % (check.command, exc)
-        output = _clip((done.stdout + done.stderr).decode("utf-8", "replace").strip())
-        if done.returncode != expect:
-            return False, "%r exited %d, not %d: %s" % (check.command, done.returncode, expect, output)
-        return True, output or "%r exited %d" % (check.command, expect)
+            got = provider.guest_exec(server, ["/bin/sh", "-c", check.command], timeout)
+        except HavenError as exc:
+            return False, "guest agent: %s" % exc
+        return judge_rc("guest agent", check, got.get("rc"), (got.get("stdout") or "") + (got.get("stderr") or ""))
+
+
+def judge_rc(where, check, rc, output):
+    """``(ok, output)`` of a command's exit status against the check's ``expect_rc``."""
+    expect = check.expect_rc if check.expect_rc is not None else 0
+    output = _clip((output or "").strip())
+    if rc != expect:
+        return False, "%s: %r exited %s, not %d: %s" % (where, check.command, rc, expect, output)
+    return True, "%s: %r exited %d%s" % (where, check.command, expect, ": " + output if output else "")
+
+
+def judge_ssh(target, check, out):
+    """``(ok, output)`` of the ssh probe's answer ``out`` for ``target``
+    (``ssh user@host:port``): its error, or the exit status against
+    ``expect_rc``, with the host key's fingerprint."""
+    if not out.get("ok"):
+        return False, "%s: %s" % (target, out.get("error") or "the probe said nothing")
+    where = target
+    if out.get("fingerprint"):
+        where += " (host key %s)" % out["fingerprint"]
+    return judge_rc(where, check, out.get("rc"), out.get("output"))
 
 
 def judge_http(check, status, body):
@@ -239,10 +391,26 @@ def in_server_network(plan, providers):
     """A ``where`` for ``Checker``: a check runs inside the network of the
     server's NIC whose network holds the check's host (else its first NIC)
     when the server's provider has ``network_command`` (qemu: a netns);
-    here otherwise (no NIC, or a provider without one)."""
+    here otherwise (no NIC, or a provider without one). It carries
+    ``providers`` (a provider or a dict of them by name), which a
+    ``Checker`` made with it uses for the ``guest_agent`` checks."""
+    return ServerNetwork(plan, providers)
 
-    def where(server, check):
-        provider = providers.get(server.provider) if isinstance(providers, dict) else providers
+
+class ServerNetwork:
+    """``in_server_network``'s answer: called as ``where(server, check)``."""
+
+    def __init__(self, plan, providers):
+        self.plan = plan
+        self.providers = providers
+
+    def provider(self, server):
+        if isinstance(self.providers, dict):
+            return self.providers.get(server.provider)
+        return self.providers
+
+    def __call__(self, server, check):
+        provider = self.provider(server)
         if provider is None or not hasattr(provider, "network_command") or not server.nics:
             return None
         chosen = server.nics[0].network
@@ -250,7 +418,7 @@ def in_server_network(plan, providers):
         if host is None and check.url:
             host = _url_host(check.url)
         for nic in server.nics:
-            cidr = plan.networks[nic.network].cidr if nic.network in plan.networks else None
+            cidr = self.plan.networks[nic.network].cidr if nic.network in self.plan.networks else None
             try:
                 if host and cidr and ipaddress.ip_address(host) in ipaddress.ip_network(cidr, strict=False):
                     chosen = nic.network
@@ -258,8 +426,6 @@ def in_server_network(plan, providers):
             except ValueError:  # a host name: the first NIC's network
                 break
         return provider.network_command(chosen, [])
-
-    return where
 
 
 def _url_host(url):

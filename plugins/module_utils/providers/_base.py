@@ -7,7 +7,8 @@
 
 A provider runs the servers of a recovery plan: it creates a VM from block
 devices (NBD URIs of the target node's exports), powers it on and off,
-pauses it, attaches it to networks, says its state and destroys it. The plan
+pauses it, attaches it to networks, says its state, runs a command in it
+through its guest agent (``guest_exec``) and destroys it. The plan
 engine talks to providers only through this class.
 
 Rules every provider keeps:
@@ -131,6 +132,17 @@ class Provider:
     def list(self, timeout):
         """Names of the VMs this provider knows (for clean-up after a crash)."""
         raise NotImplementedError
+
+    def guest_exec(self, name, argv, timeout):
+        """Run ``argv`` (``argv[0]`` the program) inside the running VM through
+        its guest agent and wait for it to exit: ``{"rc", "stdout",
+        "stderr"}`` (rc the exit status; 128 + N when signal N killed it).
+        An agent that does not answer, or a process that does not exit,
+        within ``timeout`` is a :class:`ProviderTimeout`. A provider without
+        a guest agent raises :class:`ProviderError` (this default)."""
+        raise ProviderError(
+            vm_name(name), "guest_exec", "the %s provider has no guest agent" % (self.name or "this")
+        )
 
     # --- networks --------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import base64
 import hashlib
 import ipaddress
 import json
@@ -129,6 +130,13 @@ def normalize_server(server, disks, image):
         raise ProviderError(
             name, "create", "no kernel/initrd: give the provider an image or the server options"
         )
+    key = options.get("ssh_key")
+    if key is not None and (
+        not isinstance(key, str) or len(key.strip().splitlines()) != 1 or " " not in key.strip()
+    ):
+        raise ProviderError(
+            name, "create", "options.ssh_key is one authorized_keys line (ssh-ed25519 AAAA...)"
+        )
     nics = [normalize_nic(nic, "create") for nic in server.get("nics") or []]
     norm_disks = []
     for disk in disks or []:
@@ -168,6 +176,9 @@ def kernel_cmdline(spec):
             args.append("haven.ip=" + first["ip"])
         if first.get("gateway"):
             args.append("haven.gw=" + first["gateway"])
+    if spec["options"].get("ssh_key"):  # root's authorized key for the guest's dropbear
+        key = spec["options"]["ssh_key"].strip().encode()
+        args.append("haven.ssh_key=" + base64.b64encode(key).decode())
     if spec["cmdline"]:
         args.append(spec["cmdline"])
     return " ".join(args)

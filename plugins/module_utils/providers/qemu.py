@@ -32,6 +32,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import base64
 import ctypes
 import errno
 import fcntl
@@ -76,6 +77,7 @@ _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
 NETNS_PREFIX = "haven-"
+QGA_PORT = "org.qemu.guest_agent.0"  # the virtio-serial port name qemu-ga opens
 BRIDGE = "br0"
 UPLINK = "uplink"
 
@@ -149,6 +151,177 @@ class _Qmp:
 
     def close(self):
         self.sock.close()
+
+
+class _Qga:
+    """One session with the QEMU guest agent over the VM's ``qga.sock`` (the
+    chardev of its ``org.qemu.guest_agent.0`` port): JSON lines both ways,
+    every read bounded by the deadline. ``sync`` first: a session another
+    client left half way may still have answers in the pipe."""
+
+    def __init__(self, path, deadline, name):
+        self.deadline = deadline
+        self.name = name
+        self.buf = b""
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(deadline.left(0.05))
+            self.sock.connect(path)
+        except socket.timeout:
+            self.sock.close()
+            raise ProviderTimeout(name, "guest_exec", "cannot connect to %s in time" % path)
+        except OSError as exc:
+            self.sock.close()
+            raise ProviderError(name, "guest_exec", "cannot connect to %s: %s" % (path, exc))
+
+    def _fill(self, command):
+        self.sock.settimeout(max(0.01, self.deadline.left()))
+        try:
+            chunk = self.sock.recv(65536) if not self.deadline.expired() else None
+        except socket.timeout:
+            chunk = None
+        except OSError as exc:
+            raise ProviderError(self.name, "guest_exec", "the guest agent's socket: %s" % exc)
+        if chunk is None:
+            raise ProviderTimeout(
+                self.name,
+                "guest_exec",
+                "the guest agent did not answer %s within %g s (is qemu-ga running in the guest?)"
+                % (command, self.deadline.timeout),
+            )
+        if not chunk:
+            raise ProviderError(self.name, "guest_exec", "QEMU closed the guest agent's socket")
+        self.buf += chunk
+
+    def _send(self, data, command):
+        self.sock.settimeout(max(0.01, self.deadline.left()))
+        try:
+            self.sock.sendall(data)
+        except socket.timeout:
+            raise ProviderTimeout(
+                self.name, "guest_exec", "cannot send %s to the guest agent in time" % command
+            )
+        except OSError as exc:
+            raise ProviderError(self.name, "guest_exec", "the guest agent's socket: %s" % exc)
+
+    def _message(self, command):
+        """The next JSON object from the agent (lines that are not one are skipped)."""
+        while True:
+            while b"\n" not in self.buf:
+                self._fill(command)
+            line, self.buf = self.buf.split(b"\n", 1)
+            line = line.strip(b"\xff \r\t")
+            if not line:
+                continue
+            try:
+                message = json.loads(line.decode("utf-8", "replace"))
+            except ValueError:
+                continue
+            if isinstance(message, dict):
+                return message
+
+    def sync(self):
+        """guest-sync-delimited (the agent's answer follows a 0xFF byte; ours
+        resets its parser first), guest-sync on an agent without it."""
+        token = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF
+        for command in ("guest-sync-delimited", "guest-sync"):
+            request = {"execute": command, "arguments": {"id": token}}
+            self._send(b"\xff" + json.dumps(request).encode() + b"\n", command)
+            if command == "guest-sync-delimited":
+                old_agent = False
+                while b"\xff" not in self.buf:  # what comes before it is stale
+                    lines = self.buf.split(b"\n")
+                    self.buf = lines[-1]
+                    if any(b'"CommandNotFound"' in line for line in lines[:-1]):
+                        old_agent = True
+                        break
+                    self._fill(command)
+                if old_agent:
+                    continue  # guest-sync
+                self.buf = self.buf.split(b"\xff", 1)[1]
+            while True:
+                message = self._message(command)
+                if message.get("return") == token:
+                    return
+                error = message.get("error") or {}
+                if error.get("class") == "CommandNotFound" and command == "guest-sync-delimited":
+                    break  # an old agent: guest-sync
+                if error:
+                    raise ProviderError(
+                        self.name, "guest_exec", "%s: %s" % (command, error.get("desc", error))
+                    )
+                # an answer left over from someone else's session: skip
+
+    def execute(self, command, arguments):
+        self._send(json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n", command)
+        message = self._message(command)
+        if "error" in message:
+            error = message["error"]
+            raise ProviderError(
+                self.name,
+                "guest_exec",
+                "%s: %s" % (command, error.get("desc", error) if isinstance(error, dict) else error),
+            )
+        if "return" not in message:
+            raise ProviderError(
+                self.name, "guest_exec", "%s: not an answer: %s" % (command, json.dumps(message)[:200])
+            )
+        return message["return"]
+
+    def close(self):
+        self.sock.close()
+
+
+def exec_result(status):
+    """``{"rc", "stdout", "stderr"}`` of a ``guest-exec-status`` answer once
+    the process exited (None while it runs): outputs decoded from base64
+    (UTF-8, bad bytes replaced), ``[truncated]`` after one the agent cut; a
+    process killed by a signal has rc 128 + the signal, as a shell says."""
+    if not isinstance(status, dict) or not status.get("exited"):
+        return None
+    rc = status.get("exitcode")
+    if rc is None and status.get("signal") is not None:
+        rc = 128 + int(status["signal"])
+    out = {"rc": rc}
+    for key, field in (("stdout", "out"), ("stderr", "err")):
+        try:
+            text = base64.b64decode(status.get(field + "-data") or "").decode("utf-8", "replace")
+        except (TypeError, ValueError) as exc:
+            text = "(%s-data is not base64: %s)" % (field, exc)
+        if status.get(field + "-truncated"):
+            text += "[truncated]"
+        out[key] = text
+    return out
+
+
+def qga_exec(path, argv, deadline, name):
+    """``argv`` run by the guest agent of ``path``: its exit status and outputs
+    once it exited; ProviderTimeout when it has not by the deadline."""
+    qga = _Qga(path, deadline, name)
+    try:
+        qga.sync()
+        started = qga.execute(
+            "guest-exec", {"path": argv[0], "arg": list(argv[1:]), "capture-output": True}
+        )
+        pid = started.get("pid") if isinstance(started, dict) else None
+        if not isinstance(pid, int):
+            raise ProviderError(name, "guest_exec", "guest-exec answered no pid: %r" % (started,))
+        pause = 0.05
+        while True:
+            result = exec_result(qga.execute("guest-exec-status", {"pid": pid}))
+            if result is not None:
+                return result
+            if deadline.left() <= pause:
+                raise ProviderTimeout(
+                    name,
+                    "guest_exec",
+                    "%s (pid %d in the guest) did not exit within %g s"
+                    % (" ".join(argv), pid, deadline.timeout),
+                )
+            time.sleep(pause)
+            pause = min(0.5, pause * 2)
+    finally:
+        qga.close()
 
 
 def _open_tap(netns, ifname):
@@ -328,7 +501,7 @@ class QemuProvider(Provider):
 
     def _after_stop(self, name, deadline, action):
         self._remove_taps(name, self._spec(name), deadline, action)
-        for leaf in ("qemu.pid", "qmp.sock"):
+        for leaf in ("qemu.pid", "qmp.sock", "qga.sock"):
             try:
                 os.unlink(self._path(name, leaf))
             except OSError:
@@ -424,6 +597,13 @@ class QemuProvider(Provider):
                 "-pidfile",
                 self._path(name, "qemu.pid"),
                 "-daemonize",
+                # the guest agent's port (guest_exec), answered by qemu-ga in the guest
+                "-chardev",
+                "socket,id=qga0,path=%s,server=on,wait=off" % self._path(name, "qga.sock"),
+                "-device",
+                "virtio-serial-pci,id=vser0",
+                "-device",
+                "virtserialport,chardev=qga0,name=%s" % QGA_PORT,
             ]
             for index, disk in enumerate(spec["disks"]):
                 drive = "file=%s,format=raw,if=virtio,cache=none,id=disk%d" % (
@@ -597,6 +777,28 @@ class QemuProvider(Provider):
             return sorted(os.listdir(os.path.join(self.state_dir, "vms")))
         except OSError:
             return []
+
+    def guest_exec(self, name, argv, timeout):
+        """``argv`` run in the running VM by its guest agent (qemu-ga on the
+        ``org.qemu.guest_agent.0`` port, ``qga.sock`` here): ``{"rc",
+        "stdout", "stderr"}``; ProviderTimeout when the agent does not answer
+        or the process does not exit in time."""
+        name = vm_name(name)
+        deadline = _Deadline(timeout)
+        argv = [str(a) for a in argv or []]
+        if not argv:
+            raise ProviderError(name, "guest_exec", "nothing to run (argv is empty)")
+        state, _raw = self._state(name, deadline, "guest_exec")
+        if state != RUNNING:
+            raise ProviderError(name, "guest_exec", "the VM is %s, not running" % state)
+        path = self._path(name, "qga.sock")
+        if not os.path.exists(path):
+            raise ProviderError(
+                name,
+                "guest_exec",
+                "no guest agent socket %s (started by an older provider: power it off and on)" % path,
+            )
+        return qga_exec(path, argv, deadline, name)
 
     def serial_log(self, name):
         """What the guest wrote on its console so far."""

@@ -3,7 +3,7 @@
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
 
-"""The real health checks against real local sockets and HTTP servers.
+"""The real health checks against real local sockets, HTTP and ssh servers.
 The probe path (a check run inside a network) is run through ``env`` as the
 prefix, standing in for ``ip netns exec haven-<network>``."""
 
@@ -11,17 +11,23 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import base64
+import hashlib
 import json
+import socket
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+import paramiko
 import pytest
 
 from ansible_collections.haven.dr.plugins.module_utils import _health
 from ansible_collections.haven.dr.plugins.module_utils._health import Checker, in_server_network
 from ansible_collections.haven.dr.plugins.module_utils._plan import parse_plan
 from ansible_collections.haven.dr.plugins.module_utils._plan_engine import PlanRun
+from ansible_collections.haven.dr.plugins.module_utils.providers._base import ProviderTimeout
 
 HERE = None
 INSIDE = ["env"]  # a prefix that runs the probe as a separate process
@@ -154,27 +160,205 @@ def test_http_jmespath_without_the_library_names_the_option(web, monkeypatch):
     assert "jmespath option" in output and "pip install jmespath" in output
 
 
+class SSHServer(paramiko.ServerInterface):
+    """One real ssh server on loopback (paramiko's): public key auth with
+    ``allowed`` only, exec requests run by ``sh -c`` here."""
+
+    def __init__(self, allowed):
+        self.allowed = allowed
+        self.command = None
+        self.event = threading.Event()
+
+    def check_auth_publickey(self, username, key):
+        if username == "root" and key.asbytes() == self.allowed.asbytes():
+            return paramiko.AUTH_SUCCESSFUL
+        return paramiko.AUTH_FAILED
+
+    def get_allowed_auths(self, username):
+        return "publickey"
+
+    def check_channel_request(self, kind, chanid):
+        return paramiko.OPEN_SUCCEEDED if kind == "session" else paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
+    def check_channel_exec_request(self, channel, command):
+        self.command = command
+        self.event.set()
+        return True
+
+
+@pytest.fixture(scope="module")
+def host_key():
+    return paramiko.RSAKey.generate(1024)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """Two client keys on disk: ``good`` (the server's) and ``other``."""
+    paths = {}
+    for name in ("good", "other"):
+        key = paramiko.RSAKey.generate(1024)
+        path = str(tmp_path / name)
+        key.write_private_key_file(path)
+        paths[name] = (path, key)
+    locked = paramiko.RSAKey.generate(1024)
+    locked.write_private_key_file(str(tmp_path / "locked"), password="secret")
+    paths["locked"] = (str(tmp_path / "locked"), locked)
+    return paths
+
+
+@pytest.fixture
+def sshd(host_key, keys):
+    """The port of a real ssh server that lets the ``good`` key in as root."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+    threads = []
+
+    def session(conn):
+        transport = paramiko.Transport(conn)
+        transport.add_server_key(host_key)
+        server = SSHServer(keys["good"][1])
+        try:
+            transport.start_server(server=server)
+            chan = transport.accept(10)
+            if chan is None or not server.event.wait(10):
+                return
+            done = subprocess.run(["sh", "-c", server.command.decode()], capture_output=True, timeout=30, check=False)
+            chan.sendall(done.stdout)
+            chan.sendall_stderr(done.stderr)
+            chan.send_exit_status(done.returncode)
+            chan.close()
+        except (paramiko.SSHException, EOFError, OSError, subprocess.TimeoutExpired):
+            pass
+        finally:
+            time.sleep(0.1)
+            transport.close()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _addr = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=session, args=(conn,))
+            thread.daemon = True
+            thread.start()
+            threads.append(thread)
+
+    thread = threading.Thread(target=serve)
+    thread.daemon = True
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    listener.close()
+
+
+def fingerprint(key):
+    return "ssh-rsa SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
 @pytest.mark.parametrize("prefix", [HERE, INSIDE], ids=["here", "inside"])
-def test_command_exit_status_output_and_environment(prefix):
+def test_command_runs_over_ssh_exit_status_output_and_host_key(prefix, sshd, keys, host_key):
     checker = Checker(where(prefix))
-    plan, server, check = check_of(type="command", command='echo "up on $HAVEN_CHECK_HOST"')
-    assert checker.check(server, check, 5) == (True, "up on 127.0.0.1")
-    plan, server, check = check_of(type="command", command="echo no >&2; exit 3")
-    ok, output = checker.check(server, check, 5)
-    assert not ok and output == "'echo no >&2; exit 3' exited 3, not 0: no"
-    plan, server, check = check_of(type="command", command="exit 3", expect_rc=3)
-    assert checker.check(server, check, 5)[0]
-    plan, server, check = check_of(type="command", command="sleep 10")
+    target = "ssh root@127.0.0.1:%d" % sshd
+    seen = "%s (host key %s)" % (target, fingerprint(host_key))
+    plan, server, check = check_of(type="command", command="echo up; echo err >&2", ssh_port=sshd, key_file=keys["good"][0])
+    assert checker.check(server, check, 10) == (True, "%s: 'echo up; echo err >&2' exited 0: up\nerr" % seen)
+    plan, server, check = check_of(type="command", command="echo no; exit 3", ssh_port=sshd, key_file=keys["good"][0])
+    assert checker.check(server, check, 10) == (False, "%s: 'echo no; exit 3' exited 3, not 0: no" % seen)
+    plan, server, check = check_of(type="command", command="exit 3", expect_rc=3, ssh_port=sshd, key_file=keys["good"][0])
+    assert checker.check(server, check, 10) == (True, "%s: 'exit 3' exited 3" % seen)
+
+
+@pytest.mark.parametrize("prefix", [HERE, INSIDE], ids=["here", "inside"])
+def test_ssh_errors_are_precise(prefix, sshd, keys, closed_port, tmp_path):
+    checker = Checker(where(prefix))
+    target = "ssh root@127.0.0.1:%d" % sshd
+
+    def output(**keys_):
+        plan, server, check = check_of(type="command", command="true", **keys_)
+        ok, out = checker.check(server, check, 10)
+        assert not ok
+        return out
+
+    out = output(ssh_port=sshd, key_file=keys["other"][0])
+    assert out.startswith(target + ": authentication failed (the key file %s)" % keys["other"][0]), out
+    out = output(ssh_port=sshd, key_file=keys["locked"][0])
+    assert out == target + ": the key file %s needs a passphrase (none is asked for)" % keys["locked"][0]
+    missing = str(tmp_path / "missing")
+    out = output(ssh_port=sshd, key_file=missing)
+    assert out.startswith(target + ": cannot read the key file %s: " % missing), out
+    (tmp_path / "junk").write_text("not a key\n")
+    out = output(ssh_port=sshd, key_file=str(tmp_path / "junk"))
+    assert out.startswith(target + ": the key file %s is not a private key" % (tmp_path / "junk")), out
+    out = output(ssh_port=closed_port, key_file=keys["good"][0])
+    assert out == "ssh root@127.0.0.1:%d: connection refused" % closed_port
+
+
+@pytest.mark.parametrize("prefix", [HERE, INSIDE], ids=["here", "inside"])
+def test_ssh_is_bounded_by_the_timeout(prefix, sshd, keys, listening):
+    checker = Checker(where(prefix))
+    plan, server, check = check_of(type="command", command="true", ssh_port=listening, key_file=keys["good"][0])
     started = time.monotonic()
-    ok, output = checker.check(server, check, 1)
-    assert not ok and "did not end within 0.85 s" in output
-    assert time.monotonic() - started < 3
+    ok, out = checker.check(server, check, 2)
+    assert time.monotonic() - started < 2.5
+    assert not ok and out.startswith("ssh root@127.0.0.1:%d: no ssh answer within " % listening), out
+    plan, server, check = check_of(type="command", command="sleep 10", ssh_port=sshd, key_file=keys["good"][0])
+    started = time.monotonic()
+    ok, out = checker.check(server, check, 3)
+    assert time.monotonic() - started < 3.5
+    assert not ok and out.startswith("ssh root@127.0.0.1:%d: the command did not end within " % sshd), out
 
 
-def test_guest_agent_is_refused_plainly():
+def test_ssh_without_paramiko_says_so(tmp_path, sshd, keys):
+    (tmp_path / "paramiko.py").write_text("raise ImportError('no paramiko here')\n")
+    plan, server, check = check_of(type="command", command="true", ssh_port=sshd, key_file=keys["good"][0])
+    ok, out = Checker(where(["env", "PYTHONPATH=%s" % tmp_path])).check(server, check, 10)
+    assert not ok and "needs the Python library paramiko" in out and "pip install paramiko" in out
+
+
+class AgentProvider:
+    """A provider whose guest agent answers as the test says."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.calls = []
+
+    def guest_exec(self, name, argv, timeout):
+        self.calls.append((getattr(name, "name", name), argv, timeout))
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def test_guest_agent_runs_sh_c_through_the_provider():
+    plan, server, check = check_of(type="guest_agent", command="test -b /dev/vda")
+    provider = AgentProvider({"rc": 0, "stdout": "fine\n", "stderr": ""})
+    assert Checker(providers={"qemu": provider}).check(server, check, 5) == (
+        True,
+        "guest agent: 'test -b /dev/vda' exited 0: fine",
+    )
+    assert provider.calls[0][:2] == ("s1", ["/bin/sh", "-c", "test -b /dev/vda"])
+    assert 0 < provider.calls[0][2] <= 5
+    provider.answer = {"rc": 1, "stdout": "", "stderr": "no disk\n"}
+    assert Checker(providers=provider).check(server, check, 5) == (
+        False,
+        "guest agent: 'test -b /dev/vda' exited 1, not 0: no disk",
+    )
+    provider.answer = ProviderTimeout("s1", "guest_exec", "the guest agent did not answer guest-sync-delimited within 4.4 s")
+    ok, out = Checker(in_server_network(plan, {"qemu": provider})).check(server, check, 5)
+    assert not ok and out == "guest agent: vm 's1': guest_exec: the guest agent did not answer guest-sync-delimited within 4.4 s"
+
+
+def test_guest_agent_without_a_provider_says_so():
     plan, server, check = check_of(type="guest_agent", command="true")
     ok, output = Checker().check(server, check, 5)
-    assert not ok and "guest_agent health checks are not supported" in output
+    assert not ok and "guest_agent checks run through the server's provider" in output
 
 
 def test_a_probe_that_cannot_run_says_so(listening):
