@@ -91,7 +91,7 @@ EXAMPLES = r"""
     recovery_url: "{{ haven_recovery_url }}"
     recovery_token: "{{ haven_recovery_token }}"  # operate scope
     production:
-      state_dir: /var/lib/haven-dr/production
+      state_dir: "{{ haven_production_state_dir }}"
     plan: "{{ shop_plan }}"
   register: home
 
@@ -184,7 +184,8 @@ from ansible_collections.haven.dr.plugins.module_utils._recovery import (
 )
 from ansible_collections.haven.dr.plugins.module_utils.providers import get_provider
 
-FAILED_OVER, PROTECTING = "failed_over", "protecting"
+FAILED_OVER = "failed_over"
+PROTECTING = "protecting"
 
 
 class Failback:
@@ -245,7 +246,7 @@ class Failback:
     def run(self):
         p = self.params
         started_wall = time.time()
-        plan, warnings, _ = check_plan(p["plan"], self.source, self.recovery, replica=True)
+        plan, warnings = check_plan(p["plan"], self.source, self.recovery, replica=True)[:2]
         for warning in warnings:
             self.haven.module.warn(warning)
         groups = protection_groups(plan)

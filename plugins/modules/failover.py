@@ -119,27 +119,35 @@ seealso:
 """
 
 EXAMPLES = r"""
-# url, token and ca_path of the source node come from HAVEN_URL, HAVEN_TOKEN and HAVEN_CA_PATH here.
+# url, token and ca_path of the source node come from HAVEN_URL, HAVEN_TOKEN and HAVEN_CA_PATH here;
+# shop_plan is a recovery plan (docs/recovery-plans.md) in the inventory's vars.
 - name: Planned failover of the shop - stop production, fail over without loss, boot the plan
   haven.dr.failover:
     mode: planned
     recovery_url: "{{ haven_recovery_url }}"
     recovery_token: "{{ haven_recovery_token }}"  # operate scope
     production:
-      state_dir: /var/lib/haven-dr/production
+      state_dir: "{{ haven_production_state_dir }}"  # where the protected servers run (qemu provider)
     plan: "{{ shop_plan }}"
+    qemu:
+      servers:
+        db1.example.com: {role: "tcp:5432"}  # what the tiny test guest runs
   register: moved
 
 - name: The measured RTO, and the proof that nothing was lost
   ansible.builtin.debug:
     msg: "RTO {{ moved.rto_seconds }} s; lost writes {{ moved.rpo | dict2items | map(attribute='value.writes') | list }}"
 
+# Run again (or after a disaster, with the source gone): what is failed over already is not done twice.
 - name: The protected site is gone - promote at the latest point and boot
   haven.dr.failover:
     mode: unplanned
     recovery_url: "{{ haven_recovery_url }}"
     recovery_token: "{{ haven_recovery_token }}"
     plan: "{{ shop_plan }}"
+    qemu:
+      servers:
+        db1.example.com: {role: "tcp:5432"}
   register: forced
 """
 
@@ -362,7 +370,7 @@ class Failover:
         p = self.params
         started_wall = time.time()
         source = self.source()
-        plan, warnings, _ = check_plan(p["plan"], source, self.recovery, replica=True)
+        plan, warnings = check_plan(p["plan"], source, self.recovery, replica=True)[:2]
         for warning in warnings:
             self.haven.module.warn(warning)
         groups = protection_groups(plan)

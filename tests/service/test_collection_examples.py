@@ -16,11 +16,29 @@ from __future__ import annotations
 
 import ast
 import json
+import secrets
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import yaml
 from plays import ROOT, Sites, ansible, ansible_env, collection_sites
+from test_qemu_provider import _collection_on_path
+
+sys.path.insert(0, str(ROOT / "tools"))
+import guest_image
+
+_collection_on_path()
+from ansible_collections.haven.dr.plugins.module_utils._recovery import (  # noqa: E402
+    cache_dir,
+)
+from ansible_collections.haven.dr.plugins.module_utils.providers import (  # noqa: E402
+    get_provider,
+)
+
+FAILOVERS = Path(cache_dir("failovers"))
+SHOP_SUBNET = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}"
 
 MODULES = ROOT / "plugins" / "modules"
 # In this order: each one's examples find what the ones before left.
@@ -35,6 +53,8 @@ ORDER = [
     "pit_export",  # exports the db volume as of it
     "recovery_plan",  # validates a plan of db1.example.com against both nodes
     "drill",  # boots db1.example.com from the latest checkpoint, isolated, and tears it down
+    "failover",  # stops production db1.example.com, fails group app over, boots the shop plan
+    "failback",  # brings app home, boots production db1.example.com again
     "protected_server",  # makes group crm, adds a server's disks to it, removes them
     "group_operation",  # failover, then failback: last
 ]
@@ -53,6 +73,67 @@ def examples(module: str) -> str:
     raise AssertionError(f"{module} has no EXAMPLES string")
 
 
+PRODUCTION = "ex" + secrets.token_hex(3)  # the production network of db1.example.com
+RECOVERY = "er" + secrets.token_hex(3)  # the shop plan's network at the recovery site
+
+
+def shop_plan(sub: str) -> dict:
+    return {
+        "name": "shop-examples",
+        "networks": {RECOVERY: {"isolated": False, "cidr": f"{sub}.0/24"}},
+        "groups": [
+            {
+                "name": "db",
+                "servers": [
+                    {
+                        "name": "db1.example.com",
+                        "vcpus": 1,
+                        "memory_mib": 192,
+                        "nics": [{"network": RECOVERY, "ip": f"{sub}.11/24"}],
+                        "health_check": {
+                            "type": "tcp",
+                            "port": 5432,
+                            "timeout_seconds": 180,
+                            "interval_seconds": 1,
+                        },
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def boot_production(sites: Sites) -> None:
+    """db1.example.com running at the production site on the source node's
+    exports of db and log (qemu provider, ``production`` state dir)."""
+    image = guest_image.build().as_dict()
+    prod = get_provider("qemu", state_dir=str(sites.tmp / "production"), image=image)
+    sub = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}"
+    prod.create_network({"name": PRODUCTION, "cidr": f"{sub}.0/24", "isolated": False}, 30)
+    nbd = sites.pair.source.address("nbd")
+    prod.create(
+        {
+            "name": "db1.example.com",
+            "memory": 192,
+            "role": "tcp:5432",
+            "nics": [{"network": PRODUCTION, "ip": f"{sub}.11/24"}],
+        },
+        [f"{nbd}/db", f"{nbd}/log"],
+        30,
+    )
+    prod.power_on("db1.example.com", 120)
+
+
+def destroy_vms(*state_dirs: Path) -> None:
+    for where in state_dirs:
+        left = get_provider("qemu", state_dir=str(where), image={})
+        for name in left.list(10):
+            left.destroy(name, 30)
+        networks = where / "networks"
+        for spec in networks.glob("*.json") if networks.exists() else []:
+            left.destroy_network(spec.stem, 30)
+
+
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
     tmp = tmp_path_factory.mktemp("examples")
@@ -67,7 +148,10 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
     with collection_sites(tmp, checkpoints=policy) as made:
         for name in ("prometheus", "restore"):
             (tmp / name).mkdir()
-        yield made
+        try:
+            yield made
+        finally:  # the failover's recovery servers (in the default state dir) and production
+            destroy_vms(FAILOVERS / "shop-examples" / "qemu", tmp / "production")
 
 
 def _run(sites: Sites, module: str) -> str:
@@ -92,6 +176,8 @@ def _run(sites: Sites, module: str) -> str:
                 "haven_recovery_listen_port": v["haven_target_replication_port"],
                 "prometheus_config_dir": str(tmp / "prometheus"),
                 "restore_dir": str(tmp / "restore"),
+                "haven_production_state_dir": str(tmp / "production"),
+                "shop_plan": shop_plan(SHOP_SUBNET),
                 "ansible_python_interpreter": v["ansible_python_interpreter"],
             }
         )
@@ -119,6 +205,8 @@ def test_every_module_is_run() -> None:
 
 @pytest.mark.parametrize("module", ORDER)
 def test_examples_run_as_written(sites: Sites, module: str) -> None:
+    if module == "failover":
+        boot_production(sites)
     output = _run(sites, module)
     tmp = sites.tmp
     if module == "api_token":  # the secret kept, then rotated, then revoked
@@ -126,6 +214,10 @@ def test_examples_run_as_written(sites: Sites, module: str) -> None:
         assert secret.startswith("hvn_") and secret not in output
     elif module == "checkpoint":  # between the hooks
         assert (tmp / "hooks.log").read_text() == "freeze\nthaw\n"
+    elif module in ("failover", "failback"):  # production stopped, then running again
+        prod = get_provider("qemu", state_dir=str(tmp / "production"), image={})
+        state = prod.status("db1.example.com", 10)["state"]
+        assert state == ("stopped" if module == "failover" else "running"), state
     elif module == "pit_export":  # the db volume copied out, then the exports closed
         assert (tmp / "restore" / "db.img").stat().st_size == 4 << 20
     for node in (sites.pair.source, sites.pair.target):  # no traceback on either side
