@@ -22,7 +22,7 @@ import secrets
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ class App:
     prod_ip: dict[str, str]
     src: httpx.Client
     tgt: httpx.Client
+    outputs: dict[str, str] = field(default_factory=dict)
 
     def acks(self) -> list[int]:
         log = self.prod.serial_log("db1")
@@ -90,10 +91,15 @@ class App:
             "-e",
             f"ansible_python_interpreter={sys.executable}",
             str(path),
-            env=ansible_env(self.tmp),
+            env=ansible_env(self.tmp)
+            | {
+                "ANSIBLE_CALLBACKS_ENABLED": "haven.dr.drill_report",
+                "HAVEN_DRILL_REPORT_DIR": str(self.tmp / "reports"),
+            },
             timeout=timeout,
         )
         (self.tmp / f"{name}.log").write_text(done.stdout + done.stderr)
+        self.outputs[name] = done.stdout
         assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
         return json.loads(out.read_text())
 
@@ -388,6 +394,13 @@ def test_drill_failover_and_failback_of_a_three_tier_application(app: App) -> No
     # the checks ran against production's own addresses
     checks = [s for s in home["timeline"] if s["step"] == "health_check"]
     assert len(checks) == 3 and all(s["outcome"] == "ok" for s in checks), checks
+    # every run left its report (JSON, JUnit, HTML) and a summary line
+    reports = sorted((app.tmp / "reports").glob("*.json"))
+    kinds = sorted(json.loads(r.read_text())["report"]["kind"] for r in reports)
+    assert kinds == ["drill", "failback", "failover", "failover"], reports
+    assert len(list((app.tmp / "reports").glob("*.html"))) == 4
+    summary = app.outputs["failback"]
+    assert "haven.dr failback shop: PASSED" in summary, summary[-2000:]
     # production writes again, and they replicate in the original direction
     wait_until(lambda: len(app.acks()) >= 5, BOOT, "production db1 to write again")
     wait_caught_up(app.pair.source, app.pair.target, timeout=120)
