@@ -16,6 +16,7 @@ Root (network namespaces, taps); several minutes under TCG."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import secrets
@@ -109,15 +110,8 @@ class App:
             "token": make_token(self.pair.source, f"p-{secrets.token_hex(3)}", scope),
             "recovery_url": self.pair.target.address("api"),
             "recovery_token": make_token(self.pair.target, f"p-{secrets.token_hex(3)}", "operate"),
-            "qemu": {
-                "kernel": self.image["kernel"],
-                "initrd": self.image["initrd"],
-                "servers": {
-                    "db1": {"role": "writer:vdb+tcp:5432"},  # the recovered db writes its log only
-                    "app1": {"role": "tcp:8080"},
-                    "web1": {"role": "http:80:shop%20web"},
-                },
-            },
+            "qemu": {"kernel": self.image["kernel"], "initrd": self.image["initrd"]}
+            | docs_plan()["shop_guests"],
         }
 
     def read_target(
@@ -155,38 +149,12 @@ def records(data: bytes) -> dict[int, int]:
     return out
 
 
-def plan(name: str, networks: dict[str, Any], net: str, sub: str, timeout: float = 180) -> dict:
-    """The shop: db first, then app, then web, each gated by its check."""
-
-    def server(host: str, octet: int, check: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "name": host,
-            "vcpus": 1,
-            "memory_mib": 192,
-            "nics": [{"network": net, "ip": f"{sub}.{octet}/24"}],
-            "health_check": check | {"timeout_seconds": timeout, "interval_seconds": 1},
-        }
-
-    return {
-        "name": name,
-        "rto_target_seconds": 900,
-        "rpo_target_seconds": 60,
-        "networks": networks,
-        "groups": [
-            {"name": "db", "servers": [server("db1", 11, {"type": "tcp", "port": 5432})]},
-            {"name": "app", "servers": [server("app1", 21, {"type": "tcp", "port": 8080})]},
-            {
-                "name": "web",
-                "servers": [
-                    server(
-                        "web1",
-                        31,
-                        {"type": "http", "url": f"http://{sub}.31/", "body_contains": "shop web"},
-                    )
-                ],
-            },
-        ],
-    }
+def docs_plan() -> dict[str, Any]:
+    """The block of docs/recovery-plans.md "A plan that runs here", as written."""
+    text = (ROOT / "docs" / "recovery-plans.md").read_text()
+    section = text[text.index("## A plan that runs here") :]
+    block = section[section.index("```yaml\n") + 8 :]
+    return yaml.safe_load(block[: block.index("```")])
 
 
 def assert_tier_order(result: dict) -> None:
@@ -289,7 +257,9 @@ def test_drill_failover_and_failback_of_a_three_tier_application(app: App) -> No
     cp = app.src.post("/v1/groups/app/checkpoints", json={"label": "before drill"})
     assert cp.status_code == 201, cp.text
     wait_caught_up(app.pair.source, app.pair.target, timeout=60)
-    drill_net, drill_sub = "d" + secrets.token_hex(4), subnet()
+    drill_plan = copy.deepcopy(docs_plan()["shop_plan"])
+    drill_plan["name"] = "shop-drill"
+    drill_plan["networks"]["shop-dr"]["isolated"] = True  # a drill's network: no route out
     acks_before, t0 = len(app.acks()), time.monotonic()
     drill = app.play(
         "drill",
@@ -297,12 +267,7 @@ def test_drill_failover_and_failback_of_a_three_tier_application(app: App) -> No
         app.connection("read")
         | {
             "state_dir": str(app.tmp / "drill-state"),
-            "plan": plan(
-                "shop-drill",
-                {drill_net: {"isolated": True, "cidr": f"{drill_sub}.0/24"}},
-                drill_net,
-                drill_sub,
-            ),
+            "plan": drill_plan,
         },
     )
     during = (len(app.acks()) - acks_before) / (time.monotonic() - t0)
@@ -316,8 +281,8 @@ def test_drill_failover_and_failback_of_a_three_tier_application(app: App) -> No
     assert app.tgt.get("/v1/groups/app").json()["last_verified"]["plan"] == "shop-drill"
 
     # --- a planned failover: production stops, nothing is lost ---------------------
-    dr_net, dr_sub = "r" + secrets.token_hex(4), subnet()
-    dr_plan = plan("shop", {dr_net: {"isolated": False, "cidr": f"{dr_sub}.0/24"}}, dr_net, dr_sub)
+    dr_plan = docs_plan()["shop_plan"]  # as written in docs/recovery-plans.md
+    dr_net, dr_sub = "shop-dr", "10.231.20"
     failover_args = app.connection() | {
         "mode": "planned",
         "state_dir": str(app.tmp / "failover-state"),
