@@ -50,7 +50,13 @@ Definitions (also in the JSON's ``definitions``):
   ``db-log`` holding a record, read back from the source after the
   failback, x 4096).
 
-All per-step numbers are medians over ``--runs`` runs.
+Each run also checks the module's timeline against the machine, independently
+of the module: every VM's QEMU process (/proc/PID/stat) started within its
+``power_on`` step, and ``rto_seconds`` is within the task's and the play's
+wall time (this found the plan steps shifted by the plan's whole duration in
+haven.dr.failover and haven.dr.failback).
+
+All per-step numbers are medians over ``--runs`` runs (default 2, 1.5-3 min).
 
     PYTHONPATH=service/src .venv/bin/python bench/failover.py [--runs N] [--output PATH]
 """
@@ -114,6 +120,10 @@ DEFINITIONS = {
     "failback_bytes_ratio": "haven.dr.failback bytes.shipped / (4 KiB blocks of db-log "
     "holding a stamped record, read from the source after the failback, x 4096)",
     "play_wall_s": "the ansible-playbook process, start to exit",
+    "qemu_started_after_power_on_s": "cross-check of the module's timeline, independent of "
+    "it: each VM's QEMU process start (/proc/PID/stat) - its power_on step's start "
+    "(haven_report.started + step.started); the run fails outside [-0.5, step + 0.5] s, "
+    "or if rto_seconds exceeds the task's or the play's wall time",
 }
 
 
@@ -211,6 +221,40 @@ def plan_overhead(timeline: list[dict[str, Any]]) -> dict[str, Any]:
         "overhead_s": wall - sum(own.values()),
         "own_s": own,
     }
+
+
+def qemu_started(provider: Any, name: str) -> float:
+    """Wall-clock time the VM's QEMU process started (/proc: 10 ms ticks since boot)."""
+    pid = provider.pid(name)
+    if pid is None:
+        raise BenchError(f"{name} does not run")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot)
+
+
+def check_clock(result: dict[str, Any], provider: Any, wall: float) -> dict[str, float]:
+    """The timeline against what the machine says, independently of the module:
+    each VM's QEMU started within its power_on step, and the RTO (from the
+    report's start) ended before the report and the play did. {server: QEMU's
+    start - power_on's start}; a BenchError when the times do not add up."""
+    report = result["haven_report"]
+    out = {}
+    for _tier, host, _octet in TIERS:
+        on = [s for s in result["timeline"] if s["step"] == "power_on" and s["server"] == host]
+        delta = qemu_started(provider, host) - (report["started"] + on[-1]["started"])
+        if not -0.5 <= delta <= on[-1]["seconds"] + 0.5:
+            raise BenchError(
+                f"{host}'s QEMU started {delta:.3f} s after its power_on step began "
+                f"(the step took {on[-1]['seconds']:.3f} s): the timeline is off"
+            )
+        out[host] = round(delta, 4)
+    if not result["rto_seconds"] <= min(wall, report["seconds"] + 0.5):
+        raise BenchError(
+            f"RTO {result['rto_seconds']} s, but the task took {report['seconds']} s "
+            f"and the play {wall:.3f} s: the timeline is off"
+        )
+    return out
 
 
 def step_seconds(timeline: list[dict[str, Any]], prefix: str) -> dict[str, float]:
@@ -451,7 +495,9 @@ def one_run(shop: Shop, args: argparse.Namespace, index: int) -> dict[str, Any]:
         "qemu", state_dir=str(shop.work / "failover-state" / "qemu"), image=shop.image
     )
     shop.wait_acks(recovery, args.records, f"the recovered db1 to write {args.records} records")
+    qemu_vs_power_on = check_clock(moved, recovery, moved_wall)
     home, home_wall = shop.play(f"failback-{index}", "haven.dr.failback", common)
+    back_qemu_vs_power_on = check_clock(home, shop.prod, home_wall)
     on_disk = records(nbd_read(f"{src.address('nbd')}/db-log", 0, 2 * MiB))
     changed = len({sector // 8 for sector in on_disk}) * 4096
     if not changed:
@@ -475,7 +521,9 @@ def one_run(shop: Shop, args: argparse.Namespace, index: int) -> dict[str, Any]:
         "block_level_s": max(s["ended"] for s in fails) - min(s["started"] for s in stops),
         "before_first_step_s": min(s["started"] for s in timeline),
         "play_wall_s": moved_wall,
+        "qemu_started_after_power_on_s": qemu_vs_power_on,
         "failback_rto_s": home["rto_seconds"],
+        "failback_qemu_started_after_power_on_s": back_qemu_vs_power_on,
         "failback_orchestration_overhead_s": back["overhead_s"],
         "failback_plan_wall_s": back["plan_wall_s"],
         "failback_server_own_s": back["own_s"],
@@ -563,10 +611,12 @@ def bench_all(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "failback": {
             "plan_wall_s": median("failback_plan_wall_s"),
             "play_wall_s": median("failback_play_wall_s"),
-            "changed_bytes_on_disk": median("failback_changed_bytes_on_disk"),
-            "shipped_bytes": statistics.median(r["failback_bytes"]["shipped"] for r in runs),
-            "wire_bytes": statistics.median(r["failback_bytes"]["wire"] for r in runs),
-            "havend_changed_bytes": statistics.median(r["failback_bytes"]["changed"] for r in runs),
+            "changed_bytes_on_disk": int(median("failback_changed_bytes_on_disk")),
+            "shipped_bytes": int(statistics.median(r["failback_bytes"]["shipped"] for r in runs)),
+            "wire_bytes": int(statistics.median(r["failback_bytes"]["wire"] for r in runs)),
+            "havend_changed_bytes": int(
+                statistics.median(r["failback_bytes"]["changed"] for r in runs)
+            ),
         },
         "plain_script": {
             "plan_wall_s": median("plan_wall_s", plains),
