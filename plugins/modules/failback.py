@@ -298,7 +298,8 @@ class Failback:
             save_state(state_file, state)
             kinds = dict((s.provider, ExistingServers(production)) for s in home.servers())
             run = PlanRun(home, kinds, Checker(in_server_network(home, kinds)), call_timeout=p["call_timeout"])
-            outcome = self.steps.add_run(run.run(PlanState()), self.steps.now())
+            offset = self.steps.now()  # before the run: its times are from its own start
+            outcome = self.steps.add_run(run.run(PlanState()), offset)
         finally:
             save_state(state_file, state)
         after = dict((g, self.source.get("/v1/groups/%s" % g)["state"]) for g in groups)

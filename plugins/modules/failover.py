@@ -411,7 +411,8 @@ class Failover:
                 disks=lambda server: disks[server.name],
                 call_timeout=p["call_timeout"],
             )
-            outcome = self.steps.add_run(run.run(state), self.steps.now())
+            offset = self.steps.now()  # before the run: its times are from its own start
+            outcome = self.steps.add_run(run.run(state), offset)
         finally:
             save_state(state_file, state)
         result["changed"] = bool(

@@ -170,6 +170,19 @@ def assert_tier_order(result: dict) -> None:
         assert first("create", after)["started"] >= passed["ended"], steps
 
 
+def assert_times_add_up(result: dict, before: str) -> None:
+    """The plan's steps start right after the module's last step ``before``
+    (or the recovery teardown after it), as the engine's times are shifted by
+    when its run began, not when it ended; and the RTO is within the task's
+    own time."""
+    steps = result["timeline"]
+    last = max(s["ended"] for s in steps if s["step"] == before)
+    last = max([last, *(s["ended"] for s in result.get("teardown", []))])
+    network = next(s for s in steps if s["step"] == "network")
+    assert last <= network["started"] <= last + 1.0, steps
+    assert result["rto_seconds"] <= result["seconds"], (result["rto_seconds"], result["seconds"])
+
+
 @pytest.fixture(scope="module")
 def image() -> dict[str, str]:
     return guest_image.build().as_dict()
@@ -304,6 +317,7 @@ def test_drill_failover_and_failback_of_a_three_tier_application(app: App) -> No
     assert moved["rto_seconds"] == pytest.approx(
         max(s["ended"] for s in moved["timeline"] if s["step"] == "health_check"), abs=1e-5
     )
+    assert_times_add_up(moved, "exports")
     assert all(app.prod.status(n, 10)["state"] == "stopped" for n in ("db1", "app1", "web1"))
     # the last write production acknowledged is on the recovered disk
     acked = app.acks()
@@ -344,6 +358,7 @@ def test_drill_failover_and_failback_of_a_three_tier_application(app: App) -> No
     assert not home.get("failed"), json.dumps(home, indent=1)[-5000:]
     assert home["passed"]
     assert_tier_order(home)
+    assert_times_add_up(home, "failback")
     pauses = [s["server"] for s in home["timeline"] if s["step"] == "pause"]
     assert pauses == ["web1", "app1", "db1"]
     log_records = records(read_nbd(f"{app.pair.source.address('nbd')}/db-log", 0, MiB))
