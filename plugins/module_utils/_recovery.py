@@ -299,7 +299,7 @@ def run_operation(client, group, operation, body, timeout, log=None):
     operation raises with havend's error (a split brain's report among them)."""
     body = dict(body or {}, timeout=timeout)
     started = client.post("/v1/groups/%s/operations/%s" % (group, operation), body)
-    done, lines = wait_operation(client, started, timeout + 30, 0.5, log)
+    done, lines = wait_operation(client, started, timeout + 30, 1.0, log, first=0.02)
     if done.get("state") != "succeeded":
         raise HavenError("%s of group %s failed: %s" % (operation, group, done.get("error")), url=client.url)
     return dict(done.get("result") or {}, progress_lines=lines)

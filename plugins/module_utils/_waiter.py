@@ -21,10 +21,13 @@ import time
 from ansible_collections.haven.dr.plugins.module_utils._errors import HavenTimeout
 
 
-def wait(fetch, ready, timeout, interval=1.0, on_poll=None, clock=time.monotonic, sleep=time.sleep):
+def wait(fetch, ready, timeout, interval=1.0, on_poll=None, clock=time.monotonic, sleep=time.sleep, first=None):
     """Poll ``fetch()`` every ``interval`` seconds until ``ready(obj)``;
-    ``on_poll(obj, elapsed)`` sees every poll. (ok, last obj, seconds)."""
+    ``on_poll(obj, elapsed)`` sees every poll. ``first``: the first pause,
+    doubled at each poll up to ``interval`` (a short operation is seen ending
+    at once, a long one is polled every ``interval``). (ok, last obj, seconds)."""
     started = clock()
+    pause = first or interval
     while True:
         obj = fetch()
         elapsed = clock() - started
@@ -34,7 +37,8 @@ def wait(fetch, ready, timeout, interval=1.0, on_poll=None, clock=time.monotonic
             return True, obj, elapsed
         if elapsed >= timeout:
             return False, obj, elapsed
-        sleep(min(interval, max(0.0, timeout - elapsed)))
+        sleep(min(pause, max(0.0, timeout - elapsed)))
+        pause = min(interval, pause * 2)
 
 
 def operation_done(op):
@@ -57,7 +61,7 @@ def describe_progress(progress):
     return ", ".join(parts) or "running"
 
 
-def wait_operation(client, op, timeout, interval=1.0, log=None, clock=time.monotonic, sleep=time.sleep):
+def wait_operation(client, op, timeout, interval=1.0, log=None, clock=time.monotonic, sleep=time.sleep, first=None):
     """Wait for a havend operation to end; (its record, the progress lines
     seen). A timeout raises ``HavenTimeout`` with the last record."""
     lines = []
@@ -82,6 +86,7 @@ def wait_operation(client, op, timeout, interval=1.0, log=None, clock=time.monot
         seen,
         clock,
         sleep,
+        first,
     )
     if not ok:
         raise HavenTimeout(

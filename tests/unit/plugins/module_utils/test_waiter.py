@@ -39,6 +39,17 @@ def test_wait_gives_up_with_the_last_object_seen():
     assert (ok, obj) == (False, "running") and elapsed == 2.0
 
 
+def test_a_first_short_pause_doubles_up_to_the_interval():
+    clock, pauses = Clock(), []
+
+    def sleep(seconds):
+        pauses.append(seconds)
+        clock.sleep(seconds)
+
+    ok, obj, elapsed = wait(lambda: clock.now, lambda v: v >= 3, 10, 1.0, clock=clock, sleep=sleep, first=0.125)
+    assert ok and pauses == [0.125, 0.25, 0.5, 1.0, 1.0, 1.0] and elapsed == pytest.approx(3.875)
+
+
 def test_progress_lines():
     assert describe_progress({"bytes_done": 25, "bytes_total": 100, "eta_seconds": 3}) == "25 of 100 bytes (25 %), ETA 3 s"
     assert describe_progress({"lag_bytes": 0, "lag_seconds": 0.5, "changed_bytes": None}) == "lag bytes 0, lag seconds 0.5"
