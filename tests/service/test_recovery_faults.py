@@ -493,6 +493,7 @@ def test_an_unplanned_failover_loses_no_more_than_the_lag_measured_before(app: A
     check = next(s for s in failed_over["timeline"] if s["step"] == "health_check")
     assert (check["server"], check["outcome"]) == ("db1", "ok"), check
     window = failed_over["rpo"]["app"]
+    print(f"lag measured before {lag:.3f} s, loss window {window}")  # -rP shows it
     assert window["writes"] is None and window["from_time"] and window["last_heard"]
     assert window["seconds"] == pytest.approx(window["last_heard"] - window["from_time"], abs=1e-3)
     # At least the link's one-way latency: the last write applied spent DELAY
