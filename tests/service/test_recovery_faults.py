@@ -261,6 +261,30 @@ def test_an_unplanned_failover_completes_with_the_source_not_answering(
     assert group_state(pair, "target", tmp_path)["state"] == "failed_over"
 
 
+def test_an_unplanned_failover_with_the_recovery_node_down_fails_naming_it(
+    pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, listening: int
+) -> None:
+    args = args_of(
+        pair,
+        tmp_path,
+        "unplanned",
+        plan=one_server_plan(listening),
+        source_timeout=3,
+        request_timeout=3,
+        retries=2,
+    )
+    pair.source.kill()
+    pair.target.kill()
+    provider = StubProvider()
+    result, seconds = run_failover(monkeypatch, provider, **args)
+    # the source's probe (refused at once, not retried), then the recovery
+    # node's first request: refused, retried after 0.5 s and 1 s; +20 s under load
+    assert seconds < 3 + 1.5 + 20, seconds
+    assert result["failed"] is True, result
+    assert args["recovery_url"] in result["msg"] and "refused" in result["msg"], result["msg"]
+    assert provider.calls == []
+
+
 # --- a provider call that never returns, a check nobody answers -------------------
 
 
