@@ -18,156 +18,25 @@ from __future__ import annotations
 
 import copy
 import json
-import re
-import secrets
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
-import yaml
-from nodes import MiB, Pair, app_group, make_token, start_pair, wait_caught_up
-from plays import ROOT, ansible, ansible_env
-from waiting import wait_until
-
-from havend.nbd.client import NBDClient
-
-sys.path.insert(0, str(ROOT / "tools"))
-import guest_image
-from test_qemu_provider import _collection_on_path, tcp_answer
-
-_collection_on_path()
-from ansible_collections.haven.dr.plugins.module_utils.providers import (  # noqa: E402
-    get_provider,
+from nodes import MiB, wait_caught_up
+from recovery_app import (
+    BOOT,
+    App,
+    assert_tier_order,
+    build_image,
+    docs_plan,
+    rate,
+    read_nbd,
+    records,
+    running_app,
 )
-
-BOOT = 120
-RECORD = re.compile(rb"haven-seq (\d{16}) (\S+)\n")
-
-
-def subnet() -> str:
-    return f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}"
-
-
-@dataclass
-class App:
-    pair: Pair
-    tmp: Path
-    image: dict[str, str]
-    prod: Any  # the production qemu provider
-    prod_net: str
-    prod_ip: dict[str, str]
-    src: httpx.Client
-    tgt: httpx.Client
-    outputs: dict[str, str] = field(default_factory=dict)
-
-    def acks(self) -> list[int]:
-        log = self.prod.serial_log("db1")
-        return [int(n) for n in re.findall(r"haven: ack (\d+)", log)]
-
-    def play(self, name: str, module: str, args: dict[str, Any], timeout: float = 900) -> dict:
-        """One task of ``module`` in a play; its registered result."""
-        out = self.tmp / f"{name}.json"
-        task = {"name": name, module: args, "register": "r", "ignore_errors": True}
-        save = {"ansible.builtin.copy": {"content": "{{ r | to_json }}", "dest": str(out)}}
-        play = [
-            {
-                "hosts": "localhost",
-                "connection": "local",
-                "gather_facts": False,
-                "tasks": [task, save],
-            }
-        ]
-        path = self.tmp / f"{name}.yml"
-        path.write_text(yaml.safe_dump(play))
-        done = ansible(
-            self.tmp,
-            "ansible-playbook",
-            "-i",
-            "localhost,",
-            "-e",
-            f"ansible_python_interpreter={sys.executable}",
-            str(path),
-            env=ansible_env(self.tmp)
-            | {
-                "ANSIBLE_CALLBACKS_ENABLED": "haven.dr.drill_report",
-                "HAVEN_DRILL_REPORT_DIR": str(self.tmp / "reports"),
-            },
-            timeout=timeout,
-        )
-        (self.tmp / f"{name}.log").write_text(done.stdout + done.stderr)
-        self.outputs[name] = done.stdout
-        assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-        return json.loads(out.read_text())
-
-    def connection(self, scope: str = "operate") -> dict[str, Any]:
-        return {
-            "url": self.pair.source.address("api"),
-            "token": make_token(self.pair.source, f"p-{secrets.token_hex(3)}", scope),
-            "recovery_url": self.pair.target.address("api"),
-            "recovery_token": make_token(self.pair.target, f"p-{secrets.token_hex(3)}", "operate"),
-            "qemu": {"kernel": self.image["kernel"], "initrd": self.image["initrd"]}
-            | docs_plan()["shop_guests"],
-        }
-
-    def read_target(
-        self, volume: str, offset: int, length: int, checkpoint: str | None = None
-    ) -> bytes:
-        """``volume`` on the target: the promoted export, or a checkpoint's view."""
-        if checkpoint is None:
-            uri = next(v["uri"] for v in self.tgt.get("/v1/volumes").json() if v["name"] == volume)
-            return read_nbd(uri, offset, length)
-        view = self.tgt.post(
-            "/v1/exports", json={"group": "app", "volume": volume, "checkpoint": checkpoint}
-        )
-        assert view.status_code == 201, view.text
-        try:
-            return read_nbd(view.json()["uri"], offset, length)
-        finally:
-            self.tgt.delete("/v1/exports/" + view.json()["export"])
-
-
-def read_nbd(uri: str, offset: int, length: int) -> bytes:
-    client = NBDClient.open(uri)
-    try:
-        return client.read(offset, length)
-    finally:
-        client.close()
-
-
-def records(data: bytes) -> dict[int, int]:
-    """{sector: seq} of the writer's records in ``data``."""
-    out = {}
-    for i in range(0, len(data) - 511, 512):
-        m = RECORD.match(data, i)
-        if m:
-            out[i // 512] = int(m.group(1))
-    return out
-
-
-def docs_plan() -> dict[str, Any]:
-    """The block of docs/recovery-plans.md "A plan that runs here", as written."""
-    text = (ROOT / "docs" / "recovery-plans.md").read_text()
-    section = text[text.index("## A plan that runs here") :]
-    block = section[section.index("```yaml\n") + 8 :]
-    return yaml.safe_load(block[: block.index("```")])
-
-
-def assert_tier_order(result: dict) -> None:
-    """Each tier's servers are created only after the tier before passed its check."""
-    steps = result["timeline"]
-
-    def first(step: str, server: str) -> dict:
-        return next(s for s in steps if s["step"] == step and s["server"] == server)
-
-    for before, after in (("db1", "app1"), ("app1", "web1")):
-        passed = first("health_check", before)
-        assert passed["outcome"] == "ok"
-        assert first("create", after)["started"] >= passed["ended"], steps
+from test_qemu_provider import tcp_answer
+from waiting import wait_until
 
 
 def assert_times_add_up(result: dict, before: str) -> None:
@@ -185,82 +54,13 @@ def assert_times_add_up(result: dict, before: str) -> None:
 
 @pytest.fixture(scope="module")
 def image() -> dict[str, str]:
-    return guest_image.build().as_dict()
+    return build_image()
 
 
 @pytest.fixture
 def app(tmp_path: Path, image: dict[str, str]) -> Iterator[App]:
-    group = app_group(
-        tmp_path, {"db": 2 * MiB, "db-log": 2 * MiB, "app-root": MiB, "web-root": MiB}
-    )
-    for volume in group["volumes"]:
-        volume["server"] = {"db": "db1", "db-log": "db1", "app-root": "app1", "web-root": "web1"}[
-            volume["name"]
-        ]
-    pair = start_pair(tmp_path, [group], api=True, caught_up=60)
-    collections = tmp_path / "collections" / "ansible_collections" / "haven"
-    collections.mkdir(parents=True)
-    (collections / "dr").symlink_to(ROOT)
-    prod = get_provider("qemu", state_dir=str(tmp_path / "production"), image=image)
-    net, sub = "p" + secrets.token_hex(4), subnet()
-    src = httpx.Client(
-        base_url=pair.source.address("api"),
-        headers={"Authorization": "Bearer " + make_token(pair.source, "t-src", "operate")},
-        timeout=30,
-    )
-    tgt = httpx.Client(
-        base_url=pair.target.address("api"),
-        headers={"Authorization": "Bearer " + make_token(pair.target, "t-tgt", "operate")},
-        timeout=30,
-    )
-    made = App(pair, tmp_path, image, prod, net, {}, src, tgt)
-    try:
-        prod.create_network({"name": net, "cidr": f"{sub}.0/24", "isolated": False}, 30)
-        nbd = pair.source.address("nbd")
-        roles = {"db1": "writer+tcp:5432", "app1": "tcp:8080", "web1": "http:80:shop%20web"}
-        disks = {"db1": ["db", "db-log"], "app1": ["app-root"], "web1": ["web-root"]}
-        for octet, name in ((11, "db1"), (21, "app1"), (31, "web1")):
-            made.prod_ip[name] = f"{sub}.{octet}"
-            prod.create(
-                {
-                    "name": name,
-                    "memory": 192,
-                    "role": roles[name],
-                    "nics": [{"network": net, "ip": f"{sub}.{octet}/24"}],
-                },
-                [f"{nbd}/{d}" for d in disks[name]],
-                30,
-            )
-            prod.power_on(name, BOOT)
-        for name in ("db1", "app1", "web1"):
-            wait_until(
-                lambda n=name: "haven: up" in prod.serial_log(n),
-                BOOT,
-                f"production {name} to boot",
-                detail=lambda n=name: prod.serial_log(n)[-2000:],
-            )
-        wait_until(lambda: len(made.acks()) >= 5, BOOT, "db1 to write")
+    with running_app(tmp_path, image) as made:
         yield made
-    finally:
-        # production, and whatever a failed run left of the drill and the failover
-        for where in ("production", "drill-state/qemu", "failover-state/qemu"):
-            left = get_provider("qemu", state_dir=str(tmp_path / where), image=image)
-            for name in left.list(10):
-                left.destroy(name, 30)
-            networks = tmp_path / where / "networks"
-            for spec in networks.glob("*.json") if networks.exists() else []:
-                left.destroy_network(spec.stem, 30)
-        prod.destroy_network(net, 30)
-        src.close()
-        tgt.close()
-        pair.stop()
-
-
-def rate(app: App, seconds: float) -> float:
-    """db1's acknowledged writes per second over the next ``seconds``."""
-    before, started = len(app.acks()), time.monotonic()
-    time.sleep(seconds)
-    return (len(app.acks()) - before) / (time.monotonic() - started)
 
 
 def test_drill_failover_and_failback_of_a_three_tier_application(app: App) -> None:
