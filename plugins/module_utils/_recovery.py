@@ -298,11 +298,30 @@ def run_operation(client, group, operation, body, timeout, log=None):
     (``timeout`` is havend's, the wait a little longer): its result. A failed
     operation raises with havend's error (a split brain's report among them)."""
     body = dict(body or {}, timeout=timeout)
-    started = client.post("/v1/groups/%s/operations/%s" % (group, operation), body)
+    try:
+        started = client.post("/v1/groups/%s/operations/%s" % (group, operation), body)
+    except HavenError as exc:  # refused (409): the error as havend says it, and the advice
+        exc.message = _with_advice(exc.message)
+        raise
     done, lines = wait_operation(client, started, timeout + 30, 1.0, log, first=0.02)
     if done.get("state") != "succeeded":
-        raise HavenError("%s of group %s failed: %s" % (operation, group, done.get("error")), url=client.url)
+        message = "%s of group %s failed: %s" % (operation, group, done.get("error"))
+        raise HavenError(_with_advice(message), url=client.url)
     return dict(done.get("result") or {}, progress_lines=lines)
+
+
+SPLIT_BRAIN_ADVICE = (
+    "nothing was merged: choose the copy that lives on with haven.dr.group_operation operation=resolve "
+    "survivor=recovery or survivor=production (docs/failover.md, Split brain), then run this again"
+)
+
+
+def _with_advice(message):
+    """The error of an operation havend refused or failed, with what to do
+    about a split brain when that is why."""
+    if "split brain" in (message or "").lower():
+        return "%s - %s" % (message, SPLIT_BRAIN_ADVICE)
+    return message
 
 
 def promoted_disks(recovery, plan):

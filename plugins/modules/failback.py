@@ -198,6 +198,7 @@ class Failback:
         self.recovery = haven.recovery_client()
         self.steps = Steps(time.monotonic())
         self.groups = {}
+        self.paused = []  # the recovery servers this run paused
 
     def log(self, line):
         self.haven.module.log("haven.dr failback: " + line)
@@ -214,6 +215,27 @@ class Failback:
                 server=server.name,
                 output=lambda changed: "paused" if changed else "paused already",
             )
+            self.paused.append(server)
+
+    def resume(self, providers, groups):
+        """After a failback that did not happen (refused, failed, a split
+        brain): the recovery servers it paused run again, where their groups
+        are still failed over - the application stays up where it is."""
+        states = dict((g, self.source.get_or_none("/v1/groups/%s" % g)) for g in groups)
+        for server in reversed(self.paused):
+            state = (states.get(server.protection_group) or {}).get("state")
+            if state != FAILED_OVER:
+                continue
+            provider = providers[server.provider]
+            try:
+                self.steps.run(
+                    "resume",
+                    lambda s=server, pr=provider: pr.resume(s.name, self.params["call_timeout"]),
+                    server=server.name,
+                    output="running again: its group is still failed over",
+                )
+            except Exception:  # pylint: disable=broad-except
+                continue  # recorded as a failed step; the failure reported is the first one
 
     def fail_back(self, group, before):
         if before == PROTECTING:
@@ -286,6 +308,10 @@ class Failback:
         except HavenError as exc:
             last = self.steps.steps[-1] if self.steps.steps else {}
             outcome = engine_failed(failure_of(exc, last.get("step") or "failback", last.get("group"), last.get("server")))
+            try:
+                self.resume(providers, groups)
+            except HavenError as also:  # the source gone as well: they stay paused, said so
+                self.haven.module.warn("the paused recovery servers were not resumed: %s" % also)
         else:
             offset = self.steps.now()
             undone = cleanup(plan, providers, state, call_timeout=p["call_timeout"])

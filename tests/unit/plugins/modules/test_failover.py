@@ -309,3 +309,32 @@ def test_a_failback_refuses_a_server_production_does_not_have(capsys, failed_ove
     assert "not in the production provider's state" in result["msg"]
     source, target = failed_over
     assert not [r for r in source.script.requests if r[0] == "POST"] and recovery.calls == []
+
+
+def test_a_failback_refused_for_a_split_brain_says_how_to_resolve_it_and_resumes_the_recovery_side(
+    capsys, failed_over, tmp_path, monkeypatch
+):
+    source, target = failed_over
+    source.script.on("GET", "/v1/groups/app", (200, {"state": "failed_over"}))
+    split = "group app is in a split brain: choose the surviving side first (havend group resolve --survivor ...)"
+    source.script.on("POST", "/v1/groups/app/operations/failback", (409, {"detail": split}))
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "plan-state.json").write_text(
+        json.dumps({"created": ["db1"], "running": ["db1"], "healthy": ["db1"], "networks": [["qemu", "dr-lan"]]})
+    )
+    result, recovery = run(
+        failback,
+        capsys,
+        failed_over,
+        tmp_path,
+        monkeypatch,
+        prod=NullProvider({"db1": "stopped"}),
+        plan=the_plan(1),
+        production={"state_dir": str(tmp_path / "prod")},
+    )
+    assert result["failed"] and result["failure"]["step"] == "failback" and result["failure"]["group"] == "app"
+    assert "split brain" in result["msg"] and "operation=resolve" in result["msg"] and "nothing was merged" in result["msg"]
+    assert [c[0] for c in recovery.calls] == ["pause", "resume"]  # the application stays up where it is
+    assert [s["step"] for s in result["timeline"]] == ["pause", "failback", "resume"]
+    assert json.loads((state / "plan-state.json").read_text())["created"] == ["db1"]  # nothing torn down
