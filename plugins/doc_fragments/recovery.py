@@ -58,3 +58,30 @@ options:
         type: dict
         default: {}
 """
+
+    # failover and failback: where the protected servers run. Twin of _recovery.production_argspec().
+    PRODUCTION = r"""
+options:
+  production:
+    description:
+      - Where the protected servers run - a planned M(haven.dr.failover) stops them there first (in reverse
+        boot order, the web tier first, each with an ACPI power off that becomes a hard stop after its grace),
+        M(haven.dr.failback) powers them on there again in plan order, gated by the plan's health checks at
+        their own addresses.
+      - Without it this task leaves them alone - a failover's fence refuses their writes, and after a failback
+        they are yours to start.
+    type: dict
+    suboptions:
+      state_dir:
+        description:
+          - The production provider's state directory (the servers must exist there - they are stopped and
+            started, never defined).
+        type: path
+        required: true
+      provider:
+        description:
+          - The production provider.
+        type: str
+        choices: [qemu, libvirt]
+        default: qemu
+"""

@@ -88,6 +88,31 @@ class GuestProvider:
         return getattr(self.provider, name)
 
 
+def production_argspec():
+    """Where the protected servers run (doc fragment ``haven.dr.recovery.production``)."""
+    return dict(
+        type="dict",
+        options=dict(
+            state_dir=dict(type="path", required=True),
+            provider=dict(type="str", default="qemu", choices=["qemu", "libvirt"]),
+        ),
+    )
+
+
+def finish(haven, result, what):
+    """A run that did not pass fails the task, naming where and what, with
+    the whole result; else the result."""
+    if not result["passed"] and not haven.check_mode:
+        failure = result["failure"] or {}
+        where = failure.get("server") or failure.get("group") or "the %s" % what
+        haven.module.fail_json(
+            msg="%s of plan %s failed: %s at %s: %s"
+            % (what, haven.params["plan"]["name"], where, failure.get("check") or failure.get("step"), failure.get("output")),
+            **result
+        )
+    return result
+
+
 def guest_image(guest):
     """The kernel and initrd the servers boot: the ``qemu`` option's, else the newest tiny guest."""
     guest = guest or {}

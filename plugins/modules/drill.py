@@ -211,6 +211,7 @@ from ansible_collections.haven.dr.plugins.module_utils._recovery import (
     check_plan,
     engine_failed,
     failure_of,
+    finish,
     haven_report,
     make_providers,
     recovery_argspec,
@@ -418,17 +419,7 @@ class Drill:
 
 
 def run_module(haven):
-    result = Drill(haven).run()
-    if not result["passed"] and not haven.check_mode:
-        failure = result["failure"] or {}
-        where = failure.get("server") or failure.get("group") or "the drill"
-        what = failure.get("check") or failure.get("step")
-        haven.module.fail_json(
-            msg="drill of plan %s failed: %s at %s: %s"
-            % (haven.params["plan"]["name"], where, what, failure.get("output")),
-            **result
-        )
-    return result
+    return finish(haven, Drill(haven).run(), "drill")
 
 
 def main():

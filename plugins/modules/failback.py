@@ -24,8 +24,9 @@ description:
     measured RTO of the way home (the task's start to the last production health check passed), per group the
     bytes shipped against the volumes' size, and C(haven_report) for the C(haven.dr.drill_report) callback.
   - The protected servers must exist in the production provider's state (O(production)) - a failback powers
-    them on, it never defines one. A server's health check is the plan's, its host (and an C(http) check's
-    URL host, when it is the plan's address) the production server's own address.
+    them on, it never defines one; without O(production) they are left for you to start. A server's health
+    check is the plan's, its host (and an C(http) check's URL host, when it is the plan's address) the
+    production server's own address.
   - Nothing hangs - every API call has O(request_timeout), every failback O(operation_timeout), every provider
     call O(call_timeout), the plan's groups and checks their own timeouts. A failure fails the task naming the
     group or server, step and output; running it again continues (a group failed back already is not failed
@@ -36,6 +37,7 @@ author:
 extends_documentation_fragment:
   - haven.dr.plan
   - haven.dr.recovery
+  - haven.dr.recovery.production
   - haven.dr.connection
   - ansible.builtin.action_common_attributes
   - haven.dr.attributes
@@ -59,23 +61,6 @@ options:
       - Where M(haven.dr.failover) left the recovery servers (its O(haven.dr.failover#module:state_dir)).
         Default C(~/.cache/haven-dr/failovers/<plan name>).
     type: path
-  production:
-    description:
-      - Where the protected servers run.
-    type: dict
-    required: true
-    suboptions:
-      state_dir:
-        description:
-          - The production provider's state directory.
-        type: path
-        required: true
-      provider:
-        description:
-          - The production provider.
-        type: str
-        choices: [qemu]
-        default: qemu
 notes:
   - What running it does is in docs/recovery-plans.md (its Failback section); the block-level failback in
     docs/failover.md.
@@ -106,7 +91,8 @@ passed:
   returned: always
   type: bool
 rto_seconds:
-  description: The task's start to the last production health check passed, in seconds. Null when it failed.
+  description: The task's start to the last production health check passed (without O(production), to the end of
+    the teardown), in seconds. Null when it failed.
   returned: always
   type: float
 groups:
@@ -173,11 +159,13 @@ from ansible_collections.haven.dr.plugins.module_utils._recovery import (
     check_plan,
     engine_failed,
     failure_of,
+    finish,
     haven_report,
     load_state,
     make_providers,
     production_plan,
     protection_groups,
+    production_argspec,
     recovery_argspec,
     run_operation,
     save_state,
@@ -273,8 +261,15 @@ class Failback:
             self.haven.module.warn(warning)
         groups = protection_groups(plan)
         before = dict((g, self.source.get("/v1/groups/%s" % g)["state"]) for g in groups)
-        production = get_provider(p["production"]["provider"], state_dir=p["production"]["state_dir"])
-        home = production_plan(plan, production, p["call_timeout"])
+        home = None
+        if p["production"]:
+            production = get_provider(p["production"]["provider"], state_dir=p["production"]["state_dir"])
+            home = production_plan(plan, production, p["call_timeout"])
+        else:
+            self.haven.module.warn(
+                "the protected servers are not powered on by this task (no production option): "
+                "once the groups are failed back, they are yours to start"
+            )
         result = {
             "changed": False,
             "passed": False,
@@ -289,7 +284,7 @@ class Failback:
         if self.haven.check_mode:
             result["would_boot"] = [
                 {"group": g.name, "server": s.name, "nics": [{"network": n.network, "ip": n.ip} for n in s.nics]}
-                for g in home.groups
+                for g in (home.groups if home else [])
                 for s in g.servers
             ]
             result["changed"] = any(state != PROTECTING for state in before.values())
@@ -322,10 +317,13 @@ class Failback:
             for error in undone["errors"]:
                 self.haven.module.warn("recovery teardown: %s: %s" % (error["server"] or "network", error["output"]))
             save_state(state_file, state)
-            kinds = dict((s.provider, ExistingServers(production)) for s in home.servers())
-            run = PlanRun(home, kinds, Checker(in_server_network(home, kinds)), call_timeout=p["call_timeout"])
-            offset = self.steps.now()  # before the run: its times are from its own start
-            outcome = self.steps.add_run(run.run(PlanState()), offset)
+            if home is None:  # the groups are home: production is the user's to start
+                outcome = {"ok": True, "failed": None, "timeline": [], "rto_seconds": round(self.steps.now(), 6)}
+            else:
+                kinds = dict((s.provider, ExistingServers(production)) for s in home.servers())
+                run = PlanRun(home, kinds, Checker(in_server_network(home, kinds)), call_timeout=p["call_timeout"])
+                offset = self.steps.now()  # before the run: its times are from its own start
+                outcome = self.steps.add_run(run.run(PlanState()), offset)
         finally:
             save_state(state_file, state)
         after = dict((g, self.source.get("/v1/groups/%s" % g)["state"]) for g in groups)
@@ -347,16 +345,7 @@ def changed_bytes(done):
 
 
 def run_module(haven):
-    result = Failback(haven).run()
-    if not result["passed"] and not haven.check_mode:
-        failure = result["failure"] or {}
-        where = failure.get("server") or failure.get("group") or "the failback"
-        haven.module.fail_json(
-            msg="failback of plan %s failed: %s at %s: %s"
-            % (haven.params["plan"]["name"], where, failure.get("check") or failure.get("step"), failure.get("output")),
-            **result
-        )
-    return result
+    return finish(haven, Failback(haven).run(), "failback")
 
 
 def main():
@@ -365,14 +354,7 @@ def main():
         plan=dict(type="dict", required=True, options=plan_argspec()),
         operation_timeout=dict(type="float", default=3600.0),
         state_dir=dict(type="path"),
-        production=dict(
-            type="dict",
-            required=True,
-            options=dict(
-                state_dir=dict(type="path", required=True),
-                provider=dict(type="str", default="qemu", choices=["qemu"]),
-            ),
-        ),
+        production=production_argspec(),
     )
     haven = HavenModule(argument_spec=spec)
     haven.run(run_module)

@@ -42,6 +42,7 @@ author:
 extends_documentation_fragment:
   - haven.dr.plan
   - haven.dr.recovery
+  - haven.dr.recovery.production
   - haven.dr.connection
   - ansible.builtin.action_common_attributes
   - haven.dr.attributes
@@ -89,24 +90,6 @@ options:
       - Where the providers keep the recovery servers and their networks (a retry, and M(haven.dr.failback),
         find them there). Default C(~/.cache/haven-dr/failovers/<plan name>).
     type: path
-  production:
-    description:
-      - Where the protected servers run, to stop them in a planned failover (in reverse boot order - the web
-        tier first - each with an ACPI power off that becomes a hard stop after its grace). Without it they
-        are not stopped by this task - their writes are refused from the fence on.
-    type: dict
-    suboptions:
-      state_dir:
-        description:
-          - The production provider's state directory.
-        type: path
-        required: true
-      provider:
-        description:
-          - The production provider.
-        type: str
-        choices: [qemu]
-        default: qemu
 notes:
   - The plan's format and what running it does are in docs/recovery-plans.md (its Failover section for this
     module); the providers in docs/providers.md; the block-level failover in docs/failover.md.
@@ -233,11 +216,13 @@ from ansible_collections.haven.dr.plugins.module_utils._recovery import (
     check_plan,
     engine_failed,
     failure_of,
+    finish,
     haven_report,
     load_state,
     make_providers,
     promoted_disks,
     protection_groups,
+    production_argspec,
     recovery_argspec,
     run_operation,
     save_state,
@@ -447,16 +432,7 @@ def describe_disks(disks):
 
 
 def run_module(haven):
-    result = Failover(haven).run()
-    if not result["passed"] and not haven.check_mode:
-        failure = result["failure"] or {}
-        where = failure.get("server") or failure.get("group") or "the failover"
-        haven.module.fail_json(
-            msg="%s failover of plan %s failed: %s at %s: %s"
-            % (haven.params["mode"], haven.params["plan"]["name"], where, failure.get("check") or failure.get("step"), failure.get("output")),
-            **result
-        )
-    return result
+    return finish(haven, Failover(haven).run(), "%s failover" % haven.params["mode"])
 
 
 def main():
@@ -469,13 +445,7 @@ def main():
         source_timeout=dict(type="float", default=5.0),
         operation_timeout=dict(type="float", default=600.0),
         state_dir=dict(type="path"),
-        production=dict(
-            type="dict",
-            options=dict(
-                state_dir=dict(type="path", required=True),
-                provider=dict(type="str", default="qemu", choices=["qemu"]),
-            ),
-        ),
+        production=production_argspec(),
     )
     haven = HavenModule(argument_spec=spec)
     haven.run(run_module)

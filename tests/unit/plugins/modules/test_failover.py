@@ -338,3 +338,14 @@ def test_a_failback_refused_for_a_split_brain_says_how_to_resolve_it_and_resumes
     assert [c[0] for c in recovery.calls] == ["pause", "resume"]  # the application stays up where it is
     assert [s["step"] for s in result["timeline"]] == ["pause", "failback", "resume"]
     assert json.loads((state / "plan-state.json").read_text())["created"] == ["db1"]  # nothing torn down
+
+
+def test_a_failback_without_production_brings_the_groups_home_and_leaves_the_servers_to_you(
+    capsys, failed_over, tmp_path, monkeypatch
+):
+    result, recovery = run(failback, capsys, failed_over, tmp_path, monkeypatch, plan=the_plan(1))
+    assert not result.get("failed"), result
+    assert result["passed"] and result["changed"] and result["rto_seconds"] >= result["timeline"][-1]["ended"]
+    assert [s["step"] for s in result["timeline"]] == ["failback"]  # nothing ran here: nothing to pause
+    assert "not powered on by this task" in json.dumps(result.get("warnings"))
+    assert result["bytes"]["shipped"] == 4096 and recovery.calls == []
