@@ -167,8 +167,10 @@ groups:
   type: dict
 timeline:
   description:
-    - Every step, in order - C(stop) (a production server), C(failover) or C(promote) (a protection group),
-      then the plan's steps (network, create, power_on, delay, health_check, pre, post), each with C(group),
+    - Every step, in order - C(source) (unplanned - did the source answer), C(stop) (a production server),
+      C(failover) or C(promote) (a protection group), C(exports), then the plan's steps (network, create,
+      power_on, delay, health_check, pre, post) and C(verify) (the recovery node still serves the promoted
+      groups), each with C(group),
       C(server), C(started) and C(ended) (seconds since the task started), C(seconds), C(outcome) (ok, failed,
       timeout, skipped) and C(output).
   returned: always
@@ -349,6 +351,24 @@ class Failover:
             }
         return before, FAILED_OVER
 
+    def verify(self, groups, outcome):
+        """After the boot: the recovery node still serves the promoted
+        groups (the recovered servers' disks). A node that died during the
+        boot fails the run here, not silently."""
+
+        def serving():
+            for group in groups:
+                state = self.recovery.get("/v1/groups/%s" % group)["state"]
+                if state != FAILED_OVER:
+                    raise HavenError("group %s is %s on the recovery node, not failed over" % (group, state), url=self.recovery.url)
+            return len(groups)
+
+        try:
+            self.steps.run("verify", serving, output=lambda n: "the recovery node serves the %d promoted group(s)" % n)
+        except HavenError as exc:
+            return dict(engine_failed(failure_of(exc, "verify")), timeline=outcome["timeline"], state=outcome["state"])
+        return outcome
+
     # --- the run --------------------------------------------------------------
 
     def run(self):
@@ -398,6 +418,8 @@ class Failover:
             )
             offset = self.steps.now()  # before the run: its times are from its own start
             outcome = self.steps.add_run(run.run(state), offset)
+            if outcome["ok"]:
+                outcome = self.verify(groups, outcome)
         finally:
             save_state(state_file, state)
         result["changed"] = bool(

@@ -127,7 +127,8 @@ def nodes(havend, havend_tls):
     havend.script.on("POST", "/v1/groups/app/operations/failover", (202, OP))
     havend.script.on("GET", "/v1/operations/op1", (200, dict(OP, state="succeeded", result=FAILOVER_DONE)))
     havend_tls.script.on("GET", "/v1/volumes", (200, PROMOTED))
-    havend_tls.script.on("GET", "/v1/groups/app", (200, {"state": "replica"}))
+    # a replica before the promotion, failed over after it
+    havend_tls.script.on("GET", "/v1/groups/app", (200, {"state": "replica"}), (200, {"state": "failed_over"}))
     return havend, havend_tls
 
 
@@ -135,6 +136,7 @@ def test_a_planned_failover_stops_production_fails_over_and_boots(
     capsys, nodes, tmp_path, monkeypatch, listening
 ):
     production = NullProvider({"db1": "running"})
+    nodes[1].script.on("GET", "/v1/groups/app", (200, {"state": "failed_over"}))  # asked after the boot only
     result, recovery = run(
         failover,
         capsys,
@@ -149,7 +151,7 @@ def test_a_planned_failover_stops_production_fails_over_and_boots(
     assert not result.get("failed"), result
     assert result["passed"] and result["changed"] and result["rto_seconds"] > 0
     steps = [s["step"] for s in result["timeline"]]
-    assert steps == ["stop", "failover", "exports", "network", "create", "power_on", "health_check"]
+    assert steps == ["stop", "failover", "exports", "network", "create", "power_on", "health_check", "verify"]
     assert production.calls[-1] == ("power_off", "db1")
     assert result["rpo"]["app"]["writes"] == 0 and result["rpo"]["app"]["final_seq"] == 42
     assert [c[0] for c in recovery.calls] == ["create_network", "create", "power_on"]
@@ -349,3 +351,14 @@ def test_a_failback_without_production_brings_the_groups_home_and_leaves_the_ser
     assert [s["step"] for s in result["timeline"]] == ["failback"]  # nothing ran here: nothing to pause
     assert "not powered on by this task" in json.dumps(result.get("warnings"))
     assert result["bytes"]["shipped"] == 4096 and recovery.calls == []
+
+
+def test_a_recovery_node_that_stops_serving_during_the_boot_fails_the_failover(
+    capsys, nodes, tmp_path, monkeypatch, listening
+):
+    source, target = nodes
+    target.script.on("GET", "/v1/groups/app", (200, {"state": "replica"}))  # the promotion undone under us
+    result, recovery = run(failover, capsys, nodes, tmp_path, monkeypatch, mode="planned", plan=tcp_here(the_plan(listening)))
+    assert result["failed"] and result["failure"]["step"] == "verify"
+    assert "group app is replica on the recovery node" in result["failure"]["output"]
+    assert [s["step"] for s in result["timeline"]][-2:] == ["health_check", "verify"]
