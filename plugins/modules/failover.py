@@ -207,7 +207,7 @@ import os
 import time
 
 from ansible_collections.haven.dr.plugins.module_utils._client import HavenClient
-from ansible_collections.haven.dr.plugins.module_utils._errors import HavenError
+from ansible_collections.haven.dr.plugins.module_utils._errors import HavenApiError, HavenError
 from ansible_collections.haven.dr.plugins.module_utils._health import Checker, in_server_network
 from ansible_collections.haven.dr.plugins.module_utils._module import HavenModule
 from ansible_collections.haven.dr.plugins.module_utils._plan import plan_argspec
@@ -270,6 +270,16 @@ class Failover:
         began = self.steps.now()
         try:
             probe.get("/v1/node")
+        except HavenApiError as exc:  # it answers, but not to us: it may well be writing
+            if not p["force"]:
+                self.steps.record("source", began, "failed", "%s" % exc)
+                raise HavenError(
+                    "the source node answers (%s) but cannot be asked whether it still protects the plan's "
+                    "groups: give its token (read scope), or force" % exc.message,
+                    url=probe.url,
+                )
+            self.steps.record("source", began, "ok", "the source node answers but refused: %s (forced)" % exc)
+            return None
         except HavenError as exc:
             self.steps.record("source", began, "ok", "the source node is gone: %s" % exc)
             return None

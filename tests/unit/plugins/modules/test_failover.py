@@ -362,3 +362,13 @@ def test_a_recovery_node_that_stops_serving_during_the_boot_fails_the_failover(
     assert result["failed"] and result["failure"]["step"] == "verify"
     assert "group app is replica on the recovery node" in result["failure"]["output"]
     assert [s["step"] for s in result["timeline"]][-2:] == ["health_check", "verify"]
+
+
+def test_an_unplanned_failover_is_refused_when_the_source_answers_but_not_to_its_token(
+    capsys, nodes, tmp_path, monkeypatch
+):
+    source, target = nodes
+    source.script.on("GET", "/v1/node", (401, {"detail": "no valid token"}))
+    result, recovery = run(failover, capsys, nodes, tmp_path, monkeypatch, mode="unplanned", plan=the_plan(1))
+    assert result["failed"] and "the source node answers" in result["msg"] and "or force" in result["msg"]
+    assert not [r for r in target.script.requests if r[0] == "POST"] and recovery.calls == []
