@@ -228,6 +228,8 @@ def test_introspect_finds_the_collections_declared_requirements(
         "collection",
         "install",
         "--offline",
+        # a haven.dr already in ~/.ansible/collections would make this "nothing to do"
+        "--force",
         "-p",
         str(root),
         str(tarball),
