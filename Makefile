@@ -63,7 +63,7 @@ sanity: setup
 lint: setup
 	@if [ -n "$$(find roles -mindepth 1 -maxdepth 1 -type d -print -quit; \
 			find playbooks -name '*.yml' -print -quit)" ]; then \
-		$(VENV)/bin/ansible-lint --profile production; \
+		ANSIBLE_COLLECTIONS_PATH=$(CURDIR)/.ansible/collections $(VENV)/bin/ansible-lint --profile production; \
 	else echo "lint: no roles or playbooks yet, skipping ansible-lint"; fi
 
 ## changelog: antsibull-changelog checks of fragments and changelog.yaml
