@@ -16,7 +16,7 @@ RUFF_PATHS := $(wildcard service tests/service bench tools)
 BENCHES := bench/nbd_ingest.py $(filter-out bench/nbd_ingest.py bench/floor.py,\
 	$(shell grep -l '^if __name__ == .__main__.:' bench/*.py 2>/dev/null))
 
-.PHONY: test setup ruff structure service-tests units sanity lint changelog bench build build-check \
+.PHONY: test setup ruff structure service-tests units molecule sanity lint changelog bench build build-check \
 	constraints openapi demo clean distclean
 
 ## test: everything CI checks, in order, stopping at the first failure
@@ -25,6 +25,7 @@ test: setup
 	$(MAKE) --no-print-directory structure
 	$(MAKE) --no-print-directory service-tests
 	$(MAKE) --no-print-directory units
+	$(MAKE) --no-print-directory molecule
 	$(MAKE) --no-print-directory sanity
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory changelog
@@ -54,6 +55,15 @@ units: setup
 	@if [ -n "$$(find tests/unit -name 'test_*.py' -print -quit)" ]; then \
 		tools/ansible-test.sh units; \
 	else echo "units: no collection unit tests yet (no tests/unit/**/test_*.py), skipping"; fi
+
+## molecule: every scenario of extensions/molecule (the roles against a local havend pair; root)
+# molecule finds extensions/molecule/**/molecule.yml from the collection root (galaxy.yml);
+# the scenarios find haven.dr through a link to this checkout. SCENARIO=drill runs one.
+MOLECULE_COLLECTIONS := $(CURDIR)/.ansible/molecule-collections
+molecule: setup
+	mkdir -p $(MOLECULE_COLLECTIONS)/ansible_collections/haven
+	ln -sfn $(CURDIR) $(MOLECULE_COLLECTIONS)/ansible_collections/haven/dr
+	$(VENV)/bin/molecule test $(if $(SCENARIO),--scenario-name $(SCENARIO),--all)
 
 ## sanity: ansible-test sanity on a copy of the collection (offline)
 sanity: setup
