@@ -92,7 +92,7 @@ build: setup
 ## build-check: the tarball builds and installs with ansible-galaxy
 build-check: build
 	rm -rf .build/installed
-	$(VENV)/bin/ansible-galaxy collection install --offline -p .build/installed \
+	ANSIBLE_COLLECTIONS_PATH=$(CURDIR)/.build/installed $(VENV)/bin/ansible-galaxy collection install --offline -p .build/installed \
 		.build/haven-dr-$$(sed -n 's/^version: *//p' galaxy.yml).tar.gz
 	test -f .build/installed/ansible_collections/haven/dr/MANIFEST.json
 	test -f .build/installed/ansible_collections/haven/dr/service/pyproject.toml
