@@ -148,7 +148,7 @@ def down(site: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("up", "down"))
-    parser.add_argument("dir", type=Path, help="the site's directory (its nodes, volumes, site.yml)")
+    parser.add_argument("dir", type=Path, help="the site's directory: nodes, volumes, site.yml")
     args = parser.parse_args(argv)
     site = args.dir.resolve()
     if args.action == "up":
