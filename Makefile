@@ -16,7 +16,7 @@ RUFF_PATHS := $(wildcard service tests/service bench tools)
 BENCHES := bench/nbd_ingest.py $(filter-out bench/nbd_ingest.py bench/floor.py,\
 	$(shell grep -l '^if __name__ == .__main__.:' bench/*.py 2>/dev/null))
 
-.PHONY: test setup ruff structure service-tests units sanity lint changelog bench build build-check \
+.PHONY: test setup ruff structure service-tests units molecule sanity lint changelog bench build build-check \
 	constraints openapi demo clean distclean
 
 ## test: everything CI checks, in order, stopping at the first failure
@@ -25,6 +25,7 @@ test: setup
 	$(MAKE) --no-print-directory structure
 	$(MAKE) --no-print-directory service-tests
 	$(MAKE) --no-print-directory units
+	$(MAKE) --no-print-directory molecule
 	$(MAKE) --no-print-directory sanity
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory changelog
@@ -55,6 +56,15 @@ units: setup
 		tools/ansible-test.sh units; \
 	else echo "units: no collection unit tests yet (no tests/unit/**/test_*.py), skipping"; fi
 
+## molecule: every scenario of extensions/molecule (the roles against a local havend pair; root)
+# molecule finds extensions/molecule/**/molecule.yml from the collection root (galaxy.yml);
+# the scenarios find haven.dr through a link to this checkout. SCENARIO=drill runs one.
+MOLECULE_COLLECTIONS := $(CURDIR)/.ansible/molecule-collections
+molecule: setup
+	mkdir -p $(MOLECULE_COLLECTIONS)/ansible_collections/haven
+	ln -sfn $(CURDIR) $(MOLECULE_COLLECTIONS)/ansible_collections/haven/dr
+	$(VENV)/bin/molecule test $(if $(SCENARIO),--scenario-name $(SCENARIO),--all)
+
 ## sanity: ansible-test sanity on a copy of the collection (offline)
 sanity: setup
 	tools/ansible-test.sh sanity
@@ -63,7 +73,7 @@ sanity: setup
 lint: setup
 	@if [ -n "$$(find roles -mindepth 1 -maxdepth 1 -type d -print -quit; \
 			find playbooks -name '*.yml' -print -quit)" ]; then \
-		$(VENV)/bin/ansible-lint --profile production; \
+		ANSIBLE_COLLECTIONS_PATH=$(CURDIR)/.ansible/collections $(VENV)/bin/ansible-lint --profile production; \
 	else echo "lint: no roles or playbooks yet, skipping ansible-lint"; fi
 
 ## changelog: antsibull-changelog checks of fragments and changelog.yaml
@@ -82,7 +92,7 @@ build: setup
 ## build-check: the tarball builds and installs with ansible-galaxy
 build-check: build
 	rm -rf .build/installed
-	$(VENV)/bin/ansible-galaxy collection install --offline -p .build/installed \
+	ANSIBLE_COLLECTIONS_PATH=$(CURDIR)/.build/installed $(VENV)/bin/ansible-galaxy collection install --offline -p .build/installed \
 		.build/haven-dr-$$(sed -n 's/^version: *//p' galaxy.yml).tar.gz
 	test -f .build/installed/ansible_collections/haven/dr/MANIFEST.json
 	test -f .build/installed/ansible_collections/haven/dr/service/pyproject.toml
