@@ -16,6 +16,7 @@ apt_packages=(
 apt_packages+=(chromium)  # the drill report's HTML is checked in headless Chromium
 apt_packages+=(libvirt-daemon-system libvirt-clients python3-libvirt iptables)  # the libvirt provider
 apt_packages+=(dropbear-bin qemu-guest-agent)  # ssh and guest-agent health checks in the tiny guests
+apt_packages+=(mmdebstrap e2fsprogs openssh-client)  # the Debian 12 guest of the molecule scenarios
 missing=()
 for pkg in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")

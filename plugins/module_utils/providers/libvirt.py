@@ -436,6 +436,10 @@ class LibvirtProvider(Provider):
     def create(self, server, disks, timeout):
         spec = normalize_server(server, disks, self.image)
         name = spec["name"]
+        if spec["options"].get("image") is not None:
+            raise ProviderError(
+                name, "create", "options.image (a local root disk image) is the qemu provider's only"
+            )
         deadline = Deadline(timeout)
         old = self._spec(name)
         if old is not None:

@@ -25,6 +25,13 @@ host namespace, so its NBD connections to the target node are never part of
 the guest's network; each tap is opened inside the network's namespace and
 handed to QEMU as a file descriptor.
 
+A server with ``options.image`` (a local qcow2 or raw image: a Debian guest of
+``tools/debian_image.py``) boots from it: create makes ``root.qcow2`` in the
+VM's directory, a copy-on-write overlay whose backing file is the image
+(never written), the VM's first disk (``/dev/vda``, ``root=/dev/vda rw`` on the
+kernel command line; its NBD disks follow as vdb, ...). The overlay lives as
+long as the VM: power cycles keep what the guest wrote, destroy removes it.
+
 Linux only; needs root (network namespaces, taps).
 """
 
@@ -510,7 +517,40 @@ class QemuProvider(Provider):
     # --- VMs -------------------------------------------------------------
 
     def _normalize(self, server, disks):
-        return normalize_server(server, disks, self.image)
+        spec = normalize_server(server, disks, self.image)
+        image = spec["options"].get("image")
+        if image is not None:
+            if not isinstance(image, str) or not os.path.isfile(image):
+                raise ProviderError(
+                    spec["name"], "create", "options.image %r is not a local image file" % (image,)
+                )
+            spec["options"]["image"] = os.path.abspath(image)
+        return spec
+
+    def _root_disk(self, name, spec, deadline, action, fresh=False):
+        """The VM's ``root.qcow2`` over ``options.image`` (made when missing,
+        or ``fresh``: the image changed); None for a VM without one."""
+        image = spec["options"].get("image")
+        path = self._path(name, "root.qcow2")
+        if image is None:
+            return None
+        if fresh or not os.path.exists(path):
+            info = self._run(
+                ["qemu-img", "info", "--output=json", image], deadline, name, action
+            )
+            try:
+                fmt = json.loads(info.stdout.decode())["format"]
+            except (ValueError, KeyError, TypeError):
+                raise ProviderError(name, action, "qemu-img info %s: no format" % image)
+            tmp = path + ".tmp"
+            self._run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", image, tmp],
+                deadline,
+                name,
+                action,
+            )
+            os.rename(tmp, path)
+        return path
 
     def create(self, server, disks, timeout):
         spec = self._normalize(server, disks)
@@ -526,6 +566,8 @@ class QemuProvider(Provider):
                     name, "create", "exists with another spec and is %s: power it off first" % state
                 )
         os.makedirs(self.vm_dir(name), exist_ok=True)
+        fresh = (old or {}).get("options", {}).get("image") != spec["options"].get("image")
+        self._root_disk(name, spec, deadline, "create", fresh=fresh)
         self._write_json(self._path(name, "spec.json"), spec)
         return True
 
@@ -550,6 +592,8 @@ class QemuProvider(Provider):
         return True
 
     def _cmdline(self, spec):
+        if spec["options"].get("image"):  # the root filesystem is the first disk
+            return "root=/dev/vda rw " + kernel_cmdline(spec)
         return kernel_cmdline(spec)
 
     mac = staticmethod(mac_address)
@@ -605,6 +649,13 @@ class QemuProvider(Provider):
                 "-device",
                 "virtserialport,chardev=qga0,name=%s" % QGA_PORT,
             ]
+            root = self._root_disk(name, spec, deadline, "power_on")
+            if root is not None:
+                argv += [
+                    "-drive",
+                    "file=%s,format=qcow2,if=virtio,cache=writeback,id=root"
+                    % root.replace(",", ",,"),
+                ]
             for index, disk in enumerate(spec["disks"]):
                 drive = "file=%s,format=raw,if=virtio,cache=none,id=disk%d" % (
                     disk["uri"].replace(",", ",,"),
@@ -760,6 +811,8 @@ class QemuProvider(Provider):
                 for i, nic in enumerate(spec.get("nics", []))
             ]
             out["disks"] = spec.get("disks", [])
+            if (spec.get("options") or {}).get("image"):
+                out["root_disk"] = self._path(name, "root.qcow2")
         return out
 
     def destroy(self, name, timeout):
