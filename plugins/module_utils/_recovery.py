@@ -376,6 +376,13 @@ class ExistingServers:
 
     def __init__(self, provider):
         self.provider = provider
+        self.started = []  # the servers it powered on (the others ran already)
+
+    def power_on(self, name, timeout):
+        changed = self.provider.power_on(name, timeout)
+        if changed:
+            self.started.append(getattr(name, "name", name))
+        return changed
 
     def create(self, server, disks, timeout):
         state = self.provider.status(server["name"], timeout)["state"]

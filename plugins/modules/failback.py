@@ -296,6 +296,7 @@ class Failback:
         state = load_state(state_file)
         providers = make_providers(plan, state_dir, p["qemu"])
         outcome = None
+        existing = ExistingServers(production) if home is not None else None
         try:
             self.pause(plan, providers, state)
             for group in groups:
@@ -320,16 +321,14 @@ class Failback:
             if home is None:  # the groups are home: production is the user's to start
                 outcome = {"ok": True, "failed": None, "timeline": [], "rto_seconds": round(self.steps.now(), 6)}
             else:
-                kinds = dict((s.provider, ExistingServers(production)) for s in home.servers())
+                kinds = dict((s.provider, existing) for s in home.servers())
                 run = PlanRun(home, kinds, Checker(in_server_network(home, kinds)), call_timeout=p["call_timeout"])
                 offset = self.steps.now()  # before the run: its times are from its own start
                 outcome = self.steps.add_run(run.run(PlanState()), offset)
         finally:
             save_state(state_file, state)
         after = dict((g, self.source.get("/v1/groups/%s" % g)["state"]) for g in groups)
-        result["changed"] = before != after or bool(
-            [s for s in self.steps.steps if s["step"] in ("pause", "power_on") and s["outcome"] == "ok"]
-        )
+        result["changed"] = before != after or bool(self.paused) or bool(existing and existing.started)
         result.update(self.haven.diff({"groups": before}, {"groups": after}))
         result["bytes"] = self.totals(groups)
         result["passed"] = bool(outcome["ok"])

@@ -147,18 +147,14 @@ def test_drill_failover_and_failback_of_a_three_tier_application(app: App) -> No
     )
 
     # --- failback: only the changes go home, production boots again ----------------
-    home = app.play(
-        "failback",
-        "haven.dr.failback",
-        app.connection()
-        | {
-            "state_dir": str(app.tmp / "failover-state"),
-            "production": {"state_dir": str(app.tmp / "production")},
-            "plan": dr_plan,
-        },
-    )
+    failback_args = app.connection() | {
+        "state_dir": str(app.tmp / "failover-state"),
+        "production": {"state_dir": str(app.tmp / "production")},
+        "plan": dr_plan,
+    }
+    home = app.play("failback", "haven.dr.failback", failback_args)
     assert not home.get("failed"), json.dumps(home, indent=1)[-5000:]
-    assert home["passed"]
+    assert home["passed"] and home["changed"]
     assert_tier_order(home)
     assert_times_add_up(home, "failback")
     pauses = [s["server"] for s in home["timeline"] if s["step"] == "pause"]
@@ -181,6 +177,10 @@ def test_drill_failover_and_failback_of_a_three_tier_application(app: App) -> No
     kinds = sorted(json.loads(r.read_text())["report"]["kind"] for r in reports)
     assert kinds == ["drill", "failback", "failover", "failover"], reports
     assert len(list((app.tmp / "reports").glob("*.html"))) == 4
+    # a failback run again: home already, production running - nothing changes
+    again = app.play("failback-again", "haven.dr.failback", failback_args)
+    assert again["passed"] and not again["changed"], json.dumps(again, indent=1)[-3000:]
+    assert [s["outcome"] for s in again["timeline"] if s["step"] == "failback"] == ["skipped"]
     summary = app.outputs["failback"]
     assert "haven.dr failback shop: PASSED" in summary, summary[-2000:]
     # production writes again, and they replicate in the original direction
