@@ -86,16 +86,23 @@ class Resync:
         overflowed again) takes the blocks directly, that point kept by
         :meth:`_keep_base` all along; only a replica that never was
         consistent (new, or syncing) has no point to keep."""
-        while self.applied_seq < self.journal.durable_seq:  # let the applier finish
-            self.applied_changed.clear()
-            await self.applied_changed.wait()
-        if self.state == "consistent":
-            self._drop_base()
-            self._staging = open(self._staging_path, "wb")  # noqa: SIM115 - closed at the end
-            self._set_sync("staging", resume=resume_seq)
-        else:
-            self._set_sync("syncing")
-            self._restart_sequence(resume_seq)
+        while True:
+            while self.applied_seq < self.journal.durable_seq:  # let the applier finish
+                self.applied_changed.clear()
+                await self.applied_changed.wait()
+            # The applier out of the way (it may be syncing the replicas, on
+            # the journal about to be replaced) while the sequence restarts.
+            async with self.apply_lock:
+                if self.applied_seq < self.journal.durable_seq:
+                    continue  # more came meanwhile
+                if self.state == "consistent":
+                    self._drop_base()
+                    self._staging = open(self._staging_path, "wb")  # noqa: SIM115 - closed at the end
+                    self._set_sync("staging", resume=resume_seq)
+                else:
+                    self._set_sync("syncing")
+                    self._restart_sequence(resume_seq)
+                return
 
     # The kept consistent point -------------------------------------------------
     #

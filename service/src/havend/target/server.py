@@ -220,7 +220,8 @@ class TargetNode:
             replaced = frame.body.get("ranges")
             if not isinstance(replaced, list) or len(replaced) != len(group.volumes):
                 raise RemoteProtocolError("RESOLVE_DONE without the ranges of every volume")
-            resolved = await loop.run_in_executor(None, group.keep_production, replaced)
+            async with group.apply_lock:  # the sequence restarts: the applier stays out
+                resolved = await loop.run_in_executor(None, group.keep_production, replaced)
             result = resolved.to_dict()
             if self.on_demoted is not None:
                 self.on_demoted(group)
@@ -318,14 +319,19 @@ class TargetNode:
         if isinstance(frame, wire.Control) and frame.type == wire.FrameType.FAILBACK_DONE:
             if not group.promoted:
                 raise RemoteProtocolError("FAILBACK_DONE outside a failback")
-            done = await loop.run_in_executor(
-                None, group.end_failback, int(frame.body["resume_seq"])
-            )
+            async with group.apply_lock:  # the sequence restarts: the applier stays out
+                done = await loop.run_in_executor(
+                    None, group.end_failback, int(frame.body["resume_seq"])
+                )
             if self.on_demoted is not None:
                 self.on_demoted(group)
             return wire.encode_control(wire.FrameType.FAILBACK_OK, done)
         if isinstance(frame, wire.Control) and frame.type == wire.FrameType.SYNC_END:
-            await loop.run_in_executor(None, group.end_resync, int(frame.body["high_seq"]))
+            # A fresh journal, then the applied seq moved to the resume seq (in
+            # a worker thread): an applier looking in between would read the
+            # new journal from the old applied seq, and stop for good.
+            async with group.apply_lock:
+                await loop.run_in_executor(None, group.end_resync, int(frame.body["high_seq"]))
             log.info(
                 "group %s: resync done; consistent at seq %s", group.name, frame.body["high_seq"]
             )
