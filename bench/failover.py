@@ -66,7 +66,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import statistics
 import subprocess
@@ -95,7 +94,6 @@ from waiting import wait_until  # noqa: E402
 from havend.nbd.client import NBDClient  # noqa: E402
 
 BOOT = 180  # seconds a tiny guest may take to boot on a loaded machine
-RECORD = re.compile(rb"haven-seq (\d{16}) (\S+)\n")
 TIERS = (("db", "db1", 11), ("app", "app1", 21), ("web", "web1", 31))
 DISKS = {"db1": ["db", "db-log"], "app1": ["app-root"], "web1": ["web-root"]}
 PROD_ROLES = {"db1": "writer+tcp:5432", "app1": "tcp:8080", "web1": "http:80:shop%20web"}
@@ -142,16 +140,6 @@ def _collection(work: Path) -> Callable[..., Any]:
 def subnet() -> str:
     """A /24 unlikely to be in use here (10.200-249.x.0)."""
     return f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}"
-
-
-def records(data: bytes) -> dict[int, int]:
-    """{sector: seq} of the writer's records in ``data``."""
-    out = {}
-    for i in range(0, len(data) - 511, 512):
-        m = RECORD.match(data, i)
-        if m:
-            out[i // 512] = int(m.group(1))
-    return out
 
 
 def nbd_read(uri: str, offset: int, length: int) -> bytes:
@@ -330,7 +318,7 @@ class Shop:
     @staticmethod
     def wait_acks(provider: Any, count: int, what: str) -> None:
         wait_until(
-            lambda: len(re.findall(r"haven: ack (\d+)", provider.serial_log("db1"))) >= count,
+            lambda: len(guest_image.writer_acks(provider.serial_log("db1"))) >= count,
             BOOT,
             what,
             detail=lambda: provider.serial_log("db1")[-2000:],
@@ -498,7 +486,7 @@ def one_run(shop: Shop, args: argparse.Namespace, index: int) -> dict[str, Any]:
     qemu_vs_power_on = check_clock(moved, recovery, moved_wall)
     home, home_wall = shop.play(f"failback-{index}", "haven.dr.failback", common)
     back_qemu_vs_power_on = check_clock(home, shop.prod, home_wall)
-    on_disk = records(nbd_read(f"{src.address('nbd')}/db-log", 0, 2 * MiB))
+    on_disk = guest_image.writer_records(nbd_read(f"{src.address('nbd')}/db-log", 0, 2 * MiB))
     changed = len({sector // 8 for sector in on_disk}) * 4096
     if not changed:
         raise BenchError("no record of the recovered db1 on db-log after the failback")

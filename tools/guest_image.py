@@ -191,6 +191,27 @@ while true; do sleep 3600; done
 """
 
 
+# What the writer role leaves (the init above): a record per synced write at
+# sector seq % 2048 of its disk, and "haven: ack N" on the console after it.
+WRITER_RECORD = re.compile(rb"haven-seq (\d{16}) (\S+)\n")
+WRITER_ACK = re.compile(r"haven: ack (\d+)")
+
+
+def writer_records(data: bytes) -> dict[int, int]:
+    """{sector: seq} of the writer's records in ``data`` (a disk's bytes)."""
+    out = {}
+    for i in range(0, len(data) - 511, 512):
+        m = WRITER_RECORD.match(data, i)
+        if m:
+            out[i // 512] = int(m.group(1))
+    return out
+
+
+def writer_acks(console: str) -> list[int]:
+    """The seqs the writer acknowledged, in order, from its console log."""
+    return [int(n) for n in WRITER_ACK.findall(console)]
+
+
 @dataclass(frozen=True)
 class GuestImage:
     kernel: Path

@@ -37,8 +37,9 @@ class HavenModule:
             self._client = self.node_client(p["url"], p["token"], p["ca_path"])
         return self._client
 
-    def node_client(self, url, token, ca_path):
-        """A client of a node, with the task's TLS, timeout and retry options."""
+    def node_client(self, url, token, ca_path, timeout=None, retries=None):
+        """A client of a node, with the task's TLS options and its timeout and
+        retries unless ``timeout`` / ``retries`` say otherwise."""
         p = self.params
         return HavenClient(
             url,
@@ -47,8 +48,8 @@ class HavenModule:
             validate_certs=p["validate_certs"],
             client_cert=p["client_cert"],
             client_key=p["client_key"],
-            timeout=p["request_timeout"],
-            retries=p["retries"],
+            timeout=p["request_timeout"] if timeout is None else timeout,
+            retries=p["retries"] if retries is None else retries,
         )
 
     def recovery_client(self):

@@ -206,7 +206,6 @@ haven_report:
 import os
 import time
 
-from ansible_collections.haven.dr.plugins.module_utils._client import HavenClient
 from ansible_collections.haven.dr.plugins.module_utils._errors import HavenApiError, HavenError
 from ansible_collections.haven.dr.plugins.module_utils._health import Checker, in_server_network
 from ansible_collections.haven.dr.plugins.module_utils._module import HavenModule
@@ -257,16 +256,7 @@ class Failover:
         p = self.params
         if p["mode"] == "planned":
             return self.haven.client
-        probe = HavenClient(
-            p["url"],
-            token=p["token"],
-            ca_path=p["ca_path"],
-            validate_certs=p["validate_certs"],
-            client_cert=p["client_cert"],
-            client_key=p["client_key"],
-            timeout=p["source_timeout"],
-            retries=0,
-        )
+        probe = self.haven.node_client(p["url"], p["token"], p["ca_path"], timeout=p["source_timeout"], retries=0)
         began = self.steps.now()
         try:
             probe.get("/v1/node")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import secrets
 import sys
 import time
@@ -44,7 +43,6 @@ from ansible_collections.haven.dr.plugins.module_utils.providers import (  # noq
 )
 
 BOOT = 120
-RECORD = re.compile(rb"haven-seq (\d{16}) (\S+)\n")
 SERVERS = ("db1", "app1", "web1")  # in boot order: the tiers
 ROLES = {"db1": "writer+tcp:5432", "app1": "tcp:8080", "web1": "http:80:shop%20web"}
 DISKS = {"db1": ["db", "db-log"], "app1": ["app-root"], "web1": ["web-root"]}
@@ -70,7 +68,7 @@ class App:
 
     def acks(self) -> list[int]:
         log = self.prod.serial_log("db1")
-        return [int(n) for n in re.findall(r"haven: ack (\d+)", log)]
+        return guest_image.writer_acks(log)
 
     def play(self, name: str, module: str, args: dict[str, Any], timeout: float = 900) -> dict:
         """One task of ``module`` in a play; its registered result."""
@@ -161,14 +159,7 @@ def read_nbd(uri: str, offset: int, length: int) -> bytes:
         client.close()
 
 
-def records(data: bytes) -> dict[int, int]:
-    """{sector: seq} of the writer's records in ``data``."""
-    out = {}
-    for i in range(0, len(data) - 511, 512):
-        m = RECORD.match(data, i)
-        if m:
-            out[i // 512] = int(m.group(1))
-    return out
+records = guest_image.writer_records  # {sector: seq} of the writer's records
 
 
 def plan(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import secrets
 import socket
 import subprocess
@@ -286,7 +285,7 @@ def test_the_writer_role_stamps_its_disk_and_syncs(provider: QemuProvider, tmp_p
         assert b" w1\n" in disk.read_bytes()[512:1024]
         # every acknowledged record is on the disk: the last one too
         log = Path(provider.status("w1", 10)["serial_log"]).read_text(errors="replace")
-        acks = [int(n) for n in re.findall(r"haven: ack (\d+)", log)]
+        acks = guest_image.writer_acks(log)
         assert acks and acks == list(range(acks[0], acks[0] + len(acks))), acks
         assert acks[-1] in seqs
         assert "unknown role" not in log and "role=writer+tcp:7001" in log
