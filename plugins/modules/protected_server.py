@@ -24,9 +24,9 @@ description:
     O(disks) stops being replicated. Only volumes labelled with O(name) are ever removed.
   - Everything is checked before anything is changed; a disk name that another volume of the node holds,
     or disks of the server in another group, fail the task naming them.
-  - The group must exist (M(haven.dr.protection_group) makes it) and be one made through the API (the volumes
-    of a group of the node's config file are changed in the file). havend refuses to change the volumes of a
-    group while it is fenced or failed over.
+  - The group must exist (M(haven.dr.protection_group) makes it), or O(create_group=true) makes it with the
+    server's disks, and be one made through the API (the volumes of a group of the node's config file are changed
+    in the file). havend refuses to change the volumes of a group while it is fenced or failed over.
   - Needs a token of the C(admin) scope.
 author:
   - haven.dr maintainers (@haven-dr)
@@ -81,6 +81,15 @@ options:
       - Whether the replica of a removed disk is deleted on the target node too. By default it is kept there.
     type: bool
     default: false
+  create_group:
+    description:
+      - Whether a missing O(group) is made, with the server's disks and havend's default settings
+        (M(haven.dr.protection_group) changes them later, without giving volumes). Servers of one group
+        protected at the same time (one task, several hosts) each make it or add to it - the one whose create
+        comes second adds its disks to the group the first one made.
+      - By default a missing group fails the task.
+    type: bool
+    default: false
   wait:
     description:
       - Whether to wait until the initial copy of every disk of the server in O(group) has ended (state
@@ -110,6 +119,14 @@ EXAMPLES = r"""
       - {name: crm-db-wal, path: crm/db-wal.img, size: 268435456}
     wait_timeout: 1800
   register: crm_db1
+
+- name: A new group for a new application, made with its first server's disks
+  haven.dr.protected_server:
+    name: reports1.example.com
+    group: reports
+    create_group: true
+    disks:
+      - {name: reports-data, path: reports/data.img, size: 1073741824}
 
 - name: Show where each disk is served (NBD)
   ansible.builtin.debug:
@@ -276,17 +293,45 @@ def _wait_synced(haven, fetch):
     return disks, lines
 
 
+def _body(disk, server):
+    return {"name": disk["name"], "path": disk["path"], "size": disk.get("size"), "server": server}
+
+
+def _create_group(client, p, add, done):
+    """Makes the group with the disks to add; the disks still to add (none,
+    or all of them when another task made the group first: 409)."""
+    try:
+        client.post("/v1/groups", {"name": p["group"], "volumes": [_body(d, p["name"]) for d in add]})
+    except HavenApiError as exc:
+        if exc.status != 409 or client.get_or_none("/v1/groups/%s" % p["group"]) is None:
+            raise
+        taken = set(v["name"] for v in client.get("/v1/volumes", params={"group": p["group"]}))
+        clash = sorted(taken & set(d["name"] for d in add))
+        if clash:  # another server made it with a disk of the same name: not ours
+            raise HavenError(
+                "group %s was made meanwhile, with %s: the volume name is taken" % (p["group"], ", ".join(clash)),
+                url=client.url,
+            )
+        return add
+    done["added"].extend(d["name"] for d in add)
+    return []
+
+
 def run_module(haven):
     p = haven.params
     client = haven.client
     groups = {}
+    create = False
     if p["state"] == "present":
         groups[p["group"]] = client.get_or_none("/v1/groups/%s" % p["group"])
         if groups[p["group"]] is None:
-            raise HavenError(
-                "group %s does not exist on this node: make it first (haven.dr.protection_group)" % p["group"],
-                url=client.url,
-            )
+            if not p["create_group"]:
+                raise HavenError(
+                    "group %s does not exist on this node: make it first (haven.dr.protection_group), or "
+                    "create_group=true" % p["group"],
+                    url=client.url,
+                )
+            create = True
     volumes = client.get("/v1/volumes")
     add, remove, warnings = plan(volumes, p)
     changing = sorted(set([p["group"]] if add else []) | set(v["group"] for v in remove))
@@ -321,10 +366,11 @@ def run_module(haven):
     if haven.check_mode:
         return result
     done = {"added": [], "removed": []}
+    if create:
+        add = _create_group(client, p, add, done)
     try:
         for disk in add:  # added first: the server's data is never less protected midway
-            body = {"name": disk["name"], "path": disk["path"], "size": disk.get("size"), "server": p["name"]}
-            client.post("/v1/groups/%s/volumes" % p["group"], body)
+            client.post("/v1/groups/%s/volumes" % p["group"], _body(disk, p["name"]))
             done["added"].append(disk["name"])
         for volume in remove:
             purge = "true" if p["purge"] else "false"
@@ -366,6 +412,7 @@ def main():
         disks=dict(type="list", elements="dict", options=disk),
         state=dict(type="str", choices=["present", "absent"], default="present"),
         purge=dict(type="bool", default=False),
+        create_group=dict(type="bool", default=False),
     )
     spec.update(wait_argspec())
     haven = HavenModule(argument_spec=spec, required_if=[("state", "present", ["group", "disks"])])

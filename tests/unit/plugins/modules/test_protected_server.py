@@ -262,3 +262,66 @@ def test_a_group_of_the_config_file_is_refused_before_any_change(havend, capsys,
     result = run(capsys, havend, name="db1", **args)
     assert result["failed"] and "group batch is defined in the node's config file" in result["msg"]
     assert changes(havend.script) == []
+
+
+REPORTS1 = [{"name": "reports-data", "path": "reports/data.img", "size": 8192}]
+
+
+def test_create_group_makes_a_missing_group_with_the_servers_disks(havend, capsys):
+    node = Node(havend.script)
+
+    def create(method, path, body):
+        for disk in body["volumes"]:
+            volume = node.volume(disk["name"], body["name"], disk["server"], disk["size"], "/srv/havend/" + disk["path"])
+            volume.update(state="syncing", sync={"done_bytes": 0, "total_bytes": volume["size"]})
+            node.volumes.append(volume)
+        return 201, {"name": body["name"], "state": "protecting"}
+
+    havend.script.on("POST", "/v1/groups", create)
+    result = run(capsys, havend, name="reports1", group="reports", disks=REPORTS1, create_group=True)
+    assert result["changed"] and result["added"] == ["reports-data"]
+    assert changes(havend.script) == [
+        ("POST", "/v1/groups", {"name": "reports", "volumes": [dict(REPORTS1[0], server="reports1")]}),
+    ]
+    assert [(d["name"], d["state"]) for d in result["server"]["disks"]] == [("reports-data", "protected")]
+    assert result["progress_lines"][-1].startswith("reports1: every disk protected")
+
+
+def test_without_create_group_a_missing_group_changes_nothing(havend, capsys):
+    Node(havend.script)
+    result = run(capsys, havend, name="reports1", group="reports", disks=REPORTS1)
+    assert result["failed"] and "group reports does not exist on this node" in result["msg"]
+    assert "create_group=true" in result["msg"] and changes(havend.script) == []
+
+
+def test_create_group_in_check_mode_changes_nothing(havend, capsys):
+    Node(havend.script)
+    result = run(capsys, havend, name="reports1", group="reports", disks=REPORTS1, create_group=True, _ansible_check_mode=True)
+    assert result["changed"] and result["added"] == ["reports-data"] and changes(havend.script) == []
+
+
+def test_a_group_made_meanwhile_gets_the_disks_added(havend, capsys):
+    """Two servers of a new group in one task: the second create is refused
+    (409), its disks are added to the group the first one made."""
+    Node(havend.script)
+    havend.script.on(
+        "GET",
+        "/v1/groups/reports",
+        (404, {"detail": "no group reports"}),
+        (200, {"name": "reports", "state": "protecting"}),
+    )
+    havend.script.on("POST", "/v1/groups", (409, {"detail": "group 'reports' exists already"}))
+    havend.script.on("POST", "/v1/groups/reports/volumes", (201, {"name": "reports-data"}))
+    result = run(capsys, havend, name="reports1", group="reports", disks=REPORTS1, create_group=True, wait=False)
+    assert result["changed"] and result["added"] == ["reports-data"]
+    assert changes(havend.script) == [
+        ("POST", "/v1/groups", {"name": "reports", "volumes": [dict(REPORTS1[0], server="reports1")]}),
+        ("POST", "/v1/groups/reports/volumes", dict(REPORTS1[0], server="reports1")),
+    ]
+
+
+def test_a_create_refused_otherwise_fails_with_havends_reason(havend, capsys):
+    Node(havend.script)
+    havend.script.on("POST", "/v1/groups", (422, {"detail": "volumes.0.path: outside the node's volume_dir"}))
+    result = run(capsys, havend, name="reports1", group="reports", disks=REPORTS1, create_group=True)
+    assert result["failed"] and result["status"] == 422 and "outside the node's volume_dir" in result["msg"]
