@@ -7,8 +7,10 @@ chosen free), replicating group ``app``: the volumes of the shop of
 docs/recovery-plans.md "A plan that runs here" (db1: ``db``, ``db-log``;
 app1: ``app-root``; web1: ``web-root``; each labelled with its server),
 caught up, with one checkpoint retained on the recovery node; builds the tiny
-guest (tools/guest_image.py, cached) and writes ``DIR/site.yml``, the vars a
-play needs to reach both nodes (``ansible-playbook -e @DIR/site.yml``), and
+guest (tools/guest_image.py, cached) and the disk image of a server to protect
+(``DIR/images/reports1.qcow2``, docs/examples) and writes ``DIR/site.yml``, the
+vars a play needs to reach both nodes (an ``admin`` token of the source for
+protecting servers) (``ansible-playbook -e @DIR/site.yml``), and
 ``DIR/collections``, this checkout as haven.dr (``ANSIBLE_COLLECTIONS_PATH``).
 The nodes keep running after it exits (their own sessions).
 
@@ -26,6 +28,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,6 +62,7 @@ def up(site: Path) -> dict[str, object]:
         assert pair.tls is not None
         ca = pair.tls[0]["ca"]
         source_token = make_token(pair.source, "local-site", "operate")
+        admin_token = make_token(pair.source, "local-site-admin", "admin")
         recovery_token = make_token(pair.target, "local-site", "operate")
         with httpx.Client(
             base_url=pair.source.address("api"),
@@ -71,9 +75,13 @@ def up(site: Path) -> dict[str, object]:
         wait_caught_up(pair.source, pair.target, timeout=60)
         image = guest_image.build()
         collections(site)
+        example = example_image(site / "images" / "reports1.qcow2")
         variables: dict[str, object] = {
             "haven_source_url": pair.source.address("api"),
             "haven_source_token": source_token,
+            "haven_source_admin_token": admin_token,
+            "haven_source_volume_dir": str(site),
+            "haven_example_image": str(example),
             "haven_recovery_url": pair.target.address("api"),
             "haven_recovery_token": recovery_token,
             "haven_ca_path": ca,
@@ -90,6 +98,24 @@ def up(site: Path) -> dict[str, object]:
         pair.stop()
         (site / "pids.json").unlink(missing_ok=True)
         raise
+
+
+def example_image(path: Path) -> Path:
+    """A 4 MiB qcow2 disk of a server to protect (docs/examples: reports1),
+    its data a pattern: byte 0x5a in the first MiB, 0xa5 at 3 MiB."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        made = path.with_suffix(".tmp")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(made), str(4 * MiB)], check=True, timeout=60)
+        for pattern, offset in ((0x5A, 0), (0xA5, 3 * MiB)):
+            subprocess.run(
+                ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern} {offset} {MiB}", str(made)],
+                check=True,
+                timeout=60,
+                stdout=subprocess.DEVNULL,
+            )
+        made.rename(path)
+    return path
 
 
 def _ours(pid: int, site: Path) -> bool:
