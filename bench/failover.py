@@ -87,7 +87,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 import guest_image  # noqa: E402
-from nodes import MiB, Pair, app_group, make_token, start_pair, wait_caught_up  # noqa: E402
+from nodes import MiB, Pair, app_group, make_token, start_pair, subnet, wait_caught_up  # noqa: E402
 from plays import ansible, ansible_env  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
@@ -135,11 +135,6 @@ def _collection(work: Path) -> Callable[..., Any]:
     from ansible_collections.haven.dr.plugins.module_utils.providers import get_provider
 
     return get_provider
-
-
-def subnet() -> str:
-    """A /24 unlikely to be in use here (10.200-249.x.0)."""
-    return f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}"
 
 
 def nbd_read(uri: str, offset: int, length: int) -> bytes:

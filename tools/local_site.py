@@ -106,7 +106,11 @@ def example_image(path: Path) -> Path:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         made = path.with_suffix(".tmp")
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(made), str(4 * MiB)], check=True, timeout=60)
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", str(made), str(4 * MiB)],
+            check=True,
+            timeout=60,
+        )
         for pattern, offset in ((0x5A, 0), (0xA5, 3 * MiB)):
             subprocess.run(
                 ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern} {offset} {MiB}", str(made)],

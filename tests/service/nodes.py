@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -156,6 +157,12 @@ def make_tls(tmp: Path) -> tuple[dict, dict]:
         files = issue(tmp / "ca", tmp / "pki", name, ["127.0.0.1", "localhost", name])
         out.append({"cert": str(files.cert), "key": str(files.key), "ca": str(ca.cert)})
     return out[0], out[1]
+
+
+def subnet() -> str:
+    """A /24 for a test's VM network, unlikely to be in use here
+    (10.200-249.x.0): the first three octets."""
+    return f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}"
 
 
 MiB = 1 << 20

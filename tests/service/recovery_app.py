@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 import yaml
-from nodes import MiB, Pair, app_group, make_token, start_pair
+from nodes import MiB, Pair, app_group, make_token, start_pair, subnet
 from plays import ROOT, ansible, ansible_env
 from waiting import wait_until
 
@@ -48,10 +48,6 @@ ROLES = {"db1": "writer+tcp:5432", "app1": "tcp:8080", "web1": "http:80:shop%20w
 DISKS = {"db1": ["db", "db-log"], "app1": ["app-root"], "web1": ["web-root"]}
 SIZES = {"db": 2 * MiB, "db-log": 2 * MiB, "app-root": MiB, "web-root": MiB}
 OCTETS = {"db1": 11, "app1": 21, "web1": 31}
-
-
-def subnet() -> str:
-    return f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}"
 
 
 @dataclass

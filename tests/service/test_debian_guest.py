@@ -19,6 +19,7 @@ from pathlib import Path
 import paramiko
 import pytest
 from conftest import require_tool
+from nodes import subnet
 from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,10 +49,6 @@ SSH_UP = 300
 SYSTEM_RUNNING = 240
 POWER_OFF = 120
 TIMES = Path(os.environ.get("HAVEN_DEBIAN_TIMES", "/tmp/haven-debian-guest-times.json"))
-
-
-def _subnet() -> str:
-    return f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}"
 
 
 @pytest.fixture(scope="session")
@@ -209,7 +206,7 @@ def test_debian_guest_boots_systemd_with_sshd_and_python(
 ) -> None:
     base = Path(debian["image"])
     before = base.stat()
-    net, prefix = "d" + secrets.token_hex(4), _subnet()
+    net, prefix = "d" + secrets.token_hex(4), subnet()
     gateway = f"{prefix}.1"
     provider.create_network(  # not isolated: the host routes to it (its veth)
         {"name": net, "cidr": f"{prefix}.0/24", "isolated": False}, 30

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from test_qemu_provider import _subnet, guest_image, net_name, wait_console
+from nodes import subnet
+from test_qemu_provider import guest_image, net_name, wait_console
 from waiting import wait_until
 
 from ansible_collections.haven.dr.plugins.module_utils._health import (  # isort: skip
@@ -72,7 +73,7 @@ class Guests:
             "qemu", state_dir=str(base / "qemu"), image=guest_image.build().as_dict()
         )
         self.net = net_name()
-        self.subnet = _subnet()
+        self.subnet = subnet()
         self.key_file = base / "id_ed25519"
         self.public = ssh_key(self.key_file)
         self.other_key = base / "other_ed25519"

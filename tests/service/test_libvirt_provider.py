@@ -21,11 +21,10 @@ from typing import Any
 
 import pytest
 from conftest import require_tool, start_havend
-from nodes import MiB
+from nodes import MiB, subnet
 from test_qemu_provider import (  # the same fixtures and helpers as the qemu provider's
     BOOT,
     _Listener,
-    _subnet,
     net_name,
     process_gone,
     target_view,
@@ -195,7 +194,7 @@ def virsh(*argv: str) -> subprocess.CompletedProcess[str]:
 def test_a_domain_boots_from_a_target_view_serves_tcp_pauses_and_goes_away(
     provider: LibvirtProvider, target_view: str, tmp_path: Path, image: dict[str, str]
 ) -> None:
-    net, sub = net_name(), _subnet()
+    net, sub = net_name(), subnet()
     drill = {"name": net, "cidr": f"{sub}.0/24", "isolated": True}
     assert provider.create_network(drill, 30)
     assert not provider.create_network(drill, 30)
@@ -291,9 +290,9 @@ def test_destroy_of_a_running_domain_and_the_writer_role(
 
 def test_the_isolated_drill_network_cannot_reach_production(provider: LibvirtProvider) -> None:
     prod, drill = net_name(), net_name()
-    psub, dsub = _subnet(), _subnet()
+    psub, dsub = subnet(), subnet()
     while dsub == psub:
-        dsub = _subnet()
+        dsub = subnet()
     provider.create_network({"name": prod, "cidr": f"{psub}.0/24", "isolated": False}, 30)
     provider.create_network({"name": drill, "cidr": f"{dsub}.0/24", "isolated": True}, 30)
     gateway = f"{psub}.1"  # production's address on the host side (its bridge)

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import start_havend
-from nodes import MiB, app_group, make_token, start_pair, wait_caught_up
+from nodes import MiB, app_group, make_token, start_pair, subnet, wait_caught_up
 from waiting import wait_until
 
 from havend.nbd.client import NBDClient
@@ -60,11 +60,6 @@ from ansible_collections.haven.dr.plugins.module_utils.providers.qemu import (  
 )
 
 BOOT = 60  # a tiny guest reaches its role in ~5 s under TCG; far more on a loaded machine
-
-
-def _subnet() -> str:
-    """A /24 unlikely to be used on this machine (10.200-249.x.0)."""
-    return f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}"
 
 
 @pytest.fixture(scope="session")
@@ -174,7 +169,7 @@ def target_view(tmp_path: Path) -> Iterator[str]:
 def test_a_vm_boots_from_a_target_view_serves_tcp_pauses_and_goes_away(
     provider: QemuProvider, target_view: str, tmp_path: Path
 ) -> None:
-    net, sub = net_name(), _subnet()
+    net, sub = net_name(), subnet()
     assert provider.create_network({"name": net, "cidr": f"{sub}.0/24", "isolated": True}, 10)
     assert not provider.create_network({"name": net, "cidr": f"{sub}.0/24", "isolated": True}, 10)
     server = {"name": "db1", "role": "tcp:5432", "nics": [{"network": net, "ip": f"{sub}.2/24"}]}
@@ -230,7 +225,7 @@ def test_a_vm_boots_from_a_target_view_serves_tcp_pauses_and_goes_away(
 
 
 def test_destroy_of_a_running_vm_leaves_no_process_tap_or_netns(provider: QemuProvider) -> None:
-    net, sub = net_name(), _subnet()
+    net, sub = net_name(), subnet()
     provider.create_network({"name": net, "cidr": f"{sub}.0/24"}, 10)
     provider.create(
         {
@@ -321,9 +316,9 @@ class _Listener:
 
 def test_the_isolated_drill_network_cannot_reach_production(provider: QemuProvider) -> None:
     prod, drill = net_name(), net_name()
-    psub, dsub = _subnet(), _subnet()
+    psub, dsub = subnet(), subnet()
     while dsub == psub:
-        dsub = _subnet()
+        dsub = subnet()
     provider.create_network({"name": prod, "cidr": f"{psub}.0/24", "isolated": False}, 10)
     provider.create_network({"name": drill, "cidr": f"{dsub}.0/24", "isolated": True}, 10)
     gateway = f"{psub}.1"  # production's address on the host side
