@@ -114,3 +114,118 @@ def test_the_applier_survives_a_resync_ending_while_it_looks(
         source.close()
         for g in node.groups.values():
             g.close()
+
+
+def _one_group(tmp_path: Path) -> tuple[Journal, TargetNode, TargetGroup]:
+    source = Journal.create(tmp_path / "src", uuid.uuid4(), segment_size=1 << 20)
+    state, replicas = str(tmp_path / "state"), str(tmp_path / "rep")
+    TargetGroup.create(state, replicas, uuid.uuid4(), "g", [{"name": "v", "size": SIZE}]).close()
+    node = TargetNode("t", state, replicas)
+    [group] = node.groups.values()
+    return source, node, group
+
+
+def test_a_batch_that_fails_is_retried_its_error_in_the_status_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not only OSError: whatever a batch raises (a bad record, a bug), the
+    records stay, the applier lives on and says why in the group's status."""
+    source, node, group = _one_group(tmp_path)
+    apply_some = TargetGroup.apply_some
+    failures = {"left": 3}
+
+    def failing(self: TargetGroup, *args: object) -> int:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ValueError("record 1: a damaged payload")
+        return apply_some(self, *args)
+
+    async def scenario() -> None:
+        applier = asyncio.get_running_loop().create_task(group.applier())
+        try:
+            await node._handle(
+                group, wire.Control(wire.FrameType.SYNC_BEGIN, {"resume_seq": 0}), asyncio.Event()
+            )
+            await node._handle(
+                group, wire.Control(wire.FrameType.SYNC_END, {"high_seq": 0}), asyncio.Event()
+            )
+            monkeypatch.setattr(TargetGroup, "apply_some", failing)
+            records = _records(source, 4)
+            group.receive(records)
+            group.journal.sync()
+            group.new_records.set()
+            for _ in range(200):
+                if group.status().apply_error is not None:
+                    break
+                await asyncio.sleep(0.01)
+            error = group.status().apply_error
+            assert error is not None and error["error"] == "ValueError: record 1: a damaged payload"
+            assert error["attempts"] >= 1 and error["since"] > 0
+            assert group.applied_seq == 0 and not applier.done()
+            for _ in range(1000):  # back-off 0.5 + 1 + 2 s, then the batch applies
+                if group.applied_seq == 4:
+                    break
+                await asyncio.sleep(0.01)
+            assert group.applied_seq == 4, group.status()
+            assert group.status().apply_error is None and not applier.done()
+            last = {r.offset: bytes(r.data) for r in records}  # a block written twice: the later
+            with open(group.volumes[0].path, "rb") as replica:
+                for offset, data in last.items():
+                    replica.seek(offset)
+                    assert replica.read(len(data)) == data
+        finally:
+            applier.cancel()
+            await asyncio.gather(applier, return_exceptions=True)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        source.close()
+        for g in node.groups.values():
+            g.close()
+    logged = [r for r in caplog.records if "applying records after seq 0 failed" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info  # once, with its traceback, not per retry
+
+
+def test_an_applier_that_dies_is_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error outside a batch ends the task: the node starts it again (with
+    back-off), the error in the status until it applies again."""
+    source, node, group = _one_group(tmp_path)
+    deaths = {"left": 1}
+
+    def dying(self: TargetGroup) -> None:  # the kept point of a resync, dropped
+        if deaths["left"]:
+            deaths["left"] -= 1
+            raise RuntimeError("the kept point is gone")
+        self._base = None
+
+    async def scenario() -> None:
+        node._start_applier(group)
+        try:
+            await node._handle(
+                group, wire.Control(wire.FrameType.SYNC_BEGIN, {"resume_seq": 0}), asyncio.Event()
+            )
+            await node._handle(
+                group, wire.Control(wire.FrameType.SYNC_END, {"high_seq": 0}), asyncio.Event()
+            )
+            monkeypatch.setattr(TargetGroup, "_drop_base", dying)
+            group._base = object()  # type: ignore[assignment]  # a kept point to drop, as after a resync
+            group.new_records.set()
+            for _ in range(300):
+                if group.status().apply_error is not None:
+                    break
+                await asyncio.sleep(0.01)
+            error = group.status().apply_error
+            assert error is not None and error["error"] == "RuntimeError: the kept point is gone"
+            await _deliver(group, _records(source, 3))  # the new applier takes them
+            assert group.applied_seq == 3 and group.status().apply_error is None
+            assert len(node._appliers) == 1 and not node._appliers[0].done()
+        finally:
+            await node.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        source.close()

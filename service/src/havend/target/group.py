@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -52,6 +53,8 @@ class ReplicaStatus:
     split_brain: dict | None  # TargetSplitBrain.to_dict(): fenced until resolved
     cdp: dict
     last_heard: float | None = None  # wall clock of the source's last frame (None: not since start)
+    # Why the applier cannot apply (it retries with back-off): {error, since, attempts}, or None
+    apply_error: dict | None = None
 
 
 class TargetGroup(Resync, Promotion, ReplicaMembers):
@@ -70,6 +73,7 @@ class TargetGroup(Resync, Promotion, ReplicaMembers):
         # When the source was last heard from (wall clock, this process): the end of an
         # unplanned failover's loss window as far as this side can know it.
         self.last_heard: float | None = None
+        self.apply_error: dict | None = None  # see ReplicaStatus.apply_error
         self.applied_seq = self._read_applied()
         self.synced_seq = self.applied_seq  # what the "applied" file says
         with open(os.path.join(directory, "sync.json")) as f:
@@ -241,13 +245,38 @@ class TargetGroup(Resync, Promotion, ReplicaMembers):
                         await asyncio.sleep(0.2)
                         continue
                     await loop.run_in_executor(None, self.apply_some, batch_bytes)
-            except OSError as exc:  # e.g. ENOSPC: keep the records, retry when there is room
-                log.error("group %s: applying failed: %s; retrying", self.name, exc)
+            except Exception as exc:  # the applier must outlive any one batch
+                # OSError (ENOSPC...) and anything else (a bad record, a bug): the
+                # records stay in the journal, the applied seq where it was, and the
+                # batch is tried again with back-off; meanwhile the group's status
+                # says why (apply_error) instead of the replica silently falling behind.
+                self._apply_failed(exc)
                 await asyncio.sleep(backoff)
-                backoff = min(10.0, backoff * 2)
+                backoff = min(30.0, backoff * 2)
                 continue
+            if self.apply_error is not None:
+                log.warning(
+                    "group %s: applying again after %d failed attempts",
+                    self.name,
+                    self.apply_error["attempts"],
+                )
+                self.apply_error = None
             backoff = 0.5
             self.applied_changed.set()
+
+    def _apply_failed(self, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        if self.apply_error is None or self.apply_error["error"] != error:
+            # the first time (or a new cause): the traceback once, not at every retry
+            log.error(
+                "group %s: applying records after seq %d failed: %s; retrying",
+                self.name,
+                self.applied_seq,
+                error,
+                exc_info=not isinstance(exc, OSError),
+            )
+            self.apply_error = {"error": error, "since": time.time(), "attempts": 0}
+        self.apply_error["attempts"] += 1
 
     def apply_some(self, batch_bytes: int = 8 << 20) -> int:
         """Apply up to ``batch_bytes`` of records in order (page cache); the
@@ -503,6 +532,7 @@ class TargetGroup(Resync, Promotion, ReplicaMembers):
             split_brain=split.to_dict() if (split := self.records.split_brain) else None,
             cdp=self.undo.status() | {"preserved_bytes": self.preserved_bytes},
             last_heard=self.last_heard,
+            apply_error=dict(self.apply_error) if self.apply_error else None,
         )
 
     def close(self) -> None:

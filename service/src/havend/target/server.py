@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import ssl
@@ -32,6 +33,7 @@ class TargetNode:
         self.groups: dict[uuid.UUID, TargetGroup] = {}
         self._appliers: list[asyncio.Task[None]] = []
         self._server: asyncio.AbstractServer | None = None
+        self._closing = False
         self._links: dict[uuid.UUID, FrameLink] = {}
         self.on_promoted: Callable[[TargetGroup], Any] | None = None  # serve its volumes
         self.on_demoted: Callable[[TargetGroup], Any] | None = None  # stop serving them
@@ -54,10 +56,29 @@ class TargetNode:
         )
         return self._server.sockets[0].getsockname()[:2]
 
-    def _start_applier(self, group: TargetGroup) -> None:
-        task = asyncio.get_running_loop().create_task(group.applier())
-        task.add_done_callback(lambda t: _report_crash(group, t))
+    def _start_applier(self, group: TargetGroup, delay: float = 0.0) -> None:
+        async def run() -> None:
+            if delay:
+                await asyncio.sleep(delay)
+            await group.applier()
+
+        task = asyncio.get_running_loop().create_task(run())
+        task.add_done_callback(lambda t: self._applier_ended(group, t, delay))
         self._appliers.append(task)
+
+    def _applier_ended(self, group: TargetGroup, task: asyncio.Task[None], delay: float) -> None:
+        """An applier only ends by cancellation (close); one that died of an
+        error outside a batch (which it retries itself) is started again,
+        with back-off, its error in the group's status meanwhile."""
+        with contextlib.suppress(ValueError):
+            self._appliers.remove(task)
+        if task.cancelled() or self._closing:
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        group._apply_failed(exc)
+        self._start_applier(group, min(30.0, max(0.5, delay * 2)))
 
     async def _serve(self, link: FrameLink) -> None:
         peer = link.get_extra_info("peername")
@@ -441,11 +462,13 @@ class TargetNode:
         raise NotFound(f"no group {name!r} on this node")
 
     async def close(self) -> None:
+        self._closing = True
         if self._server is not None:
             self._server.close()
-        for task in self._appliers:
+        appliers = list(self._appliers)
+        for task in appliers:
             task.cancel()
-        await asyncio.gather(*self._appliers, return_exceptions=True)
+        await asyncio.gather(*appliers, return_exceptions=True)
         for group in self.groups.values():
             group.close()
 
@@ -461,8 +484,3 @@ async def _hashes(volumes: Sequence[Any], frame: wire.HashRequest) -> bytes:
     except ValueError as exc:
         raise RemoteProtocolError(str(exc)) from None
     return wire.encode_hashes(frame.request, hashes)
-
-
-def _report_crash(group: TargetGroup, task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("group %s: applier stopped: %s", group.name, task.exception())
