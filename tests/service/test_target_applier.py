@@ -13,6 +13,7 @@ certain by a pause injected in it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import threading
 import uuid
@@ -22,6 +23,7 @@ import pytest
 
 from havend.journal import Journal, Kind, Record
 from havend.link import wire
+from havend.operations import machine
 from havend.target.group import TargetGroup
 from havend.target.server import TargetNode
 
@@ -162,12 +164,18 @@ def test_a_batch_that_fails_is_retried_its_error_in_the_status_meanwhile(
             assert error is not None and error["error"] == "ValueError: record 1: a damaged payload"
             assert error["attempts"] >= 1 and error["since"] > 0
             assert group.applied_seq == 0 and not applier.done()
+            state, why = machine.state_of("target", dataclasses.asdict(group.status()), None)
+            assert state == "error" and "applying records fails (ValueError" in why, why
             for _ in range(1000):  # back-off 0.5 + 1 + 2 s, then the batch applies
                 if group.applied_seq == 4:
                     break
                 await asyncio.sleep(0.01)
             assert group.applied_seq == 4, group.status()
             assert group.status().apply_error is None and not applier.done()
+            assert (
+                machine.state_of("target", dataclasses.asdict(group.status()), None)[0]
+                == "protecting"
+            )
             last = {r.offset: bytes(r.data) for r in records}  # a block written twice: the later
             with open(group.volumes[0].path, "rb") as replica:
                 for offset, data in last.items():

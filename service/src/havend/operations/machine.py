@@ -11,7 +11,8 @@ change with its generation (``/v1/groups/{group}/history``).
 ``failed_over``  source: fenced, the target promoted; target: promoted, live
 ``failing_back`` a failback (or a split-brain resolution) is moving the data
 ``paused``       source: shipping stopped by an operator (writes still journaled)
-``error``        a split brain (both sides took writes), or the applier stopped
+``error``        a split brain (both sides took writes), or the target's applier
+                 failing (``apply_error``: it retries; the replica does not move)
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def state_of(role: str, group: dict[str, Any], running: str | None) -> tuple[str
         return "error", "split brain: both sides took writes; resolve it on the source node"
     if running == "promote":
         return "failing_over", "promotion running"
+    failing = group.get("apply_error")
+    if failing:
+        return "error", (
+            f"applying records fails ({failing['error']}; {failing['attempts']} attempts); "
+            "retrying, the replica does not move"
+        )
     promoted = group.get("promoted")
     if promoted:
         return "failed_over", f"promoted (generation {promoted.get('generation')})"
