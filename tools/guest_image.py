@@ -13,6 +13,13 @@ from the kernel command line:
 - ``haven.role=writer``             write sequence-stamped 512-byte records to
                                     /dev/vda (``writer:vdb``: that disk), each
                                     followed by ``sync`` and ``haven: ack N`` on the console
+- ``haven.role=db:PORT[:DISK]``     a database: the writer on DISK (default vda)
+                                    going on after the highest seq already on it,
+                                    its last record the answer on TCP PORT
+- ``haven.role=app:PORT:HOST:DBPORT`` answer on PORT ``haven <name> app: <record>``,
+                                    the last record of the db at HOST:DBPORT
+- ``haven.role=web:PORT:HOST:APPPORT`` serve ``/`` (a CGI): ``shop web <name>: <the
+                                    app's answer>`` (busybox httpd)
 - ``haven.role=writer+tcp:5432``    several roles at once, joined by ``+``
 - ``haven.role=idle`` (default)     nothing
 - ``haven.name=NAME``               the server's name (its hostname)
@@ -145,6 +152,20 @@ if [ -n "$MOUNT" ]; then
     mount "${MOUNT%%:*}" "${MOUNT#*:}" || say "mount $MOUNT failed"
 fi
 
+# record N at sector N % 2048 (1 MiB ring) of disk $1, from seq $2 + 1:
+# "haven-seq <16 digits> <name>", synced, then "haven: ack N" on the console
+# (and the record in /run/haven-last, what the db role serves)
+write_records() {
+    seq=$2
+    while true; do
+        seq=$((seq+1))
+        RECORD=$(printf 'haven-seq %016d %s' "$seq" "$NAME")
+        echo "$RECORD" | dd of=/dev/$1 bs=512 seek=$((seq % 2048)) conv=notrunc,sync 2>/dev/null &&
+            sync && echo "$RECORD" > /run/haven-last && say "ack $seq"
+        sleep 0.2
+    done
+}
+
 run_role() {
 case "$1" in
     tcp:*)
@@ -164,20 +185,47 @@ case "$1" in
         httpd -p "$PORT" -h /www-$PORT
         ;;
     writer|writer:*)
-        # record N at sector N % 2048 (1 MiB ring) of the disk (default vda):
-        # "haven-seq <16 digits> <name>", synced, then "haven: ack N" on the console
         DISK=vda
         [ "$1" != writer ] && DISK=${1#writer:}
-        (
-            seq=0
-            while true; do
-                seq=$((seq+1))
-                printf 'haven-seq %016d %s\n' "$seq" "$NAME" |
-                    dd of=/dev/$DISK bs=512 seek=$((seq % 2048)) conv=notrunc,sync 2>/dev/null &&
-                    sync && say "ack $seq"
-                sleep 0.2
-            done
-        ) &
+        write_records "$DISK" 0 &
+        ;;
+    db:*)
+        # a database: the writer on DISK (db:PORT[:DISK], default vda), going on
+        # after the highest seq the disk holds, its last record served on PORT
+        REST=${1#db:}
+        PORT=${REST%%:*}
+        DISK=vda
+        [ "$REST" != "$PORT" ] && DISK=${REST#*:}
+        LAST=$(dd if=/dev/$DISK bs=512 count=2048 2>/dev/null | tr '\000' '\n' |
+            grep -o '^haven-seq [0-9]*' | sort | tail -n 1 | cut -d' ' -f2 | sed 's/^0*//')
+        say "db $DISK from seq ${LAST:-0}"
+        echo "no record yet" > /run/haven-last
+        printf '#!/bin/sh\ncat /run/haven-last\n' > /bin/haven-db-$PORT
+        chmod +x /bin/haven-db-$PORT
+        nc -ll -p "$PORT" -e /bin/haven-db-$PORT &
+        write_records "$DISK" "${LAST:-0}" &
+        ;;
+    app:*)
+        # app:PORT:HOST:DBPORT - every connection on PORT asks the db at HOST:DBPORT
+        # for its last record and answers "haven <name> app: <that record>"
+        REST=${1#app:}
+        PORT=${REST%%:*}
+        DB=${REST#*:}
+        printf '#!/bin/sh\necho "haven %s app: $(nc %s %s </dev/null | head -n 1)"\n' \
+            "$NAME" "${DB%%:*}" "${DB#*:}" > /bin/haven-app-$PORT
+        chmod +x /bin/haven-app-$PORT
+        nc -ll -p "$PORT" -e /bin/haven-app-$PORT &
+        ;;
+    web:*)
+        # web:PORT:HOST:APPPORT - an HTTP page (a CGI) "shop web <name>: <the app's answer>"
+        REST=${1#web:}
+        PORT=${REST%%:*}
+        APP=${REST#*:}
+        mkdir -p /www-$PORT/cgi-bin
+        printf '#!/bin/sh\necho "Content-Type: text/plain"\necho\necho "shop web %s: $(nc %s %s </dev/null | head -n 1)"\n' \
+            "$NAME" "${APP%%:*}" "${APP#*:}" > /www-$PORT/cgi-bin/index.cgi
+        chmod +x /www-$PORT/cgi-bin/index.cgi
+        httpd -p "$PORT" -h /www-$PORT
         ;;
     idle) ;;
     *) say "unknown role $1" ;;
