@@ -10,14 +10,14 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Written by `make setup`; rebuilt when any of its inputs changes.
 STAMP := $(VENV)/.setup-stamp
 # Linted with havend's ruff config; $(wildcard) skips dirs that do not exist yet.
-RUFF_PATHS := $(wildcard service tests/service bench tools)
+RUFF_PATHS := $(wildcard service tests/service tests/e2e bench tools)
 # nbd_ingest.py first, then every other bench/*.py with a main guard (floor.py
 # is not one: the replication and CDP benchmarks run its two ends).
 BENCHES := bench/nbd_ingest.py $(filter-out bench/nbd_ingest.py bench/floor.py,\
 	$(shell grep -l '^if __name__ == .__main__.:' bench/*.py 2>/dev/null))
 
 .PHONY: test setup ruff structure service-tests units molecule sanity lint changelog bench build build-check \
-	constraints openapi demo clean distclean
+	constraints openapi demo demo-clean demo-api e2e clean distclean
 
 ## test: everything CI checks, in order, stopping at the first failure
 test: setup
@@ -26,6 +26,7 @@ test: setup
 	$(MAKE) --no-print-directory service-tests
 	$(MAKE) --no-print-directory units
 	$(MAKE) --no-print-directory molecule
+	$(MAKE) --no-print-directory e2e
 	$(MAKE) --no-print-directory sanity
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory changelog
@@ -65,6 +66,10 @@ molecule: setup
 	ln -sfn $(CURDIR) $(MOLECULE_COLLECTIONS)/ansible_collections/haven/dr
 	$(VENV)/bin/molecule test $(if $(SCENARIO),--scenario-name $(SCENARIO),--all)
 
+## e2e: make demo end to end (tests/e2e: the shop through the playbooks on VMs; root)
+e2e: setup
+	$(VENV)/bin/pytest tests/e2e
+
 ## sanity: ansible-test sanity on a copy of the collection (offline)
 sanity: setup
 	tools/ansible-test.sh sanity
@@ -97,9 +102,17 @@ build-check: build
 	test -f .build/installed/ansible_collections/haven/dr/MANIFEST.json
 	test -f .build/installed/ansible_collections/haven/dr/service/pyproject.toml
 
-## demo: a protected site and a recovery site on this machine, through the REST API
+## demo: the DR story of a 3-tier application of VMs through the collection's playbooks (root)
 demo: setup
 	$(VENV)/bin/python tools/demo.py
+
+## demo-clean: whatever an interrupted demo left (VMs, networks, nodes, namespaces)
+demo-clean: setup
+	$(VENV)/bin/python tools/demo.py --clean
+
+## demo-api: havend alone through its REST API, two sites, no VM
+demo-api: setup
+	$(VENV)/bin/python tools/api_demo.py
 
 ## openapi: rewrite docs/api/openapi.json from the code (a test fails when it is stale)
 openapi: setup

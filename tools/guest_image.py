@@ -222,8 +222,11 @@ case "$1" in
         PORT=${REST%%:*}
         APP=${REST#*:}
         mkdir -p /www-$PORT/cgi-bin
-        printf '#!/bin/sh\necho "Content-Type: text/plain"\necho\necho "shop web %s: $(nc %s %s </dev/null | head -n 1)"\n' \
-            "$NAME" "${APP%%:*}" "${APP#*:}" > /www-$PORT/cgi-bin/index.cgi
+        {
+            printf '#!/bin/sh\necho "Content-Type: text/plain"\necho\n'
+            printf 'echo "shop web %s: $(nc %s %s </dev/null | head -n 1)"\n' \
+                "$NAME" "${APP%%:*}" "${APP#*:}"
+        } > /www-$PORT/cgi-bin/index.cgi
         chmod +x /www-$PORT/cgi-bin/index.cgi
         httpd -p "$PORT" -h /www-$PORT
         ;;

@@ -1,4 +1,4 @@
-"""``make demo`` keeps working: it runs to the end, exits 0 and leaves nothing
+"""``make demo-api`` keeps working: it runs to the end, exits 0 and leaves nothing
 running (no process, no network namespace)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _leftovers() -> tuple[str, str]:
     procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     havends = "\n".join(
-        line for line in procs.splitlines() if "demo/src1.yaml" in line or "demo/tgt1.yaml" in line
+        line for line in procs.splitlines() if "demo-api/src1.yaml" in line or "demo-api/tgt1.yaml" in line
     )
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return havends, "\n".join(n for n in netns.splitlines() if n.startswith("hvdemo-"))
@@ -21,7 +21,7 @@ def _leftovers() -> tuple[str, str]:
 
 def test_the_demo_runs_to_the_end_and_cleans_up() -> None:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "demo.py")],
+        [sys.executable, str(ROOT / "tools" / "api_demo.py")],
         capture_output=True,
         text=True,
         timeout=300,
@@ -40,7 +40,7 @@ def test_the_demo_cleans_up_after_ctrl_c() -> None:
     import time
 
     demo = subprocess.Popen(
-        [sys.executable, str(ROOT / "tools" / "demo.py")],
+        [sys.executable, str(ROOT / "tools" / "api_demo.py")],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
