@@ -54,6 +54,9 @@ options:
       - How many times a request is sent again, with exponential back-off, after a connection that
         was never made, or, for a request that only reads, after a 502, 503 or 504. A request that
         may have reached the node is never sent again.
+      - Apart from these, a request the node refused because another operation held the group for a
+        moment (409 with C(Retry-After), for example two servers of one group protected at once) is sent
+        again after the seconds the node says, for up to 60 seconds in all.
     type: int
     default: 3
 requirements:

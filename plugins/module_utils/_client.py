@@ -39,6 +39,22 @@ RETRY_STATUS = (502, 503, 504)
 READS = ("GET", "HEAD")  # sent again after a 502/503/504
 
 
+# A 409 with Retry-After (havend: another operation holds the group, the request was
+# refused before anything was done) is sent again after the seconds it says, for at most
+# this many seconds in all.
+BUSY_WAIT = 60.0
+
+
+def _busy_for(response):
+    """Seconds to wait before sending again a request the node refused as busy, or None."""
+    if response.status_code != 409:
+        return None
+    try:
+        return min(10.0, max(0.1, float(response.headers.get("Retry-After"))))
+    except (TypeError, ValueError):
+        return None
+
+
 class HavenClient:
     """Requests to one node; every error is a ``HavenError`` naming the node."""
 
@@ -104,6 +120,7 @@ class HavenClient:
     def request(self, method, path, body=None, params=None):
         """The parsed JSON answer of a 2xx; else the error for its status."""
         attempt = 0
+        busy_waited = 0.0
         while True:
             try:
                 response = self.session.request(
@@ -127,6 +144,13 @@ class HavenClient:
             if response.status_code in RETRY_STATUS and method in READS and attempt < self.retries:
                 attempt += 1
                 self._sleep(self.backoff * (2 ** (attempt - 1)))
+                continue
+            wait = _busy_for(response)
+            if wait is not None and busy_waited + wait <= BUSY_WAIT:
+                # another operation holds the group for a moment: refused before anything
+                # was done, whatever the method, so sent again when the node says
+                busy_waited += wait
+                self._sleep(wait)
                 continue
             return self._answer(method, path, response)
 

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def _leftovers() -> tuple[str, str]:
     procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     havends = "\n".join(
-        line for line in procs.splitlines() if "demo-api/src1.yaml" in line or "demo-api/tgt1.yaml" in line
+        line
+        for line in procs.splitlines()
+        if "demo-api/src1.yaml" in line or "demo-api/tgt1.yaml" in line
     )
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return havends, "\n".join(n for n in netns.splitlines() if n.startswith("hvdemo-"))

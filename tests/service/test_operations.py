@@ -18,7 +18,7 @@ from waiting import wait_until
 from havend import admin
 from havend.admin import node_handlers
 from havend.api.app import create_app
-from havend.errors import Conflict, HavendError, Invalid, NotFound, status_code
+from havend.errors import Busy, Conflict, HavendError, Invalid, NotFound, status_code
 from havend.operations import OPERATIONS, Operations
 from havend.state import open_store
 
@@ -91,7 +91,7 @@ def test_one_exclusive_operation_at_a_time_whoever_asks() -> None:
         running = asyncio.ensure_future(handlers["reverse"]({"op": "reverse", "group": "app"}))
         await asyncio.wait_for(node.entered.wait(), 5)
         # Allowed in this state, but the group is taken: refused, whoever asks.
-        with pytest.raises(Conflict, match="reverse is running on app"):
+        with pytest.raises(Busy, match="reverse is running on app"):  # a Conflict, for a moment
             await handlers["failback"]({"op": "failback", "group": "app"})
         with pytest.raises(Conflict, match="reverse is running on app"):
             await operations.run("failback", "app", {})
@@ -230,17 +230,20 @@ def test_the_api_maps_errors_by_class_not_by_text(tmp_path: Path) -> None:
             (NotFound("group app has no volume 'x'"), 404),
             (Conflict("no group is in the way, but the state is"), 409),
             (Invalid("label: too long", "label"), 422),
+            (Busy("volume_add is running on app"), 409),
         ):
             node.raises = error
             answer = client.post("/v1/groups/app/checkpoints", json={"label": "x"})
             assert answer.status_code == code, answer.text
+            # only a group busy for a moment says when to ask again
+            assert answer.headers.get("Retry-After") == ("1" if isinstance(error, Busy) else None)
             if code == 422:
                 assert answer.json()["detail"] == [{"field": "label", "error": "label: too long"}]
             else:
                 assert answer.json()["detail"] == str(error)
         assert client.post("/v1/groups/nope/checkpoints", json={}).status_code == 404
         audited = [(e["action"], e["status"]) for e in store.audit_entries()]
-        assert audited == [("checkpoint", code) for code in (404, 409, 422, 404)]
+        assert audited == [("checkpoint", code) for code in (404, 409, 422, 409, 404)]
     finally:
         store.close()
 

@@ -32,6 +32,12 @@ class Conflict(HavendError):
     """The object exists but its state forbids the request (illegal transition, busy)."""
 
 
+class Busy(Conflict):
+    """Another operation holds the group for a moment: the request was refused
+    before anything was done, and may be sent again (the API answers 409 with
+    ``Retry-After``)."""
+
+
 class Invalid(HavendError):
     """The request is malformed or asks for something impossible (a bad argument).
     ``field`` names the argument at fault when one is ("" when none is)."""

@@ -24,8 +24,8 @@ import pytest
 
 
 class Script:
-    """Answers by (method, path): a list of (status, body[, delay]) used in
-    turn (the last one repeats), or a function (request) -> (status, body)."""
+    """Answers by (method, path): a list of (status, body[, delay[, headers]])
+    used in turn (the last one repeats), or a function (request) -> (status, body)."""
 
     def __init__(self):
         self.routes = {}
@@ -38,13 +38,13 @@ class Script:
         self.requests.append((method, path, dict(headers), body))
         route = self.routes.get((method, path.split("?")[0]))
         if route is None:
-            return 404, {"detail": "no route %s %s in the test's script" % (method, path)}, 0
+            return 404, {"detail": "no route %s %s in the test's script" % (method, path)}, 0, {}
         if callable(route[0]):
             status, data = route[0](method, path, body)
-            return status, data, 0
+            return status, data, 0, {}
         entry = route.pop(0) if len(route) > 1 else route[0]
         status, data = entry[0], entry[1]
-        return status, data, entry[2] if len(entry) > 2 else 0
+        return status, data, entry[2] if len(entry) > 2 else 0, entry[3] if len(entry) > 3 else {}
 
 
 def _handler(script):
@@ -53,11 +53,13 @@ def _handler(script):
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
             body = json.loads(raw) if raw else None
-            status, data, delay = script.answer(self.command, self.path, self.headers, body)
+            status, data, delay, headers = script.answer(self.command, self.path, self.headers, body)
             if delay:
                 time.sleep(delay)
             payload = data if isinstance(data, bytes) else json.dumps(data).encode()
             self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()

@@ -45,7 +45,7 @@ from havend.api.models import (
     VerificationRequest,
     VolumeSpec,
 )
-from havend.errors import Conflict, HavendError, Invalid, status_code
+from havend.errors import Busy, Conflict, HavendError, Invalid, status_code
 from havend.node import Node
 from havend.operations import Operations
 from havend.state import SCOPES, StateStore, Token
@@ -124,7 +124,9 @@ def create_app(node: Node, operations: Operations, store: StateStore) -> FastAPI
         detail: Any = str(exc)
         if isinstance(exc, Invalid):
             detail = [{"field": exc.field, "error": str(exc)}]
-        return JSONResponse({"detail": detail}, status_code=code)
+        # refused before anything was done, for a moment: the client may ask again
+        headers = {"Retry-After": "1"} if isinstance(exc, Busy) else None
+        return JSONResponse({"detail": detail}, status_code=code, headers=headers)
 
     # None only when the app is built for its schema (``schema()``), never serving.
     _group_status = operations.group_status if operations is not None else None

@@ -3,7 +3,7 @@
 Before an operation runs: the group it names exists (:class:`NotFound`), it
 runs on this node's role and the group's state allows it (:class:`Conflict`),
 its required arguments are given (:class:`Invalid`), and no other exclusive
-operation holds the group (:class:`Conflict`). Then it runs in the
+operation holds the group (:class:`Busy`, a :class:`Conflict` worth retrying). Then it runs in the
 foreground (:meth:`Operations.run`: the admin socket, the API's short
 requests) or as a background operation kept in the state store, to poll
 (:meth:`Operations.start`: the API's failover operations).
@@ -15,7 +15,7 @@ import asyncio
 import logging
 from typing import Any
 
-from havend.errors import Conflict, Invalid, NotFound
+from havend.errors import Busy, Conflict, Invalid, NotFound
 from havend.node import Node
 from havend.operations import machine
 from havend.operations.table import OPERATIONS, OperationSpec
@@ -84,7 +84,7 @@ class Operations:
         # during a rollback would show blocks being rewritten).
         holder = self.running.get(group) if spec.on_group else None
         if holder is not None:
-            raise Conflict(f"{holder} is running on {group}")
+            raise Busy(f"{holder} is running on {group}")
         return spec
 
     # Running ------------------------------------------------------------------

@@ -81,6 +81,34 @@ def test_a_post_that_may_have_arrived_is_not_sent_again(havend):
     assert len(havend.script.requests) == 1
 
 
+def test_a_busy_group_is_asked_again_when_the_node_says_whatever_the_method(havend):
+    """409 with Retry-After: another operation held the group and the node did
+    nothing; a POST too is sent again, after the seconds it says."""
+    busy = (409, {"detail": "volume_add is running on shop"}, 0, {"Retry-After": "1"})
+    havend.script.on("POST", "/v1/groups/shop/volumes", busy, busy, (201, {"name": "db"}))
+    c, naps = client(havend.url, retries=0)
+    assert c.post("/v1/groups/shop/volumes", {"name": "db"}) == {"name": "db"}
+    assert naps == [1.0, 1.0] and len(havend.script.requests) == 3
+
+
+def test_a_group_busy_for_too_long_is_the_409_in_the_end(havend):
+    busy = (409, {"detail": "failback is running on shop"}, 0, {"Retry-After": "7"})
+    havend.script.on("POST", "/v1/groups/shop/volumes", busy)
+    c, naps = client(havend.url, retries=0)
+    with pytest.raises(HavenApiError) as raised:
+        c.post("/v1/groups/shop/volumes", {"name": "db"})
+    assert raised.value.status == 409 and "failback is running on shop" in str(raised.value)
+    assert sum(naps) <= 60 and naps == [7.0] * 8  # 56 s waited, a 9th would pass the minute
+
+
+def test_a_409_without_retry_after_is_not_sent_again(havend):
+    havend.script.on("POST", "/v1/groups/shop/operations/failback", (409, {"detail": "group shop has not failed over"}))
+    c, naps = client(havend.url, retries=3)
+    with pytest.raises(HavenApiError):
+        c.post("/v1/groups/shop/operations/failback", {})
+    assert naps == [] and len(havend.script.requests) == 1
+
+
 def test_retries_run_out_with_the_last_error(havend):
     havend.script.on("GET", "/v1/node", (504, {"detail": "gateway timeout"}))
     c, naps = client(havend.url, retries=2, backoff=0.1)
