@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import signal
 import ssl
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-from demo_sites import Live, Network, Node, say
+from demo_sites import Live, Network, Node, run_demo, say
 
 from havend import certs
 from havend.nbd.client import NBDClient
@@ -350,25 +348,7 @@ def _sha(path: Path) -> str:
 
 
 def main() -> int:
-    demo = Demo()
-    stop = threading.Event()
-
-    def interrupted(signum: int, _: Any) -> None:
-        stop.set()
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)
-    try:
-        demo.run()
-        return 0
-    except KeyboardInterrupt:
-        say("\ninterrupted: stopping everything")
-        return 130
-    except Exception as exc:
-        say(f"\ndemo FAILED: {exc} (logs in {WORK})")
-        return 1
-    finally:
-        demo.close()
+    return run_demo(Demo(), str(WORK))
 
 
 if __name__ == "__main__":

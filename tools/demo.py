@@ -65,7 +65,7 @@ OUT = ROOT / "out"
 sys.path[:0] = [str(ROOT / "tools"), str(WORK / "collections")]
 
 import guest_image  # noqa: E402
-from demo_sites import Live, Network, Node, say  # noqa: E402
+from demo_sites import Live, Network, Node, run_demo, say  # noqa: E402
 
 from havend import certs  # noqa: E402
 from havend.nbd.client import NBDClient  # noqa: E402
@@ -910,22 +910,7 @@ def main(argv: list[str] | None = None) -> int:
         say("make demo needs root (network namespaces, taps)")
         return 2
 
-    def interrupted(signum: int, _: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)
-    demo = Demo()
-    try:
-        demo.run()
-        return 0
-    except KeyboardInterrupt:
-        say("\ninterrupted: stopping everything")
-        return 130
-    except DemoError as exc:
-        say(f"\nthe demo failed: {exc}\n(logs in {_rel(WORK)})")
-        return 1
-    finally:
-        demo.close()
+    return run_demo(Demo(), _rel(WORK))
 
 
 if __name__ == "__main__":

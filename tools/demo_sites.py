@@ -181,3 +181,24 @@ class Node:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
+
+
+def run_demo(demo: Any, logs: str) -> int:
+    """``demo.run()``, then ``demo.close()`` whatever happened: 0; 130 after
+    Ctrl-C or SIGTERM; 1 after a failure, said in one line."""
+
+    def interrupted(signum: int, _: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        demo.run()
+        return 0
+    except KeyboardInterrupt:
+        say("\ninterrupted: stopping everything")
+        return 130
+    except Exception as exc:  # every failure ends the same way: said, then cleaned up
+        say(f"\nthe demo failed: {exc}\n(logs in {logs})")
+        return 1
+    finally:
+        demo.close()
