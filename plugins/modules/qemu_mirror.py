@@ -913,7 +913,7 @@ class Mirror(object):
         started; a job is kept (with what it knows the export misses) while the
         export cannot be reached."""
         job = self.job_now(qmp)
-        if job is not None:
+        if job is not None and job.get("status") not in ENDED:
             why = unreachable(parse_export(self.p["export"])[0], self.p["qmp_timeout"])
             if why is not None:
                 raise HavenError(
