@@ -40,8 +40,8 @@ description:
     somewhere else fails the task naming it, unless O(force=true), which replaces it.
   - With O(state=absent), it cancels the job (C(block-job-cancel), which on a C(ready) mirror leaves the VM on its
     local disk and the export holding the disk as it was then) and removes the NBD node.
-  - With O(state=info), it changes nothing and returns the disk (its virtual size - the size of the source node's
-    volume) and its mirror, if any.
+  - M(haven.dr.qemu_mirror_info) reports a disk (its virtual size - the size the source node's volume needs) and its
+    mirror without changing anything.
   - The job and the NBD node are named after the disk (C(haven-mirror-<disk>), C(haven-nbd-<disk>)), so any run
     finds them whatever name of the disk O(device) gives.
   - QEMU's QMP socket serves one client at a time; the task holds it only for single exchanges (it connects again
@@ -67,14 +67,13 @@ options:
     description:
       - The source node's NBD export of the disk, C(nbd://HOST[:PORT]/NAME) (port 10809 by default) or
         C(nbd+unix:///NAME?socket=PATH), as reachable from the hypervisor. Required with O(state=present).
-      - The export's size must be the disk's virtual size (see O(state=info)).
+      - The export's size must be the disk's virtual size (M(haven.dr.qemu_mirror_info) reports it).
     type: str
   state:
     description:
-      - V(present) - the disk mirrored onto O(export); V(absent) - no mirror of this module on the disk;
-        V(info) - report the disk and its mirror, change nothing.
+      - V(present) - the disk mirrored onto O(export); V(absent) - no mirror of this module on the disk.
     type: str
-    choices: [present, absent, info]
+    choices: [present, absent]
     default: present
   copy_mode:
     description:
@@ -150,6 +149,7 @@ notes:
     black hole, no reset) makes them wait until TCP gives up; put the source node close to the hypervisor, or use
     V(background).
 seealso:
+  - module: haven.dr.qemu_mirror_info
   - module: haven.dr.protected_server
   - name: QEMU's blockdev-mirror
     description: The QMP command the job is started with.
@@ -157,12 +157,19 @@ seealso:
 """
 
 EXAMPLES = r"""
-- name: The disk of db1 registered on the source node (its volume as big as the VM's disk)
+- name: The size of db1's disk as the VM sees it
+  haven.dr.qemu_mirror_info:
+    qmp_socket: /run/vms/db1/qmp.sock
+    device: vda
+  delegate_to: hv1.example.com
+  register: db1_vda
+
+- name: The disk of db1 registered on the source node, its volume as big as the VM's disk
   haven.dr.protected_server:
     name: db1.example.com
     group: crm
     disks:
-      - {name: db1-vda, path: crm/db1-vda.img, size: 21474836480}
+      - {name: db1-vda, path: crm/db1-vda.img, size: "{{ db1_vda.disk.virtual_size }}"}
   register: db1
 
 - name: Mirror the running VM's disk onto its export, waiting until every write reaches it
@@ -176,14 +183,6 @@ EXAMPLES = r"""
 - name: Show the progress of the initial copy
   ansible.builtin.debug:
     msg: "{{ mirrored.progress_lines }}"
-
-- name: The size of a disk, before its volume is made
-  haven.dr.qemu_mirror:
-    qmp_socket: /run/vms/web1/qmp.sock
-    device: drive0
-    state: info
-  delegate_to: hv1.example.com
-  register: web1_disk  # web1_disk.disk.virtual_size
 
 - name: Stop mirroring (the VM goes on on its local disk)
   haven.dr.qemu_mirror:
@@ -305,333 +304,33 @@ progress_lines:
   sample: ["vda to nbd://src1.example.com:10809/db1-vda: 8388608 of 21474836480 bytes (0 %) after 1 s"]
 """
 
-import hashlib
-import json
 import os
-import re
-import socket
-import stat
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.six.moves.urllib.parse import parse_qs, unquote, urlsplit
 
 from ansible_collections.haven.dr.plugins.module_utils._errors import HavenError, HavenTimeout
+from ansible_collections.haven.dr.plugins.module_utils._qmp import (
+    ENDED,
+    PAUSED,
+    QmpCommandError,
+    Session,
+    canonical,
+    describe_job,
+    disk_info,
+    disk_key,
+    failed_paused,
+    in_step,
+    job_view,
+    look,
+    names_of,
+    node_export,
+    parse_export,
+    unreachable,
+)
 from ansible_collections.haven.dr.plugins.module_utils._waiter import wait
 
-JOB_PREFIX = "haven-mirror-"
-NODE_PREFIX = "haven-nbd-"
-NODE_NAME_MAX = 31  # QEMU's node names are at most 31 characters
-ENDED = ("concluded", "null")
-PAUSED = ("paused", "standby")
 RESUME_PROBE_SECONDS = 30.0  # how long a resumed job may take to reconnect before a new copy
-
-
-class QmpCommandError(HavenError):
-    """QEMU answered a command with an error; ``desc`` is QEMU's text."""
-
-    def __init__(self, command, desc, klass=None):
-        super(QmpCommandError, self).__init__("QMP %s: %s" % (command, desc))
-        self.command = command
-        self.desc = desc
-        self.klass = klass
-
-
-class Qmp(object):
-    """One QMP session over a unix socket: the greeting checked, capabilities
-    negotiated, every read bounded by ``timeout``; events are kept."""
-
-    def __init__(self, path, timeout):
-        self.path = path
-        self.timeout = timeout
-        self.events = []
-        self.buf = b""
-        try:
-            mode = os.stat(path).st_mode
-        except OSError as exc:
-            raise HavenError(
-                "no QMP socket at %s (%s): is the VM running with -qmp unix:%s,server=on,wait=off?"
-                % (path, exc.strerror, path)
-            )
-        if not stat.S_ISSOCK(mode):
-            raise HavenError("%s is not a unix socket, so not a QMP socket" % path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.sock.settimeout(timeout)
-            try:
-                self.sock.connect(path)
-            except socket.error as exc:
-                raise HavenError("cannot connect to the QMP socket %s: %s (is the VM still running?)" % (path, exc))
-            try:
-                greeting = self._read("greeting")
-            except HavenError as exc:
-                raise HavenError(
-                    "%s: no QMP greeting (%s): not a QMP socket, or another client holds the VM's QMP connection"
-                    % (path, exc.message)
-                )
-            if not isinstance(greeting, dict) or "QMP" not in greeting:
-                raise HavenError("%s is not a QMP socket: it greeted with %s" % (path, json.dumps(greeting)[:200]))
-            self.version = (greeting["QMP"].get("version") or {}).get("qemu")
-            self.execute("qmp_capabilities")
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def _read(self, what):
-        while b"\n" not in self.buf:
-            try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
-                raise HavenError("no answer to %s within %.0f s" % (what, self.timeout))
-            except socket.error as exc:
-                raise HavenError("QMP connection lost waiting for %s: %s" % (what, exc))
-            if not chunk:
-                raise HavenError("QMP connection closed waiting for %s" % what)
-            self.buf += chunk
-            if len(self.buf) > 16 << 20:
-                raise HavenError("QMP: a line of more than 16 MiB waiting for %s" % what)
-        line, self.buf = self.buf.split(b"\n", 1)
-        try:
-            return json.loads(line.decode("utf-8"))
-        except ValueError:
-            raise HavenError("not QMP (JSON lines) waiting for %s: %r" % (what, line[:120]))
-
-    def execute(self, command, arguments=None):
-        msg = {"execute": command}
-        if arguments:
-            msg["arguments"] = arguments
-        try:
-            self.sock.sendall(json.dumps(msg).encode("utf-8") + b"\n")
-        except socket.error as exc:
-            raise HavenError("QMP connection lost sending %s: %s" % (command, exc))
-        while True:
-            reply = self._read(command)
-            if not isinstance(reply, dict):
-                continue
-            if "return" in reply:
-                return reply["return"]
-            if "error" in reply:
-                error = reply["error"] or {}
-                raise QmpCommandError(command, error.get("desc", json.dumps(error)), error.get("class"))
-            if "event" in reply:
-                self.events.append(reply)
-
-    def close(self):
-        self.sock.close()
-
-
-class Session(object):
-    """Opens a QMP session for each ``run`` (the socket serves one client at a
-    time: others, a provider's status, get their turn between two polls)."""
-
-    def __init__(self, path, timeout):
-        self.path = path
-        self.timeout = timeout
-
-    def run(self, body):
-        qmp = Qmp(self.path, self.timeout)
-        try:
-            return body(qmp)
-        finally:
-            qmp.close()
-
-
-# ---------------------------------------------------------------- the disk
-
-
-def _qdev_id(qdev):
-    """``vda`` of ``/machine/peripheral/vda/virtio-backend``; an id as it is."""
-    if not qdev:
-        return None
-    if qdev.startswith("/machine/peripheral/"):
-        return qdev[len("/machine/peripheral/"):].split("/")[0]
-    if qdev.startswith("/"):
-        return None  # an anonymous device: its QOM path only
-    return qdev
-
-
-def disk_key(block):
-    """What names the disk's job and node: its device id, else its drive, else its node."""
-    inserted = block.get("inserted") or {}
-    return _qdev_id(block.get("qdev")) or block.get("device") or inserted.get("node-name") or block.get("qdev")
-
-
-def disk_names(block):
-    inserted = block.get("inserted") or {}
-    names = [block.get("device"), block.get("qdev"), _qdev_id(block.get("qdev")), inserted.get("node-name")]
-    return [n for n in names if n]
-
-
-def describe_disk(block):
-    inserted = block.get("inserted")
-    extra = []
-    if block.get("device") and block.get("device") != disk_key(block):
-        extra.append("drive %s" % block["device"])
-    if inserted:
-        extra.append("node %s" % inserted.get("node-name"))
-        image = inserted.get("image") or {}
-        extra.append("%s %s" % (inserted.get("drv"), inserted.get("file")))
-        if image.get("virtual-size") is not None:
-            extra.append("%d bytes" % image["virtual-size"])
-    else:
-        extra.append("no medium")
-    return "%s (%s)" % (disk_key(block), ", ".join(extra))
-
-
-def disk_info(block):
-    inserted = block.get("inserted") or {}
-    image = inserted.get("image") or {}
-    return {
-        "device": disk_key(block),
-        "qdev": block.get("qdev") or None,
-        "drive": block.get("device") or None,
-        "node_name": inserted.get("node-name"),
-        "file": inserted.get("file"),
-        "format": inserted.get("drv"),
-        "virtual_size": image.get("virtual-size"),
-    }
-
-
-def find_disk(blocks, device):
-    """The ``query-block`` entry of ``device``; an unknown one fails listing those there are."""
-    for block in blocks:
-        if device in disk_names(block):
-            if not block.get("inserted"):
-                raise HavenError("device %s has no medium: nothing to mirror" % device)
-            return block
-    there = ", ".join(describe_disk(b) for b in blocks) or "none"
-    raise HavenError("device %s is not a disk of this VM; its disks: %s" % (device, there))
-
-
-def _safe(key):
-    """``key`` as the end of a QEMU id, short enough for a node name."""
-    room = NODE_NAME_MAX - len(NODE_PREFIX)
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "-", key)
-    if safe != key or len(safe) > room:
-        digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:6]
-        safe = "%s-%s" % (safe[: room - 7], digest)
-    return safe
-
-
-def names_of(block):
-    """(job id, NBD node name) of a disk."""
-    safe = _safe(disk_key(block))
-    return JOB_PREFIX + safe, NODE_PREFIX + safe
-
-
-# ---------------------------------------------------------------- exports
-
-
-def parse_export(uri):
-    """(server dict for blockdev-add, export name) of an NBD URI."""
-    if uri.startswith("json:"):  # how QEMU may show a node it cannot write as a URI
-        try:
-            opts = json.loads(uri[5:])
-        except ValueError:
-            raise HavenError("export %s: not an NBD URI" % uri)
-        server = opts.get("server") or {}
-        if server.get("type") == "inet":
-            server = {"type": "inet", "host": server.get("host"), "port": str(server.get("port") or "10809")}
-        elif server.get("type") == "unix":
-            server = {"type": "unix", "path": server.get("path")}
-        return server, opts.get("export") or ""
-    parts = urlsplit(uri)
-    export = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
-    if parts.scheme == "nbd":
-        if not parts.hostname:
-            raise HavenError("export %s: no host (nbd://HOST[:PORT]/NAME)" % uri)
-        try:
-            port = parts.port
-        except ValueError:
-            raise HavenError("export %s: the port is not a number" % uri)
-        return {"type": "inet", "host": parts.hostname, "port": str(port or 10809)}, export
-    if parts.scheme == "nbd+unix":
-        sockets = parse_qs(parts.query).get("socket")
-        if not sockets:
-            raise HavenError("export %s: no socket (nbd+unix:///NAME?socket=PATH)" % uri)
-        return {"type": "unix", "path": sockets[0]}, export
-    raise HavenError("export %s: not an NBD URI (nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH)" % uri)
-
-
-def export_uri(server, export):
-    """The canonical URI of (server, export), to compare and to show."""
-    if server.get("type") == "unix":
-        return "nbd+unix:///%s?socket=%s" % (export, server.get("path"))
-    host = server.get("host") or ""
-    if ":" in host:
-        host = "[%s]" % host
-    return "nbd://%s:%s/%s" % (host, server.get("port"), export)
-
-
-def canonical(uri):
-    return export_uri(*parse_export(uri))
-
-
-def unreachable(server, timeout):
-    """Why the export's server cannot be connected to from here (the
-    hypervisor, as QEMU would), or None when it can."""
-    try:
-        if server.get("type") == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            address = server.get("path")
-        else:
-            infos = socket.getaddrinfo(server.get("host"), int(server.get("port")), 0, socket.SOCK_STREAM)
-            family, kind, proto, _name, address = infos[0]
-            sock = socket.socket(family, kind, proto)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(address)
-        finally:
-            sock.close()
-    except (socket.error, ValueError) as exc:
-        return str(exc)
-    return None
-
-
-# ---------------------------------------------------------------- the job
-
-
-def job_view(job, node, export=None, eta=None):
-    if job is None:
-        return None
-    total, done = job.get("len") or 0, job.get("offset") or 0
-    return {
-        "job": job.get("device"),
-        "node": node,
-        "export": export,
-        "status": job.get("status"),
-        "ready": bool(job.get("ready")),
-        "io_status": job.get("io-status"),
-        "bytes": done,
-        "total": total,
-        "eta_seconds": eta,
-        "error": job.get("error"),
-    }
-
-
-def in_step(job, background):
-    """Ready, no error, nothing left to copy (a background job: ready is enough)."""
-    if job is None or job.get("status") != "ready" or job.get("io-status", "ok") != "ok":
-        return False
-    return background or (job.get("offset") or 0) >= (job.get("len") or 0)
-
-
-def failed_paused(job):
-    return job is not None and job.get("status") in PAUSED and job.get("io-status", "ok") != "ok"
-
-
-def describe_job(job, elapsed=None, eta=None):
-    total, done = job.get("len") or 0, job.get("offset") or 0
-    line = "%s" % job.get("status")
-    if total:
-        line += ", %d of %d bytes (%.0f %%)" % (done, total, 100.0 * done / total)
-    if eta is not None:
-        line += ", ETA %.0f s" % eta
-    if job.get("io-status", "ok") != "ok":
-        line += ", io-status %s" % job["io-status"]
-    if elapsed is not None:
-        line += " after %.0f s" % elapsed
-    return line
 
 
 class Mirror(object):
@@ -647,19 +346,12 @@ class Mirror(object):
 
     def look(self, qmp):
         """(disk, job, node) as QEMU has them now."""
-        block = find_disk(qmp.execute("query-block"), self.p["device"])
+        block, job, node = look(qmp, self.p["device"])
         self.job_id, self.node_name = names_of(block)
-        jobs = [j for j in qmp.execute("query-block-jobs") if j.get("device") == self.job_id]
-        nodes = [n for n in qmp.execute("query-named-block-nodes") if n.get("node-name") == self.node_name]
-        return block, (jobs[0] if jobs else None), (nodes[0] if nodes else None)
+        return block, job, node
 
     def node_export(self, node):
-        if node is None:
-            return None
-        try:
-            return canonical(node.get("file") or "")
-        except HavenError:
-            return node.get("file")
+        return node_export(node)
 
     def job_now(self, qmp):
         jobs = [j for j in qmp.execute("query-block-jobs") if j.get("device") == self.job_id]
@@ -744,7 +436,7 @@ class Mirror(object):
         an error right after a resume is replaced once (``since_action``)."""
         p = self.p
         background = p["copy_mode"] == "background"
-        seen = {"first": None, "eta": None}
+        seen = {"t0": None, "d0": 0, "eta": None}
         resumed = [since_action == "resumed"]
         started = time.time()
 
@@ -777,10 +469,10 @@ class Mirror(object):
             if job is None:
                 return
             done = job.get("offset") or 0
-            if seen["first"] is None:
-                seen["first"] = (elapsed, done)
+            if seen["t0"] is None:
+                seen["t0"], seen["d0"] = elapsed, done
             else:
-                t0, d0 = seen["first"]
+                t0, d0 = seen["t0"], seen["d0"]
                 rate = (done - d0) / (elapsed - t0) if elapsed > t0 else 0
                 left = (job.get("len") or 0) - done
                 seen["eta"] = (left / rate) if rate > 0 and left > 0 else None
@@ -806,8 +498,6 @@ class Mirror(object):
     def plan(self, block, job, node):
         """(action, why) for the wanted state; refusals raise."""
         p = self.p
-        if p["state"] == "info":
-            return "none", None
         if p["state"] == "absent":
             if job is not None:
                 return "cancelled", None
@@ -857,7 +547,7 @@ class Mirror(object):
             "disk": disk_info(block),
             "mirror": job_view(job, self.node_name, self.node_export(node)),
         }
-        if p["state"] == "info" or (action == "none" and (p["state"] == "absent" or not p["wait"])):
+        if action == "none" and (p["state"] == "absent" or not p["wait"]):
             return result
         after = None
         if p["state"] == "present":
@@ -939,7 +629,7 @@ def main():
             qmp_socket=dict(type="path", required=True),
             device=dict(type="str", required=True),
             export=dict(type="str"),
-            state=dict(type="str", choices=["present", "absent", "info"], default="present"),
+            state=dict(type="str", choices=["present", "absent"], default="present"),
             copy_mode=dict(type="str", choices=["write-blocking", "background"], default="write-blocking"),
             on_target_error=dict(type="str", choices=["stop", "report"], default="stop"),
             reconnect_delay=dict(type="int", default=5),

@@ -21,7 +21,8 @@ import threading
 import pytest
 from ansible.module_utils.testing import patch_module_args
 
-from ansible_collections.haven.dr.plugins.modules import qemu_mirror
+from ansible_collections.haven.dr.plugins.module_utils import _qmp
+from ansible_collections.haven.dr.plugins.modules import qemu_mirror, qemu_mirror_info
 
 SIZE = 64 << 20
 EXPORT = "nbd://127.0.0.1:10809/db1-vda"
@@ -201,13 +202,14 @@ def qemu(monkeypatch):
     shutil.rmtree(where, ignore_errors=True)
 
 
-def run(capsys, **args):
+def run(capsys, module=qemu_mirror, **args):
     args.setdefault("device", "vda")
-    args.setdefault("wait_interval", 0.01)
+    if module is qemu_mirror:
+        args.setdefault("wait_interval", 0.01)
     args.setdefault("qmp_timeout", 5)
     with patch_module_args(args):
         with pytest.raises(SystemExit):
-            qemu_mirror.main()
+            module.main()
     return json.loads(capsys.readouterr().out)
 
 
@@ -375,9 +377,9 @@ def test_absent_of_a_vm_that_is_not_running_changes_nothing(capsys):
     assert not result["changed"] and "the VM is not running" in json.dumps(result["warnings"])
 
 
-def test_info_reports_the_disk_and_changes_nothing(qemu, capsys):
-    result = run(capsys, qmp_socket=qemu.path, device="disk0", state="info")
-    assert not result["changed"] and result["action"] == "none" and result["mirror"] is None
+def test_info_reports_the_disk_and_its_mirror_and_changes_nothing(qemu, capsys):
+    result = run(capsys, qemu_mirror_info, qmp_socket=qemu.path, device="disk0")
+    assert not result["changed"] and result["mirror"] is None
     assert result["disk"] == {
         "device": "vda",
         "qdev": "/machine/peripheral/vda/virtio-backend",
@@ -388,6 +390,12 @@ def test_info_reports_the_disk_and_changes_nothing(qemu, capsys):
         "virtual_size": SIZE,
     }
     assert qemu.changes() == []
+    run(capsys, qmp_socket=qemu.path, export=EXPORT)
+    mirrored = run(capsys, qemu_mirror_info, qmp_socket=qemu.path, device="drive0")
+    assert mirrored["mirror"]["job"] == "haven-mirror-vda" and mirrored["mirror"]["export"] == EXPORT
+    assert mirrored["mirror"]["status"] == "ready" and qemu.changes() == ["blockdev-add", "blockdev-mirror"]
+    unknown = run(capsys, qemu_mirror_info, qmp_socket=qemu.path, device="vdz")
+    assert unknown["failed"] and unknown["msg"].startswith("device vdz is not a disk of this VM; its disks: vda")
 
 
 def test_an_unknown_device_fails_listing_the_disks(qemu, capsys):
@@ -470,16 +478,16 @@ def test_bad_export_uris_fail_before_qemu_is_asked(qemu, capsys):
     ],
 )
 def test_parse_export(uri, server, export, canonical):
-    assert qemu_mirror.parse_export(uri) == (server, export)
-    assert qemu_mirror.canonical(uri) == canonical
+    assert _qmp.parse_export(uri) == (server, export)
+    assert _qmp.canonical(uri) == canonical
 
 
 def test_names_fit_qemus_limits():
     long_block = {"device": "", "qdev": "/machine/peripheral/a-very-long-device-id-indeed/virtio-backend"}
-    job, node = qemu_mirror.names_of(long_block)
+    job, node = _qmp.names_of(long_block)
     assert len(node) <= 31 and node.startswith("haven-nbd-a-very") and job.startswith("haven-mirror-a-very")
-    job2, node2 = qemu_mirror.names_of({"device": "", "qdev": "/machine/peripheral/a-very-long-device-id-indeed2/x"})
+    job2, node2 = _qmp.names_of({"device": "", "qdev": "/machine/peripheral/a-very-long-device-id-indeed2/x"})
     assert node2 != node
     anon = {"device": "", "qdev": "/machine/peripheral-anon/device[3]/virtio-backend", "inserted": {"node-name": "#block1"}}
-    job, node = qemu_mirror.names_of(anon)
-    assert qemu_mirror.disk_key(anon) == "#block1" and node.startswith("haven-nbd--block1-") and len(node) <= 31
+    job, node = _qmp.names_of(anon)
+    assert _qmp.disk_key(anon) == "#block1" and node.startswith("haven-nbd--block1-") and len(node) <= 31
