@@ -235,9 +235,10 @@ def vm(tmp_path: Path, image: dict[str, str]) -> Iterator[Vm]:
         vm.stop()
 
 
-def play(site: Site, vm: Vm, **overrides: Any) -> subprocess.CompletedProcess[str]:
+def play(site: Site, vm: Vm, *flags: str, **overrides: Any) -> subprocess.CompletedProcess[str]:
     """The role on localhost (the hypervisor and the API host both), with
-    ``overrides`` of its options; the registered results written to a file."""
+    ``overrides`` of its options and ``flags`` for ansible-playbook; the
+    registered results written to a file."""
     role_vars = {
         "protected_server_name": "vm1",
         "protected_server_capture": "hypervisor_mirror",
@@ -275,6 +276,7 @@ def play(site: Site, vm: Vm, **overrides: Any) -> subprocess.CompletedProcess[st
                         "mode": "0600",
                     },
                     "changed_when": False,
+                    "check_mode": False,  # written in check mode too
                 },
             ],
         }
@@ -282,7 +284,13 @@ def play(site: Site, vm: Vm, **overrides: Any) -> subprocess.CompletedProcess[st
     path = site.tmp / "play.yml"
     path.write_text(json.dumps(playbook))
     return ansible(
-        site.tmp, "ansible-playbook", "-v", str(path), env=ansible_env(site.tmp), timeout=1500
+        site.tmp,
+        "ansible-playbook",
+        "-v",
+        *flags,
+        str(path),
+        env=ansible_env(site.tmp),
+        timeout=1500,
     )
 
 
@@ -303,6 +311,12 @@ def test_a_running_vms_disk_is_mirrored_onto_the_source_export_and_replicated(
     site: Site, vm: Vm, tmp_path: Path
 ) -> None:
     vm.wait_acks(5, "the guest's writer to acknowledge records on its local disk")
+
+    # Check mode: what would be done, nothing done.
+    checked = play(site, vm, "--check")
+    assert "changed=0" not in ok(checked)
+    assert results(site)["mirrors"][VOLUME]["action"] == "started"
+    assert vm.jobs() == [] and site.volumes("vm1") == []
 
     # The role: the volume registered as big as the VM's disk, the mirror READY.
     first = play(site, vm)
@@ -341,6 +355,7 @@ def test_a_running_vms_disk_is_mirrored_onto_the_source_export_and_replicated(
     assert "changed=0" not in ok(repaired)
     mirror = results(site)["mirrors"][VOLUME]
     assert mirror["action"] in ("resumed", "restarted") and mirror["mirror"]["status"] == "ready"
+    print(f"repaired by: {mirror['action']}; {mirror['progress_lines']}")
     assert mirror["mirror"]["io_status"] == "ok"
     vm.wait_acks(max(vm.acks()) + 5, "records written after the repair")
 
