@@ -575,15 +575,21 @@ class Mirror(object):
             result["mirror"] = None
             return result
         if p["wait"]:
-            view = self.wait_ready(action)
-            if view is None:  # resumed, failed again at once: a new connection, a new full copy
-                self.module.warn(
-                    "the resumed mirror job %s of %s failed again at once: a new full copy starts on a new "
-                    "connection to the export" % (self.job_id, p["device"])
-                )
-                result["action"] = action = "restarted"
-                self.qmp.run(lambda qmp: self.replace(qmp, block))
+            try:
                 view = self.wait_ready(action)
+                if view is None:  # resumed, failed again at once: a new connection, a new full copy
+                    self.module.warn(
+                        "the resumed mirror job %s of %s failed again at once: a new full copy starts on a new "
+                        "connection to the export" % (self.job_id, p["device"])
+                    )
+                    result["action"] = action = "restarted"
+                    self.qmp.run(lambda qmp: self.replace(qmp, block))
+                    view = self.wait_ready(action)
+            except HavenError as exc:  # what was done before, and what was seen
+                seen = dict(result, progress_lines=self.progress)
+                seen.update(exc.result or {})
+                exc.result = seen
+                raise
             result["progress_lines"] = self.progress
         else:
             view = job_view(self.qmp.run(self.job_now), self.node_name, canonical(p["export"]))

@@ -337,6 +337,7 @@ def test_a_job_failing_while_waited_for_fails_with_its_error(qemu, capsys):
     qemu.on_look = lambda j: j.update({"status": "concluded", "error": "Input/output error"}) if j["offset"] else None
     result = run(capsys, qmp_socket=qemu.path, export=EXPORT)
     assert result["failed"] and result["msg"] == "the mirror of vda to %s failed: Input/output error" % EXPORT
+    assert result["changed"] and result["action"] == "started" and result["progress_lines"]
 
 
 def test_a_job_paused_on_an_error_while_waited_for_fails_saying_so(qemu, capsys):
@@ -350,7 +351,7 @@ def test_a_wait_that_runs_out_returns_what_it_saw(qemu, capsys):
     qemu.copying = False
     result = run(capsys, qmp_socket=qemu.path, export=EXPORT, wait_timeout=0.1)
     assert result["failed"] and "is not ready: running, 0 of %d bytes (0 %%)" % SIZE in result["msg"]
-    assert result["mirror"]["status"] == "running" and result["progress_lines"]
+    assert result["mirror"]["status"] == "running" and result["progress_lines"] and result["changed"]
 
 
 def test_absent_cancels_the_job_and_removes_the_node(qemu, capsys):
