@@ -157,39 +157,60 @@ seealso:
 """
 
 EXAMPLES = r"""
-- name: The size of db1's disk as the VM sees it
+# url, token and ca_path of the source node come from HAVEN_URL, HAVEN_TOKEN and HAVEN_CA_PATH
+# here (haven.dr.protection_group and haven.dr.protected_server, admin scope); the mirror runs on
+# the hypervisor the VM runs on, over the VM's QMP socket (its -qmp unix:PATH,server=on,wait=off).
+- name: The size of the web server's disk as its VM sees it
   haven.dr.qemu_mirror_info:
-    qmp_socket: /run/vms/db1/qmp.sock
+    qmp_socket: "{{ web1_qmp_socket }}"
     device: vda
-  delegate_to: hv1.example.com
-  register: db1_vda
+  delegate_to: "{{ web1_hypervisor }}"
+  register: web1_vda
 
-- name: The disk of db1 registered on the source node, its volume as big as the VM's disk
+- name: The CRM's consistency group, with the disk of its application server
+  haven.dr.protection_group:
+    name: crm
+    volumes:
+      - {name: crm-app, path: crm/app.img, size: 536870912, server: crm-app1.example.com}
+
+- name: The web server's disk in the same group, its volume as big as the VM's disk
   haven.dr.protected_server:
-    name: db1.example.com
+    name: crm-web1.example.com
     group: crm
     disks:
-      - {name: db1-vda, path: crm/db1-vda.img, size: "{{ db1_vda.disk.virtual_size }}"}
-  register: db1
+      - {name: crm-web1-vda, path: crm/web1-vda.img, size: "{{ web1_vda.disk.virtual_size }}"}
+  register: web1
 
 - name: Mirror the running VM's disk onto its export, waiting until every write reaches it
   haven.dr.qemu_mirror:
-    qmp_socket: /run/vms/db1/qmp.sock
+    qmp_socket: "{{ web1_qmp_socket }}"
     device: vda
-    export: "{{ db1.server.disks[0].uri }}"
-  delegate_to: hv1.example.com
+    export: "{{ web1.server.disks[0].uri }}"
+  delegate_to: "{{ web1_hypervisor }}"
   register: mirrored
 
 - name: Show the progress of the initial copy
   ansible.builtin.debug:
     msg: "{{ mirrored.progress_lines }}"
 
+- name: Again - the job already mirrors the disk there, nothing changes
+  haven.dr.qemu_mirror:
+    qmp_socket: "{{ web1_qmp_socket }}"
+    device: vda
+    export: "{{ web1.server.disks[0].uri }}"
+  delegate_to: "{{ web1_hypervisor }}"
+
 - name: Stop mirroring (the VM goes on on its local disk)
   haven.dr.qemu_mirror:
-    qmp_socket: /run/vms/db1/qmp.sock
+    qmp_socket: "{{ web1_qmp_socket }}"
     device: vda
     state: absent
-  delegate_to: hv1.example.com
+  delegate_to: "{{ web1_hypervisor }}"
+
+- name: Then stop replicating the disk
+  haven.dr.protected_server:
+    name: crm-web1.example.com
+    state: absent
 """
 
 RETURN = r"""

@@ -53,19 +53,19 @@ seealso:
 """
 
 EXAMPLES = r"""
-- name: The size of web1's disk as the VM sees it
+# It runs on the hypervisor the VM runs on, over the VM's QMP socket (its -qmp unix:PATH,server=on,wait=off).
+- name: The web server's disk as its VM sees it
   haven.dr.qemu_mirror_info:
-    qmp_socket: /run/vms/web1/qmp.sock
+    qmp_socket: "{{ web1_qmp_socket }}"
     device: vda
-  delegate_to: hv1.example.com
+  delegate_to: "{{ web1_hypervisor }}"
   register: web1_vda
 
-- name: Its volume on the source node, as big
-  haven.dr.protected_server:
-    name: web1.example.com
-    group: shop
-    disks:
-      - {name: web1-vda, path: shop/web1-vda.img, size: "{{ web1_vda.disk.virtual_size }}"}
+- name: Show its size (the size of its volume on the source node) and its mirror
+  ansible.builtin.debug:
+    msg: >-
+      {{ web1_vda.disk.device }}: {{ web1_vda.disk.virtual_size }} bytes ({{ web1_vda.disk.format }}
+      {{ web1_vda.disk.file }}), mirror {{ (web1_vda.mirror or {}).status | default('none') }}
 """
 
 RETURN = r"""
