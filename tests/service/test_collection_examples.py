@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 from plays import ROOT, Sites, ansible, ansible_env, collection_sites
+from test_hypervisor_mirror import Vm
 from test_qemu_provider import _collection_on_path
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -56,6 +57,8 @@ ORDER = [
     "failover",  # stops production db1.example.com, fails group app over, boots the shop plan
     "failback",  # brings app home, boots production db1.example.com again
     "protected_server",  # makes group crm, adds a server's disks to it, removes them
+    "qemu_mirror_info",  # the disk of web1, a VM on its local disk here
+    "qemu_mirror",  # web1's disk in group crm, mirrored onto its export, then not
     "group_operation",  # failover, then failback: last
 ]
 
@@ -154,6 +157,17 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
             destroy_vms(FAILOVERS / "shop-examples" / "qemu", tmp / "production")
 
 
+@pytest.fixture(scope="module")
+def web1(sites: Sites) -> Iterator[Vm]:
+    """A tiny guest on its local disk with a QMP socket (qemu_mirror's examples),
+    booted by the first example that needs it."""
+    vm = Vm(sites.tmp, guest_image.build().as_dict())
+    try:
+        yield vm
+    finally:
+        vm.stop()
+
+
 def _run(sites: Sites, module: str) -> str:
     text = examples(module)
     tasks = yaml.safe_load(text)
@@ -179,6 +193,8 @@ def _run(sites: Sites, module: str) -> str:
                 "haven_production_state_dir": str(tmp / "production"),
                 "shop_plan": shop_plan(SHOP_SUBNET),
                 "ansible_python_interpreter": v["ansible_python_interpreter"],
+                "web1_qmp_socket": str(tmp / "vm1" / "qmp.sock"),  # the web1 fixture's VM
+                "web1_hypervisor": "localhost",
             }
         )
     )
@@ -204,9 +220,11 @@ def test_every_module_is_run() -> None:
 
 
 @pytest.mark.parametrize("module", ORDER)
-def test_examples_run_as_written(sites: Sites, module: str) -> None:
+def test_examples_run_as_written(sites: Sites, web1: Vm, module: str) -> None:
     if module == "failover":
         boot_production(sites)
+    if module.startswith("qemu_mirror") and getattr(web1, "pid", None) is None:
+        web1.start()
     output = _run(sites, module)
     tmp = sites.tmp
     if module == "api_token":  # the secret kept, then rotated, then revoked
