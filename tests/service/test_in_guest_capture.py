@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -52,14 +51,22 @@ import httpx
 import pytest
 import test_debian_guest as guest
 import yaml
+from ansible_collections.haven.dr.plugins.module_utils.providers import get_provider
 from conftest import require_tool
-from nodes import NodeProcess, free_port, make_tls, make_token, source_node, target_node, wait_caught_up
-from test_debian_guest import SSH_UP, _keypair, _record, _subnet, boot, power_off, run, wait_ssh
+from nodes import (
+    NodeProcess,
+    free_port,
+    make_tls,
+    make_token,
+    source_node,
+    target_node,
+    wait_caught_up,
+)
+from test_debian_guest import SSH_UP, _keypair, _record, _subnet, power_off, run, wait_ssh
 from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-debian = guest.debian  # the fixtures: the cached image, a provider that cleans up
-provider = guest.provider
+debian = guest.debian  # the fixture of the cached image
 MiB = 1 << 20
 DISK = 64 * MiB  # the guest's disk to protect (vdb)
 FS = 60 * MiB  # its ext4 filesystem: 4 MiB left at the end for md's superblock and bitmap
@@ -83,6 +90,7 @@ class Site:
     api: httpx.Client
     variables: dict[str, Any]
     inventory: Path
+    provider: Any = None
 
 
 def _local_disks(tmp: Path) -> tuple[Path, Path]:
@@ -121,9 +129,13 @@ def _served(path: Path, name: str) -> Iterator[str]:
     try:
         uri = f"nbd://127.0.0.1:{port}/{name}"
         wait_until(
-            lambda: proc.poll() is None
-            and subprocess.run(["nbdinfo", "--size", uri], capture_output=True, timeout=30).returncode
-            == 0,
+            lambda: (
+                proc.poll() is None
+                and subprocess.run(
+                    ["nbdinfo", "--size", uri], capture_output=True, timeout=30
+                ).returncode
+                == 0
+            ),
             60,
             f"qemu-nbd serving {path}",
         )
@@ -282,7 +294,9 @@ def in_guest_site(provider: Any, debian: dict[str, str], tmp: Path) -> Iterator[
             json={
                 "name": "app",
                 "journal": {"segment_size": MiB, "max_segments": 64},
-                "volumes": [{"name": "anchor", "path": "anchor.img", "size": MiB, "server": "other"}],
+                "volumes": [
+                    {"name": "anchor", "path": "anchor.img", "size": MiB, "server": "other"}
+                ],
             },
         )
         assert made.status_code == 201, made.text
@@ -315,7 +329,229 @@ def in_guest_site(provider: Any, debian: dict[str, str], tmp: Path) -> Iterator[
         inventory.write_text(
             f"g1 ansible_host={ip} ansible_user=root ansible_ssh_private_key_file={key} "
             "ansible_python_interpreter=/usr/bin/python3 "
-            "ansible_ssh_common_args='-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null'\n"
+            "ansible_ssh_common_args='-o StrictHostKeyChecking=no "
+            "-o UserKnownHostsFile=/dev/null'\n"
             f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n"
         )
         yield Site(tmp, net, prefix, ip, key, source, target, api, variables, inventory)
+
+
+@pytest.fixture(scope="module")
+def site(debian: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """One guest for the module's tests (in order: the bad input changes
+    nothing, then the capture)."""
+    for tool in ("qemu-nbd", "nbdinfo", "mkfs.ext4"):
+        require_tool(tool)
+    tmp = tmp_path_factory.mktemp("in-guest")
+    prov = get_provider("qemu", state_dir=str(tmp / "qemu"), powerdown_grace=guest.POWER_OFF)
+    try:
+        with in_guest_site(prov, debian, tmp) as made:
+            made.provider = prov
+            yield made
+    finally:
+        for name in prov.list(10):
+            prov.destroy(name, 30)
+        networks = tmp / "qemu" / "networks"
+        for spec in networks.glob("*.json") if networks.exists() else []:
+            prov.destroy_network(spec.stem, 10)
+
+
+def _ssh(site: Site, command: str, timeout: float = 120) -> str:
+    client = wait_ssh(site.provider, "g1", site.ip, site.key)
+    try:
+        rc, out = run(client, command, timeout)
+    finally:
+        client.close()
+    assert rc == 0, f"{command!r} exited {rc}:\n{out[-3000:]}"
+    return out
+
+
+def _volumes(site: Site) -> dict[str, dict[str, Any]]:
+    got = site.api.get("/v1/volumes", params={"server": "g1"})
+    assert got.status_code == 200, got.text
+    return {v["name"]: v for v in got.json()}
+
+
+def _sha(path: Path, size: int | None = None) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(size) if size is not None else f.read()).hexdigest()
+
+
+def _facts(site: Site, name: str) -> dict[str, Any]:
+    return json.loads((site.tmp / f"{name}.facts.json").read_text())
+
+
+def _replica(site: Site) -> Path:
+    return site.target.state_dir / "rep" / "app" / "g1-data.img"
+
+
+def _replica_equals_the_guest(site: Site, why: str) -> tuple[int, str]:
+    """Until the target's replica of g1-data holds what the guest reads from
+    /dev/md/g1-data (its whole data area): (bytes compared, their sha256)."""
+    size = int(_ssh(site, "blockdev --getsize64 /dev/md/g1-data").strip())
+    expected = _ssh(
+        site, "dd if=/dev/md/g1-data bs=1M iflag=direct status=none | sha256sum", 300
+    ).split()[0]
+
+    def equal() -> bool:
+        wait_caught_up(site.source, site.target, timeout=COPY)
+        return _replica(site).exists() and _sha(_replica(site), size) == expected
+
+    wait_until(equal, COPY, why, interval=2)
+    return size, expected
+
+
+@pytest.mark.timeout(SSH_UP + PLAYBOOK + 600)
+def test_bad_disks_fail_naming_them_and_change_nothing(site: Site) -> None:
+    full_before = _sha(site.tmp / "vdc.raw")
+    play = _play(
+        site,
+        "bad",
+        [
+            {"name": "g1-missing", "path": "g1/missing.img", "device": "/dev/vdz"},
+            {"name": "g1-full", "path": "g1/full.img", "device": "/dev/vdc"},
+        ],
+    )
+    out = ansible_playbook(site, play)
+    assert out.returncode != 0, out.stdout[-3000:]
+    assert "disk g1-missing: /dev/vdz does not exist on this server" in out.stdout, out.stdout[
+        -3000:
+    ]
+    assert (
+        "disk g1-full: /dev/vdc holds a filesystem (ext4) of 16777216 bytes that reaches into the "
+        "last MiB of the 16777216-byte device" in out.stdout
+    ), out.stdout[-3000:]
+    assert _recap(out.stdout)["changed"] == 0, out.stdout[-3000:]
+    assert _volumes(site) == {}
+    checked = _ssh(
+        site,
+        "grep -c '^md' /proc/mdstat || true; ls /sys/block/nbd*/pid 2>/dev/null | wc -l; "
+        "test -e /etc/haven-dr && echo records || echo none",
+    )
+    assert checked.split() == ["0", "0", "none"], checked
+    assert _sha(site.tmp / "vdc.raw") == full_before
+
+
+@pytest.mark.timeout(SSH_UP * 2 + PLAYBOOK * 3 + COPY * 3 + 900)
+def test_in_guest_writes_reach_the_target_byte_for_byte(site: Site) -> None:
+    disks = [{"name": "g1-data", "path": "g1/data.img", "device": "/dev/vdb"}]
+    play = _play(site, "present", disks)
+    started = time.monotonic()
+    first = _ok(ansible_playbook(site, play))
+    _record("in_guest_first_run_s", time.monotonic() - started)
+    assert _recap(first)["changed"] > 0
+    assert "every NBD leg in sync" in first, first[-5000:]
+    facts = _facts(site, "present")
+    assert facts["md"] == {"g1-data": "/dev/md/g1-data"}
+    assert facts["nbd"] == {"g1-data": "/dev/nbd0"}
+    assert facts["exports"]["g1-data"].startswith(f"nbd://{site.prefix}.1:")
+    volume = _volumes(site)["g1-data"]
+    assert (volume["size"], volume["state"], volume["group"]) == (DISK, "protected", "app"), volume
+
+    # the array: raid1, metadata 1.0, a bitmap, the NBD leg write-mostly with write-behind
+    detail = _ssh(site, "mdadm --detail /dev/md/g1-data")
+    for expected in (
+        "Raid Level : raid1",
+        "Version : 1.0",
+        "Intent Bitmap : Internal",
+        "State : clean",
+    ):
+        assert expected in detail, detail
+    legs = [line.split()[-1] for line in detail.splitlines() if "active sync" in line]
+    assert sorted(legs) == ["/dev/nbd0", "/dev/vdb"], detail
+    assert "writemostly" in next(line for line in detail.splitlines() if "/dev/nbd0" in line), (
+        detail
+    )
+    md = _ssh(site, "basename $(readlink -f /dev/md/g1-data)").strip()
+    assert _ssh(site, f"cat /sys/block/{md}/md/bitmap/backlog").strip() == "512"
+    boot = _ssh(
+        site,
+        "systemctl is-enabled haven-nbd@g1-data.service; grep -c '^ARRAY /dev/md/g1-data ' "
+        "/etc/mdadm/mdadm.conf; cat /etc/modules-load.d/haven-dr-nbd.conf",
+    )
+    assert boot.split()[:2] == ["enabled", "1"] and "nbd" in boot.split()[2:], boot
+    # the filesystem that was on the disk, kept: mounted through md now
+    mount = "mkdir -p /mnt/d && mount /dev/md/g1-data /mnt/d && cat /mnt/d/hello.txt; umount /mnt/d"
+    assert _ssh(site, mount) == HELLO
+
+    # a pattern written through md (direct I/O, fsync) reaches the target's replica
+    pattern = os.urandom(PATTERN)
+    client = wait_ssh(site.provider, "g1", site.ip, site.key)
+    try:
+        with client.open_sftp() as sftp, sftp.open("/root/pattern", "wb") as f:
+            f.write(pattern)
+    finally:
+        client.close()
+    _ssh(
+        site,
+        f"dd if=/root/pattern of=/dev/md/g1-data bs=1M seek={PATTERN_AT // MiB} oflag=direct "
+        "conv=fsync status=none",
+    )
+    started = time.monotonic()
+    size, digest = _replica_equals_the_guest(site, "the guest's writes to reach the target")
+    _record("in_guest_replica_equal_s", time.monotonic() - started)
+    with open(_replica(site), "rb") as f:
+        f.seek(PATTERN_AT)
+        assert f.read(PATTERN) == pattern
+    assert _sha(site.tmp / "vdb.raw", size) == digest  # the local leg: the same bytes
+    print(
+        f"in guest: {size} bytes of /dev/md/g1-data equal on the target's replica ({digest[:16]})"
+    )
+
+    started = time.monotonic()
+    again = _ok(ansible_playbook(site, play))
+    _record("in_guest_second_run_s", time.monotonic() - started)
+    assert _recap(again)["changed"] == 0, again[-5000:]
+
+    # a reboot: the array assembles, the unit connects the NBD leg and puts it back
+    started = time.monotonic()
+    power_off(site.provider, "g1")
+    assert site.provider.power_on("g1", 60)
+    wait_ssh(site.provider, "g1", site.ip, site.key).close()
+
+    def both_legs() -> bool:
+        client = wait_ssh(site.provider, "g1", site.ip, site.key)
+        try:
+            _rc, out = run(client, "cat /proc/mdstat")
+        finally:
+            client.close()
+        return "[UU]" in out and "nbd0[" in out
+
+    wait_until(both_legs, COPY, "both legs of /dev/md/g1-data after a reboot", interval=5)
+    _record("in_guest_reboot_to_both_legs_s", time.monotonic() - started)
+    late = os.urandom(512 * 1024)
+    client = wait_ssh(site.provider, "g1", site.ip, site.key)
+    try:
+        with client.open_sftp() as sftp, sftp.open("/root/late", "wb") as f:
+            f.write(late)
+    finally:
+        client.close()
+    _ssh(
+        site,
+        "dd if=/root/late of=/dev/md/g1-data bs=512K seek=125 oflag=direct conv=fsync status=none",
+    )
+    _replica_equals_the_guest(site, "a write after the reboot to reach the target")
+    with open(_replica(site), "rb") as f:
+        f.seek(125 * 512 * 1024)
+        assert f.read(len(late)) == late
+
+    # absent: the NBD leg taken out, the disk unregistered; md goes on, on vdb alone
+    gone = _ok(ansible_playbook(site, _play(site, "absent", [], state="absent")))
+    assert _recap(gone)["changed"] > 0
+    assert _volumes(site) == {}
+    assert _facts(site, "absent")["md"] == {"g1-data": "/dev/md/g1-data"}
+    after = _ssh(
+        site,
+        "cat /proc/mdstat; ls /sys/block/nbd0/pid 2>/dev/null | wc -l; "
+        "systemctl is-enabled haven-nbd@g1-data.service || true; "
+        "test -e /etc/haven-dr/in_guest/g1-data.env && echo record || echo no-record",
+    )
+    assert "[1/1] [U]" in after and "nbd0" not in after.split("unused")[0], after
+    assert after.split()[-3:] == ["0", "disabled", "no-record"], after
+    _ssh(
+        site,
+        "dd if=/root/late of=/dev/md/g1-data bs=512K seek=120 oflag=direct conv=fsync status=none",
+    )
+    assert _ssh(site, mount) == HELLO
+    again = _ok(ansible_playbook(site, _play(site, "absent-again", [], state="absent")))
+    assert _recap(again)["changed"] == 0, again[-5000:]

@@ -1,6 +1,7 @@
 # Copyright (c) haven.dr maintainers
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
+# ruff: noqa: UP031 - %-formatting, like the collection's modules that run on managed hosts
 """haven.dr protected_server, in_guest: what the server's disks are now.
 
 Run by the role on the protected server (``ansible.builtin.script``), read
@@ -67,9 +68,8 @@ def blkid(device):
     try:
         out = subprocess.run(
             ["blkid", "-p", "-o", "export", device],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            universal_newlines=True,
+            capture_output=True,
+            text=True,
             timeout=60,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -104,7 +104,7 @@ def ext_bytes(device):
 def mounts_of(kname):
     """Mount points of /dev/<kname> and its partitions."""
     numbers = set()
-    for name in [kname] + sorted(os.listdir("/sys/class/block/%s" % kname)):
+    for name in [kname, *sorted(os.listdir("/sys/class/block/%s" % kname))]:
         dev = read("/sys/class/block/%s/dev" % name)
         if dev and (name == kname or name.startswith(kname)):
             numbers.add(dev)
@@ -172,7 +172,14 @@ def ours(tags, name):
 
 def probe(disk, recorded):
     name, device = disk["name"], disk.get("device") or ""
-    out = {"name": name, "device": device, "real": None, "size": None, "action": None, "problem": None}
+    out = {
+        "name": name,
+        "device": device,
+        "real": None,
+        "size": None,
+        "action": None,
+        "problem": None,
+    }
     out["adopt"] = out["md"] = None
     out["volume"] = {}
     out["nbd"] = (recorded or {}).get("nbd")
@@ -193,7 +200,10 @@ def probe(disk, recorded):
         return refuse("%s is not a block device" % device)
     kname = None
     for candidate in os.listdir("/sys/class/block"):
-        if read("/sys/class/block/%s/dev" % candidate) == "%d:%d" % (os.major(st.st_rdev), os.minor(st.st_rdev)):
+        if read("/sys/class/block/%s/dev" % candidate) == "%d:%d" % (
+            os.major(st.st_rdev),
+            os.minor(st.st_rdev),
+        ):
             kname = candidate
     if kname is None:
         return refuse("%s: no such block device in /sys/class/block" % device)
@@ -202,7 +212,9 @@ def probe(disk, recorded):
     out["size"] = int(read("/sys/class/block/%s/size" % kname, "0")) * 512
     out["volume"] = {"size": out["size"]}  # what the registration of its volume adds to the disk
     if out["size"] % 4096 or out["size"] < 4 * TAIL:
-        return refuse("%s is %d bytes: a disk of at least 4 MiB, a multiple of 4096" % (device, out["size"]))
+        return refuse(
+            "%s is %d bytes: a disk of at least 4 MiB, a multiple of 4096" % (device, out["size"])
+        )
     holders = sorted(os.listdir("/sys/class/block/%s/holders" % kname))
     tags = blkid(real)
     mds = [h for h in holders if h.startswith("md")]
@@ -210,20 +222,36 @@ def probe(disk, recorded):
         md = md_info(mds[0])
         label = tags.get("LABEL", "?")
         if not ours(tags, name):
-            return refuse("%s is a leg of md array %s (name %s): the role does not take a disk out of another array" % (device, md["device"], label))
+            return refuse(
+                "%s is a leg of md array %s (name %s): the role does not take a disk out of "
+                "another array" % (device, md["device"], label)
+            )
         if md["level"] != "raid1" or md["metadata"] != "1.0":
-            return refuse("%s is in %s, a %s array with metadata %s, not the role's raid1 with metadata 1.0" % (device, md["device"], md["level"], md["metadata"]))
-        others = [m for m in md["members"] if m not in (kname, (out["nbd"] or "").replace("/dev/", ""))]
+            return refuse(
+                "%s is in %s, a %s array with metadata %s, not the role's raid1 with metadata 1.0"
+                % (device, md["device"], md["level"], md["metadata"])
+            )
+        others = [
+            m for m in md["members"] if m not in (kname, (out["nbd"] or "").replace("/dev/", ""))
+        ]
         if others:
-            return refuse("%s is in %s with other legs too (%s): not an array the role made" % (device, md["device"], ", ".join(others)))
+            return refuse(
+                "%s is in %s with other legs too (%s): not an array the role made"
+                % (device, md["device"], ", ".join(others))
+            )
         out["md"] = md
         out["action"] = "active"
         return out
     if holders:
-        return refuse("%s is in use by %s (device-mapper, LVM, ...): not taken" % (device, ", ".join(holders)))
+        return refuse(
+            "%s is in use by %s (device-mapper, LVM, ...): not taken" % (device, ", ".join(holders))
+        )
     points = mounts_of(kname)
     if points:
-        return refuse("%s is mounted (%s): unmount it first, the role puts it under /dev/md/%s and that is what you mount then" % (device, ", ".join(points), name))
+        return refuse(
+            "%s is mounted (%s): unmount it first, the role puts it under /dev/md/%s and "
+            "that is what you mount then" % (device, ", ".join(points), name)
+        )
     try:
         os.close(os.open(real, os.O_RDONLY | os.O_EXCL))
     except OSError as exc:
@@ -231,21 +259,28 @@ def probe(disk, recorded):
             return refuse("%s is busy (in use, swap?): not taken" % device)
         return refuse("%s cannot be opened: %s" % (device, exc.strerror))
     if "ERROR" in tags or "AMBIVALENT" in tags:
-        return refuse("%s: blkid cannot tell what it holds (%s): not taken" % (device, tags.get("ERROR") or tags.get("AMBIVALENT")))
+        return refuse(
+            "%s: blkid cannot tell what it holds (%s): not taken"
+            % (device, tags.get("ERROR") or tags.get("AMBIVALENT"))
+        )
     kind = tags.get("TYPE") or tags.get("PTTYPE")
     if kind == "linux_raid_member":
         if ours(tags, name) and tags.get("VERSION") == "1.0":
             out["action"] = "assemble"
             return out
-        return refuse("%s holds the md superblock of another array (name %s, UUID %s): not taken" % (device, tags.get("LABEL", "?"), tags.get("UUID", "?")))
+        return refuse(
+            "%s holds the md superblock of another array (name %s, UUID %s): not taken"
+            % (device, tags.get("LABEL", "?"), tags.get("UUID", "?"))
+        )
     if kind in EXT:
         fs = ext_bytes(real)
         if fs is None:
             return refuse("%s: blkid says %s but its superblock cannot be read" % (device, kind))
         if fs + TAIL > out["size"]:
             return refuse(
-                "%s holds a filesystem (%s) of %d bytes that reaches into the last MiB of the %d-byte device, where md's "
-                "superblock and bitmap go (metadata 1.0): shrink it first (resize2fs %s %dK), or give a larger device"
+                "%s holds a filesystem (%s) of %d bytes that reaches into the last MiB of the "
+                "%d-byte device, where md's superblock and bitmap go (metadata 1.0): shrink it "
+                "first (resize2fs %s %dK), or give a larger device"
                 % (device, kind, fs, out["size"], device, (out["size"] - TAIL) // 1024)
             )
         out["adopt"] = {"type": kind, "bytes": fs}
@@ -253,8 +288,9 @@ def probe(disk, recorded):
         return out
     if kind:
         return refuse(
-            "%s holds %s (%s): only a blank device or an ext2/3/4 filesystem with 1 MiB free at the end of the "
-            "device is taken in" % (device, kind, "a partition table" if tags.get("PTTYPE") else "a signature")
+            "%s holds %s (%s): only a blank device or an ext2/3/4 filesystem with 1 MiB free "
+            "at the end of the device is taken in"
+            % (device, kind, "a partition table" if tags.get("PTTYPE") else "a signature")
         )
     out["action"] = "create"
     return out
@@ -295,14 +331,18 @@ def main():
         rec["connected"] = bool(kname) and connected(kname)
         rec["member"] = bool(info) and kname in info["members"]
         rec["raid_disks"] = (info or {}).get("raid_disks")
-    print(json.dumps({
-        "disks": disks,
-        "records": recs,
-        "unlisted": sorted(n for n in recs if n not in names),
-        "problems": [d["problem"] for d in disks if d["problem"]],
-        "nbd_loaded": os.path.isdir("/sys/module/nbd"),
-        "update_initramfs": os.path.exists("/usr/sbin/update-initramfs"),
-    }))
+    print(
+        json.dumps(
+            {
+                "disks": disks,
+                "records": recs,
+                "unlisted": sorted(n for n in recs if n not in names),
+                "problems": [d["problem"] for d in disks if d["problem"]],
+                "nbd_loaded": os.path.isdir("/sys/module/nbd"),
+                "update_initramfs": os.path.exists("/usr/sbin/update-initramfs"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 # Copyright (c) haven.dr maintainers
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
+# ruff: noqa: UP031 - %-formatting, like the collection's modules that run on managed hosts
 """haven.dr protected_server, in_guest: wait for md's copy of the NBD legs.
 
 Run by the role on the protected server (``ansible.builtin.script``). The
@@ -65,7 +66,16 @@ def main():
         if not pending or elapsed >= args["timeout"]:
             break
         time.sleep(min(args.get("interval", 5), max(0.0, args["timeout"] - elapsed)) or 0.1)
-    print(json.dumps({"done": not pending, "elapsed": round(elapsed, 1), "progress_lines": lines, "pending": pending}))
+    print(
+        json.dumps(
+            {
+                "done": not pending,
+                "elapsed": round(elapsed, 1),
+                "progress_lines": lines,
+                "pending": pending,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
