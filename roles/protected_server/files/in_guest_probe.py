@@ -71,6 +71,7 @@ def blkid(device):
             capture_output=True,
             text=True,
             timeout=60,
+            check=False,  # its exit status is read below (2: no signature)
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return {"ERROR": str(exc)}
@@ -209,11 +210,12 @@ def probe(disk, recorded):
         return refuse("%s: no such block device in /sys/class/block" % device)
     if kname.startswith(("nbd", "md")):
         return refuse("%s is itself an NBD or md device: give the local disk" % device)
-    out["size"] = int(read("/sys/class/block/%s/size" % kname, "0")) * 512
-    out["volume"] = {"size": out["size"]}  # what the registration of its volume adds to the disk
-    if out["size"] % 4096 or out["size"] < 4 * TAIL:
+    size = int(read("/sys/class/block/%s/size" % kname, "0")) * 512
+    out["size"] = size
+    out["volume"] = {"size": size}  # what the registration of its volume adds to the disk
+    if size % 4096 or size < 4 * TAIL:
         return refuse(
-            "%s is %d bytes: a disk of at least 4 MiB, a multiple of 4096" % (device, out["size"])
+            "%s is %d bytes: a disk of at least 4 MiB, a multiple of 4096" % (device, size)
         )
     holders = sorted(os.listdir("/sys/class/block/%s/holders" % kname))
     tags = blkid(real)
@@ -276,12 +278,13 @@ def probe(disk, recorded):
         fs = ext_bytes(real)
         if fs is None:
             return refuse("%s: blkid says %s but its superblock cannot be read" % (device, kind))
-        if fs + TAIL > out["size"]:
+        disk_size = int(out["size"])
+        if fs + TAIL > disk_size:
             return refuse(
                 "%s holds a filesystem (%s) of %d bytes that reaches into the last MiB of the "
                 "%d-byte device, where md's superblock and bitmap go (metadata 1.0): shrink it "
                 "first (resize2fs %s %dK), or give a larger device"
-                % (device, kind, fs, out["size"], device, (out["size"] - TAIL) // 1024)
+                % (device, kind, fs, disk_size, device, (disk_size - TAIL) // 1024)
             )
         out["adopt"] = {"type": kind, "bytes": fs}
         out["action"] = "create"
