@@ -51,14 +51,19 @@ async def _deliver(group: TargetGroup, records: list[Record]) -> None:
     raise AssertionError(f"applier stuck at {group.applied_seq} of {group.journal.durable_seq}")
 
 
-def test_the_applier_survives_a_resync_ending_while_it_looks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _one_group(tmp_path: Path) -> tuple[Journal, TargetNode, TargetGroup]:
     source = Journal.create(tmp_path / "src", uuid.uuid4(), segment_size=1 << 20)
     state, replicas = str(tmp_path / "state"), str(tmp_path / "rep")
     TargetGroup.create(state, replicas, uuid.uuid4(), "g", [{"name": "v", "size": SIZE}]).close()
     node = TargetNode("t", state, replicas)
     [group] = node.groups.values()
+    return source, node, group
+
+
+def test_the_applier_survives_a_resync_ending_while_it_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, node, group = _one_group(tmp_path)
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
@@ -116,15 +121,6 @@ def test_the_applier_survives_a_resync_ending_while_it_looks(
         source.close()
         for g in node.groups.values():
             g.close()
-
-
-def _one_group(tmp_path: Path) -> tuple[Journal, TargetNode, TargetGroup]:
-    source = Journal.create(tmp_path / "src", uuid.uuid4(), segment_size=1 << 20)
-    state, replicas = str(tmp_path / "state"), str(tmp_path / "rep")
-    TargetGroup.create(state, replicas, uuid.uuid4(), "g", [{"name": "v", "size": SIZE}]).close()
-    node = TargetNode("t", state, replicas)
-    [group] = node.groups.values()
-    return source, node, group
 
 
 def test_a_batch_that_fails_is_retried_its_error_in_the_status_meanwhile(
