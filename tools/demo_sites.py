@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "service"))
+from nodes import make_token
+
 
 def say(text: str = "") -> None:
     print(text, flush=True)
@@ -149,26 +152,7 @@ class Node:
         return json.loads((self.dir / "status.json").read_text())
 
     def token(self, scope: str = "admin", name: str = "demo") -> str:
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "havend",
-                "token",
-                "create",
-                "--config",
-                str(self.config_path),
-                "--name",
-                name,
-                "--scope",
-                scope,
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        return json.loads(out.stdout)["token"]
+        return make_token(self, name, scope)  # it reads only .config_path
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
