@@ -6,10 +6,13 @@ source node's export, write-mostly with a write-behind bitmap, and what the
 guest writes through ``/dev/md/<disk>`` reaches the target's replica, byte
 for byte. The disk already holds an ext4 filesystem with room at its end: it
 is kept (mounted through md afterwards, its file intact) and copied by md's
-resync. A second run changes nothing; ``state: absent`` takes the NBD leg away
-and unregisters the disk while md goes on serving the local leg. Bad input
-(a device that does not exist, a filesystem that reaches the end of its
-device) fails naming the disk and changes nothing.
+resync. A run in check mode changes nothing; a second run changes nothing;
+after a reboot the array and its NBD leg come back (haven-nbd@.service, the
+bitmap) and a write reaches the replica again; ``state: absent`` takes the
+NBD leg away and unregisters the disk while md goes on serving the local leg
+(and changes nothing run again). Bad input (a device that does not exist, a
+filesystem that reaches the end of its device) fails naming the disks and
+changes nothing.
 
 Where things run and how they reach each other:
 
@@ -440,11 +443,31 @@ def test_bad_disks_fail_naming_them_and_change_nothing(site: Site) -> None:
 def test_in_guest_writes_reach_the_target_byte_for_byte(site: Site) -> None:
     disks = [{"name": "g1-data", "path": "g1/data.img", "device": "/dev/vdb"}]
     play = _play(site, "present", disks)
+    # md's copy capped at 500 KiB/s (about 2 min for the 64 MiB), long enough for the role's
+    # wait to see it run and report its progress (shown, not asserted: it depends on speed)
+    _ssh(
+        site,
+        "modprobe md_mod && echo 100 > /proc/sys/dev/raid/speed_limit_min && "
+        "echo 500 > /proc/sys/dev/raid/speed_limit_max",
+    )
+    # check mode: says what it would change, changes nothing
+    checked = _ok(ansible_playbook(site, play, "--check"))
+    assert _recap(checked)["changed"] > 0, checked[-5000:]
+    assert _volumes(site) == {}
+    nothing = _ssh(
+        site,
+        "cat /proc/mdstat | grep -c '^md' || true; ls /sys/block/nbd*/pid 2>/dev/null | wc -l; "
+        "ls /etc/haven-dr /etc/modules-load.d/haven-dr-nbd.conf 2>/dev/null | wc -l",
+    )
+    assert nothing.split() == ["0", "0", "0"], nothing
+
     started = time.monotonic()
     first = _ok(ansible_playbook(site, play))
     _record("in_guest_first_run_s", time.monotonic() - started)
     assert _recap(first)["changed"] > 0
     assert "every NBD leg in sync" in first, first[-5000:]
+    progress = first.split("Its progress]")[1].split("TASK [")[0]
+    print(f"in guest: the role's progress lines:{progress}")
     facts = _facts(site, "present")
     assert facts["md"] == {"g1-data": "/dev/md/g1-data"}
     assert facts["nbd"] == {"g1-data": "/dev/nbd0"}
