@@ -439,7 +439,7 @@ def test_bad_disks_fail_naming_them_and_change_nothing(site: Site) -> None:
     assert _sha(site.tmp / "vdc.raw") == full_before
 
 
-@pytest.mark.timeout(SSH_UP * 2 + PLAYBOOK * 3 + COPY * 3 + 900)
+@pytest.mark.timeout(SSH_UP * 2 + PLAYBOOK * 5 + COPY * 3 + 900)  # 5 plays, 3 copies
 def test_in_guest_writes_reach_the_target_byte_for_byte(site: Site) -> None:
     disks = [{"name": "g1-data", "path": "g1/data.img", "device": "/dev/vdb"}]
     play = _play(site, "present", disks)
