@@ -39,7 +39,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ansible_collections.haven.dr.plugins.module_utils.providers._base import ABSENT, RUNNING
+from ansible_collections.haven.dr.plugins.module_utils.providers._base import ABSENT, RUNNING, ProviderTimeout
 
 OK, FAILED, TIMEOUT, SKIPPED = "ok", "failed", "timeout", "skipped"
 
@@ -157,6 +157,13 @@ class Timeline:
         return entry
 
 
+def provider_time(timeout):
+    """The time a provider call is given within a step of ``timeout`` seconds:
+    a little less, so that the provider's own timeout (which says what it was
+    waiting for, and cleans up) ends the call before the step's guard does."""
+    return max(timeout * 0.9, timeout - 5.0)
+
+
 def call_with_timeout(func, timeout, *args):
     """``func(*args)``'s value, in a daemon thread given ``timeout`` seconds;
     ``StepTimeout`` if it has not returned by then (the thread runs on)."""
@@ -260,7 +267,7 @@ class PlanRun:
                 started = timeline.now()
                 spec = network_spec(self.plan.networks[name])
                 try:
-                    call_with_timeout(provider.create_network, self.call_timeout, spec, self.call_timeout)
+                    call_with_timeout(provider.create_network, self.call_timeout, spec, provider_time(self.call_timeout))
                 except Exception as exc:  # pylint: disable=broad-except
                     output = "network %s: %s: %s" % (name, type(exc).__name__, exc)
                     timeline.record(
@@ -330,7 +337,7 @@ class PlanRun:
         started = timeline.now()
         try:
             timeout = min(script.timeout_seconds, self._left(deadline, group))
-            ok, output = call_with_timeout(self.scripts.run, timeout, group, script, timeout)
+            ok, output = call_with_timeout(self.scripts.run, timeout, group, script, provider_time(timeout))
         except StepTimeout as exc:
             timeline.record(when, group.name, None, started, TIMEOUT, "%s: %s" % (script.command, exc))
             raise _Failure(when, "%s %s" % (script.command, exc))
@@ -398,13 +405,14 @@ class PlanRun:
         started = timeline.now()
         timeout = min(self.call_timeout, self._left(deadline, group))
         try:
-            value = call_with_timeout(func, timeout, *args + (timeout,))
+            value = call_with_timeout(func, timeout, *args + (provider_time(timeout),))
         except StepTimeout as exc:
             timeline.record(step, group.name, server.name, started, TIMEOUT, str(exc))
             raise _Failure(step, "%s of %s %s" % (step, server.name, exc))
         except Exception as exc:  # pylint: disable=broad-except
             output = "%s: %s" % (type(exc).__name__, exc)
-            timeline.record(step, group.name, server.name, started, FAILED, output)
+            outcome = TIMEOUT if isinstance(exc, ProviderTimeout) else FAILED
+            timeline.record(step, group.name, server.name, started, outcome, output)
             raise _Failure(step, output)
         timeline.record(step, group.name, server.name, started, OK)
         return value
@@ -434,7 +442,7 @@ class PlanRun:
                 )
             tries += 1
             try:
-                ok, output = call_with_timeout(self.checker.check, left, server, check, left)
+                ok, output = call_with_timeout(self.checker.check, left, server, check, provider_time(left))
             except StepTimeout as exc:
                 ok, output = False, "the check %s" % exc
             except Exception as exc:  # pylint: disable=broad-except
@@ -488,7 +496,7 @@ def cleanup(plan, providers, state, call_timeout=300.0, clock=time.monotonic):
 def _undo_step(timeline, step, name, func, timeout):
     started = timeline.now()
     try:
-        call_with_timeout(func, timeout, name, timeout)
+        call_with_timeout(func, timeout, name, provider_time(timeout))
     except Exception as exc:
         timeline.record(step, None, name, started, TIMEOUT if isinstance(exc, StepTimeout) else FAILED, str(exc))
         raise

@@ -370,3 +370,41 @@ def test_errors_name_the_vm_and_what_timed_out(provider: QemuProvider, tmp_path:
         stuck.power_on("stuck", 1)
     assert time.monotonic() - started < 5
     assert stuck.status("stuck", 5)["state"] == "stopped"
+
+
+def test_a_disk_whose_nbd_server_never_answers_times_out_power_on_naming_it(
+    provider: QemuProvider,
+) -> None:
+    # a server that takes the connection and never says a word: QEMU (the real one) waits
+    # in the NBD handshake before it daemonizes; power_on gives up at its deadline, naming
+    # the disk, and leaves nothing running
+    silent = socket.create_server(("127.0.0.1", 0))
+    uri = f"nbd://127.0.0.1:{silent.getsockname()[1]}/mute"
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        silent.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                held.append(silent.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        provider.create({"name": "mute"}, [uri], 5)
+        started = time.monotonic()
+        with pytest.raises(ProviderTimeout) as caught:
+            provider.power_on("mute", 8)
+        assert time.monotonic() - started < 8 + 12  # its deadline, then the kill's (10 s)
+        assert "vm 'mute': power_on: QEMU did not start within 8 s" in str(caught.value)
+        assert f"its disks: {uri}" in str(caught.value), str(caught.value)
+        assert held, "QEMU never connected to the disk's server"
+        assert provider.status("mute", 5)["state"] == "stopped"
+        assert provider.pid("mute") is None
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        silent.close()

@@ -598,6 +598,16 @@ class QemuProvider(Provider):
 
     mac = staticmethod(mac_address)
 
+    def _log_tail(self, name, size=2000):
+        """The end of ``name``'s qemu.log (what QEMU said before it gave up)."""
+        try:
+            with open(self._path(name, "qemu.log"), "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - size))
+                return f.read().decode(errors="replace").strip()
+        except OSError:
+            return ""
+
     def power_on(self, name, timeout):
         name = vm_name(name)
         deadline = _Deadline(timeout)
@@ -720,11 +730,17 @@ class QemuProvider(Provider):
                 proc.wait()
                 self._kill(name, _Deadline(10), "power_on")
                 raise ProviderTimeout(
-                    name, "power_on", "QEMU did not start within %.0f s" % deadline.timeout
+                    name,
+                    "power_on",
+                    "QEMU did not start within %.0f s (its disks: %s; %s)"
+                    % (
+                        deadline.timeout,
+                        ", ".join(d["uri"] for d in spec["disks"]) or "none",
+                        self._log_tail(name) or "nothing in qemu.log",
+                    ),
                 )
             if proc.returncode != 0:
-                with open(self._path(name, "qemu.log"), "rb") as f:
-                    tail = f.read()[-2000:].decode(errors="replace").strip()
+                tail = self._log_tail(name)
                 raise ProviderError(
                     name, "power_on", "QEMU exited %d: %s" % (proc.returncode, tail)
                 )

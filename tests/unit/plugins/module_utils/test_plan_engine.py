@@ -25,7 +25,7 @@ from ansible_collections.haven.dr.plugins.module_utils._plan_engine import (
     StepTimeout,
     cleanup,
 )
-from ansible_collections.haven.dr.plugins.module_utils.providers._base import Provider
+from ansible_collections.haven.dr.plugins.module_utils.providers._base import Provider, ProviderTimeout
 
 
 class Clock:
@@ -57,10 +57,13 @@ class FakeProvider(Provider):
         self.active, self.max_active = 0, 0
         self.gate = None  # (a threading.Barrier) every create waits at it
         self.specs, self.networks = {}, []
+        self.timeouts = []  # (step, name, the timeout the call was given)
+        self.own_timeout = set()  # (step, server): raises ProviderTimeout, as a provider whose deadline passed
 
     def _do(self, step, name, timeout):
         with self.lock:
             self.calls.append((step, name))
+            self.timeouts.append((step, name, timeout))
             self.active += 1
             self.max_active = max(self.max_active, self.active)
         try:
@@ -70,6 +73,8 @@ class FakeProvider(Provider):
                 self.release.wait(5)
             if (step, name) in self.fail:
                 raise RuntimeError(self.fail[(step, name)])
+            if (step, name) in self.own_timeout:
+                raise ProviderTimeout(name, step, "QEMU did not start within %.0f s (its disks: nbd://x)" % timeout)
             if self.clock is not None and self.step_seconds:
                 self.clock.sleep(self.step_seconds)
         finally:
@@ -249,6 +254,18 @@ def test_a_hanging_provider_call_ends_at_its_timeout():
     assert failed["output"] == "power_on of db1 did not return within 0.05 s"
     assert result["timeline"][-1]["outcome"] == "timeout"
     assert result["state"].created == ["db1"] and not result["state"].running
+
+
+def test_a_provider_gets_less_time_than_its_step_so_its_own_timeout_says_why():
+    provider = FakeProvider()
+    provider.own_timeout.add(("power_on", "db1"))
+    result = engine(plan(), provider, call_timeout=100).run()
+    given = [t for step, name, t in provider.timeouts if (step, name) == ("power_on", "db1")]
+    assert given == [95.0]  # 5 s before the step's guard (10 % of a short one)
+    failed = result["failed"]
+    assert (failed["server"], failed["step"]) == ("db1", "power_on")
+    assert failed["output"] == "ProviderTimeout: vm 'db1': power_on: QEMU did not start within 95 s (its disks: nbd://x)"
+    assert result["timeline"][-1]["outcome"] == "timeout"  # a timeout, though the provider said it
 
 
 def test_a_hanging_check_and_a_provider_error_are_failed_steps():
