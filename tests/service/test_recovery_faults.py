@@ -433,7 +433,10 @@ def test_the_source_killed_during_a_planned_failovers_drain(
     args["url"] = pair.source.address("api")  # its API on a new port (port 0 in the test)
     refused, _ = run_failover(monkeypatch, StubProvider(), **args)
     assert refused["failed"] is True, refused
-    assert "409: group app is fenced already: planned failover in progress" in refused["msg"]
+    assert (
+        "409: group app is fenced already: a planned failover that an earlier run" in refused["msg"]
+    ), refused["msg"]
+    assert "left at draining" in refused["msg"] and "then run again" in refused["msg"]
     # the link healed, its first session tells the target was not promoted: the
     # fence is called off, and the task run again converges
     pair.proxy.heal()

@@ -186,7 +186,17 @@ class Fencing:
         promoted = fence.promoted if fence is not None else None
         split = fence.split_brain if fence is not None else None
         if kind == "failover":
-            return f"group {self.name} is fenced already: {fence.reason}" if fence else None
+            if fence is None:
+                return None
+            if promoted is None and fence.stage and fence.pid != os.getpid():
+                # the fence of a planned failover this node was running when it stopped
+                return (
+                    f"group {self.name} is fenced already: a planned failover that an "
+                    f"earlier run of this node left at {fence.stage}; it is called off when "
+                    "this node reaches its target again and the target was not promoted "
+                    "(then run again)"
+                )
+            return f"group {self.name} is fenced already: {fence.reason}"
         if kind == "resolve":
             return None if split else f"group {self.name} is not in a split brain"
         if kind not in _NEEDS_FAILED_OVER:
