@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -312,6 +313,61 @@ class _Listener:
         self.stopped = True
         self.thread.join(5)
         self.sock.close()
+
+
+def test_a_second_run_with_the_same_network_is_refused_and_touches_nothing_of_the_first(
+    provider: QemuProvider, tmp_path: Path, image: dict[str, str]
+) -> None:
+    # two drills of one plan at once (a scheduled one and a manual one), each with its own
+    # state_dir: the second is refused at its network, and its cleanup (destroy of its VMs
+    # and networks, the same names) leaves the first's VM serving on its network
+    net, sub = net_name(), subnet()
+    web = {
+        "name": "web1",
+        "role": "http:80:first%20run",
+        "nics": [{"network": net, "ip": f"{sub}.3/24"}],
+    }
+    provider.create_network({"name": net, "cidr": f"{sub}.0/24", "isolated": True}, 10)
+    provider.create(web, [], 10)
+    provider.power_on("web1", BOOT)
+    wait_console(provider, "web1", "haven: up")
+    second = get_provider("qemu", state_dir=str(tmp_path / "second"), image=image)
+    with pytest.raises(
+        ProviderError, match=rf"network '{net}': create_network: in use by another run"
+    ) as refused:
+        second.create_network({"name": net, "cidr": f"{sub}.0/24", "isolated": True}, 10)
+    assert provider.state_dir in str(refused.value)  # where the other run is
+    second.create(web, [], 10)  # its VM of the same name, on a network it could not make
+    with pytest.raises(ProviderError, match=rf"vm 'web1': power_on: network '{net}' is another"):
+        second.power_on("web1", 10)
+    assert second.destroy("web1", 30)
+    assert not second.destroy_network(net, 10)  # nothing of its own to destroy
+    fetch = (
+        "import urllib.request, sys; "
+        f"sys.stdout.write(urllib.request.urlopen('http://{sub}.3/', timeout=10).read().decode())"
+    )
+    assert tap_name("web1", 0) in in_netns(net, "ip", "link").stdout
+    page = in_netns(net, sys.executable, "-c", fetch)
+    assert page.stdout == "first run", page
+    assert provider.status("web1", 10)["state"] == "running"
+    # the first run ends: the name is free for the second
+    assert provider.destroy("web1", 30)
+    assert provider.destroy_network(net, 10)
+    assert second.create_network({"name": net, "cidr": f"{sub}.0/24", "isolated": True}, 10)
+    assert second.destroy_network(net, 10)
+
+
+def test_a_network_left_by_a_run_that_is_gone_is_taken_over(
+    provider: QemuProvider, tmp_path: Path, image: dict[str, str]
+) -> None:
+    net, sub = net_name(), subnet()
+    gone = get_provider("qemu", state_dir=str(tmp_path / "gone"), image=image)
+    gone.create_network({"name": net, "cidr": f"{sub}.0/24", "isolated": True}, 10)
+    shutil.rmtree(tmp_path / "gone")  # its state_dir removed, the namespace left
+    assert provider.create_network({"name": net, "cidr": f"{sub}.0/24", "isolated": True}, 10)
+    assert provider.network(net)["name"] == net
+    assert provider.destroy_network(net, 10)
+    assert not os.path.exists(f"/run/netns/{netns_name(net)}")
 
 
 def test_the_isolated_drill_network_cannot_reach_production(provider: QemuProvider) -> None:

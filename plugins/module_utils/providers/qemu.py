@@ -111,6 +111,25 @@ def netns_exists(network):
     return os.path.exists("/run/netns/" + netns_name(network))
 
 
+def _remove(path):
+    """Whether ``path`` was there (and is gone now)."""
+    try:
+        os.unlink(path)
+        return True
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+        return False
+
+
+# A network is a namespace of the whole host, a VM's state is its state_dir's: which
+# state_dir made the namespace (a drill's, a failover's...) is written here, so that a
+# run of another state_dir that wants the same network name is refused instead of
+# tearing down networks that VMs of the first are using. /run goes with the namespaces.
+OWNERS_DIR = "/run/haven-dr/networks"
+CLAIM_GRACE = 120.0  # a claim younger than this is a network being made
+
+
 _check_name = check_name
 
 
@@ -496,7 +515,7 @@ class QemuProvider(Provider):
     def _remove_taps(self, name, spec, deadline, action):
         for index, nic in enumerate((spec or {}).get("nics", [])):
             network = nic["network"]
-            if netns_exists(network):
+            if netns_exists(network) and self._other_owner(network) is None:  # never another's
                 tap = tap_name(name, index)
                 self._run(
                     [self.ip, "-n", netns_name(network), "link", "del", tap],
@@ -681,6 +700,13 @@ class QemuProvider(Provider):
                         name,
                         "power_on",
                         "network %r does not exist (create_network first)" % network,
+                    )
+                other = self._other_owner(network)
+                if other is not None:
+                    raise ProviderError(
+                        name,
+                        "power_on",
+                        "network %r is another run's (its state_dir %s)" % (network, other),
                     )
                 netns, tap = netns_name(network), tap_name(name, index)
                 self._run(
@@ -885,16 +911,66 @@ class QemuProvider(Provider):
         """The spec of an existing network, or None."""
         return self._read_json(self._network_file(name)) if netns_exists(name) else None
 
+    def _owner_file(self, name):
+        return os.path.join(OWNERS_DIR, netns_name(name) + ".json")
+
+    def _other_owner(self, name):
+        """The state_dir of another run that holds the network ``name``, else
+        None (free, ours, or left by a run that is gone: then ours to take).
+        Held: that state_dir is there and records the network and its namespace
+        is there, or it claimed the name less than ``CLAIM_GRACE`` s ago (it is
+        making it)."""
+        path = self._owner_file(name)
+        owner = self._read_json(path) or {}
+        other = owner.get("state_dir")
+        if not other or other == self.state_dir or not os.path.isdir(other):
+            return None
+        if netns_exists(name) and os.path.exists(os.path.join(other, "networks", name + ".json")):
+            return other
+        try:
+            if time.time() - os.stat(path).st_mtime < CLAIM_GRACE:
+                return other
+        except OSError:
+            pass
+        return None
+
+    def _claim(self, name, action):
+        """The network name ours, or ProviderError naming the run that holds it
+        (atomic: two runs claiming at once, one of them gets it)."""
+        os.makedirs(OWNERS_DIR, exist_ok=True)
+        path = self._owner_file(name)
+        tmp = "%s.%d.tmp" % (path, os.getpid())
+        self._write_json(tmp, {"state_dir": self.state_dir, "network": name})
+        try:
+            os.link(tmp, path)  # fails if anyone has it
+        except FileExistsError:
+            other = self._other_owner(name)
+            if other is not None:
+                _remove(tmp)
+                raise ProviderError(
+                    name,
+                    action,
+                    "in use by another run (its state_dir %s: a drill, failover or failback "
+                    "of the same networks?); one network name serves one run at a time on a "
+                    "host: end that run (its cleanup destroys the network) or name the "
+                    "networks apart" % other,
+                    kind="network",
+                )
+            os.replace(tmp, path)  # ours already, or left by a run that is gone
+        else:
+            _remove(tmp)
+
     def create_network(self, network, timeout):
         spec = self._network_spec(network)
         name = spec["name"]
         deadline = _Deadline(timeout)
+        os.makedirs(os.path.dirname(self._network_file(name)), exist_ok=True)
+        self._claim(name, "create_network")  # after: its state_dir there says it is alive
         old = self.network(name)
         if old == spec:
             return False
         if old is not None or netns_exists(name):  # changed, or half made by a crash
             self.destroy_network(name, deadline.left(1))
-        os.makedirs(os.path.dirname(self._network_file(name)), exist_ok=True)
         netns, prefix = netns_name(name), spec["cidr"].split("/")[1]
         steps = [
             [self.ip, "netns", "add", netns],
@@ -945,6 +1021,9 @@ class QemuProvider(Provider):
     def destroy_network(self, name, timeout):
         deadline = _Deadline(timeout)
         changed = False
+        if self._other_owner(name) is not None:
+            # another run's network of the same name: only our own record of it goes
+            return _remove(self._network_file(name))
         veth = veth_name(name)
         if os.path.exists("/sys/class/net/" + veth):
             self._run(
@@ -965,13 +1044,8 @@ class QemuProvider(Provider):
                 "network",
             )
             changed = True
-        try:
-            os.unlink(self._network_file(name))
-            changed = True
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-        return changed
+        _remove(self._owner_file(name))
+        return _remove(self._network_file(name)) or changed
 
     def network_command(self, name, argv):
         """``argv`` run inside the network (from its own address): a health check."""
