@@ -8,8 +8,8 @@ as PID 1, udev, dbus (logind: the ACPI power button powers it off), openssh,
 iproute2, python3 with venv and apt (Ansible manages it; a role can build a
 virtualenv offline), mdadm and nbd-client (the in-guest mirroring of
 roles/protected_server needs them and the guest has no mirror to install
-them from). The kernel is the host's Debian cloud kernel
-(``linux-image-cloud-amd64``), its initrd the host's
+them from), nftables (roles/replication_node's firewall). The kernel is
+the host's Debian cloud kernel (``linux-image-cloud-amd64``), its initrd the host's
 ``/boot/initrd.img-<version>`` (initramfs-tools: virtio and ext4 are in it) and
 its modules (``/lib/modules/<version>``) copied into the image, so udev loads
 the rest (virtio_net, the power button) after the switch to the root.
@@ -73,6 +73,7 @@ PACKAGES = (
     "python3-apt",
     "mdadm",  # in-guest mirroring (roles/protected_server, in_guest): the guest has no apt mirror
     "nbd-client",
+    "nftables",  # roles/replication_node opens only havend's ports
 )
 SIZE = "3G"  # sparse: the qcow2 holds what is used (about 300 MB)
 FORMAT = 1  # bump when the layout of the image changes

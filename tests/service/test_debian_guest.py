@@ -141,13 +141,14 @@ def boot(
     ip: str,
     gateway: str,
     ssh_key: str | None,
+    memory: int = 1024,
 ) -> float:
     options = {k: debian[k] for k in ("kernel", "initrd", "image")}
     if ssh_key:
         options["ssh_key"] = ssh_key
     server = {
         "name": name,
-        "memory": 1024,
+        "memory": memory,
         "cpus": 1,
         "nics": [{"network": network, "ip": f"{ip}/24", "gateway": gateway}],
         "options": options,
