@@ -8,14 +8,18 @@ NAME at ``.2``, ``.3``, ... with root's key of ``DIR/id_ed25519``, waits until
 each answers ssh and systemd is ``running``, and writes
 
 - ``DIR/vms.json``: per name its address, the key, the network;
-- ``DIR/inventory.yml``: the hosts, ready for ``ansible-playbook -i``;
+- ``DIR/inventory.yml``: the hosts and how to reach them (root, the key), for
+  ``ansible-playbook -i`` (with the inventory that puts them in groups:
+  docs/examples/nodes/); ``replication_node_credentials_dir`` is
+  ``DIR/haven-credentials``, and with ``--wheelhouse`` (tools/wheelhouse.py)
+  ``replication_node_wheelhouse`` is set too: the guests have no package index;
 - ``DIR/instance_config.yml`` (or ``--instance-config PATH``): molecule's
   instance config of a managed delegated driver (address, user, identity).
 
 ``down DIR`` powers the guests off and destroys them and the network. Again
 is harmless. Root (network namespaces, taps).
 
-    tools/debian_vm.py up /tmp/site src1 tgt1
+    tools/debian_vm.py up /tmp/site src1 tgt1 --wheelhouse
     tools/debian_vm.py down /tmp/site
 """
 
@@ -37,6 +41,7 @@ sys.path.insert(0, str(ROOT / "tests" / "service"))
 
 import debian_image  # noqa: E402
 import test_debian_guest as guest  # noqa: E402  (boot, wait_ssh, run: one copy of them)
+import wheelhouse  # noqa: E402
 from ansible_collections.haven.dr.plugins.module_utils.providers import (  # noqa: E402
     get_provider,
 )
@@ -50,7 +55,12 @@ def _provider(site: Path) -> Any:
     return get_provider("qemu", state_dir=str(site / "qemu"), powerdown_grace=guest.POWER_OFF)
 
 
-def up(site: Path, names: list[str], instance_config: Path | None = None) -> dict[str, Any]:
+def up(
+    site: Path,
+    names: list[str],
+    instance_config: Path | None = None,
+    with_wheelhouse: bool = False,
+) -> dict[str, Any]:
     if (site / "vms.json").exists():
         raise SystemExit(f"debian_vm: {site} is up already (debian_vm.py down {site} first)")
     site.mkdir(parents=True, exist_ok=True)
@@ -91,7 +101,15 @@ def up(site: Path, names: list[str], instance_config: Path | None = None) -> dic
         }
         for name, vm in vms.items()
     }
-    (site / "inventory.yml").write_text(yaml.safe_dump({"all": {"hosts": hosts}}, sort_keys=True))
+    variables: dict[str, Any] = {
+        "replication_node_credentials_dir": str(site / "haven-credentials")
+    }
+    if with_wheelhouse:
+        variables["replication_node_wheelhouse"] = str(wheelhouse.build())
+    (site / "inventory.yml").write_text(
+        "# written by tools/debian_vm.py up: the guests, as root with the key beside this file\n"
+        + yaml.safe_dump({"all": {"hosts": hosts, "vars": variables}}, sort_keys=True)
+    )
     instances = [
         {
             "instance": name,
@@ -126,12 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("dir", type=Path)
     start.add_argument("names", nargs="+")
     start.add_argument("--instance-config", type=Path, help="molecule's instance config file")
+    start.add_argument(
+        "--wheelhouse", action="store_true", help="set replication_node_wheelhouse (built, cached)"
+    )
     stop = sub.add_parser("down", help="destroy the guests and their network")
     stop.add_argument("dir", type=Path)
     args = parser.parse_args(argv)
     if args.command == "up":
         try:
-            up(args.dir, args.names, args.instance_config)
+            up(args.dir, args.names, args.instance_config, args.wheelhouse)
         except BaseException:
             down(args.dir)
             raise

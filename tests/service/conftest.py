@@ -121,8 +121,8 @@ REPLY_MAGIC = 0x67446698
 class RawClient:
     """A blocking NBD client over one socket; every call has a timeout."""
 
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
         self.size = 0
         self.flags = 0
 

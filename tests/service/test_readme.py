@@ -19,9 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def readme_block() -> list[str]:
+def readme_block(heading: str = "## Using the collection") -> list[str]:
+    """The lines of the first ``sh`` block of the README's section ``heading``."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Using the collection") :]
+    section = text[text.index(heading + "\n") :]
     block = section[section.index("```sh\n") + 6 :]
     return [line for line in block[: block.index("```")].splitlines() if line.strip()]
 
