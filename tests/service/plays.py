@@ -6,8 +6,10 @@ integration targets) and test_collection_examples.py (the modules' EXAMPLES)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -87,6 +89,30 @@ def ansible_env(tmp: Path, **haven: str) -> dict[str, str]:
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         **haven,
     }
+
+
+def in_session(
+    argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float, merge: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``argv`` in a session of its own: on a timeout or an interrupt its whole
+    process group goes with it (ansible's workers, their ssh masters). Its
+    output, stderr into stdout with ``merge``."""
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge else subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr or "")
 
 
 def ansible(

@@ -67,6 +67,7 @@ from nodes import (
     target_node,
     wait_caught_up,
 )
+from plays import in_session
 from test_debian_guest import SSH_UP, _keypair, _record, power_off, run, wait_ssh
 from waiting import wait_until
 
@@ -194,23 +195,14 @@ def ansible_playbook(site: Site, playbook: Path, *extra: str) -> subprocess.Comp
     its workers and ssh masters go with it): the completed process."""
     binary = Path(sys.executable).parent / "ansible-playbook"
     assert binary.exists(), f"{binary} is missing: run `make setup`"
-    proc = subprocess.Popen(
+    done = in_session(
         [str(binary), "-i", str(site.inventory), str(playbook), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
         env=_ansible_env(site.tmp),
         cwd=site.tmp,
-        start_new_session=True,
+        timeout=PLAYBOOK,
     )
-    try:
-        stdout, stderr = proc.communicate(timeout=PLAYBOOK)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    (site.tmp / f"{playbook.stem}-{time.monotonic_ns()}.log").write_text(stdout + stderr)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    (site.tmp / f"{playbook.stem}-{time.monotonic_ns()}.log").write_text(done.stdout + done.stderr)
+    return done
 
 
 def _ok(out: subprocess.CompletedProcess[str]) -> str:

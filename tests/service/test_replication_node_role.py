@@ -18,13 +18,11 @@ Root (network namespaces, taps); a missing tool fails.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import struct
@@ -41,6 +39,7 @@ import httpx
 import pytest
 import yaml
 from conftest import RawClient, require_tool
+from plays import in_session
 from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,20 +105,17 @@ class Nodes:
             ANSIBLE_PIPELINING="1",
             ANSIBLE_TIMEOUT="60",
         )
-        proc = subprocess.Popen(
+        done = in_session(
             ["bash", "-euo", "pipefail", "-c", "set -x\n" + script],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-            cwd=ROOT, start_new_session=True,
-        )  # fmt: skip
-        try:
-            out, _ = proc.communicate(timeout=PLAYBOOK)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+            env=env,
+            cwd=ROOT,
+            timeout=PLAYBOOK,
+            merge=True,
+        )
+        out = done.stdout
         self.logs.append(out)
         (self.tmp / f"run-{len(self.logs)}.log").write_text(out)
-        assert proc.returncode == 0, out[-8000:]
+        assert done.returncode == 0, out[-8000:]
         return out
 
     def install(self, collections: Path | None = None) -> str:
@@ -354,7 +350,7 @@ def test_an_upgrade_in_place_under_writes_loses_no_write(nodes: Nodes) -> None:
     )
     assert made.status_code == 201, made.text
     wait_until(lambda: _group(src)["connected"], 120, "src1 replicating to tgt1", interval=1)
-    uri = src.get("/v1/volumes").json()[0]["uri"]
+    uri = next(v["uri"] for v in src.get("/v1/volumes").json() if v["name"] == "data")
     assert uri == f"nbd://{nodes.ip('src1')}:10809/data", uri
 
     writer = Writer(nodes.ip("src1"), 10809, "data", VOLUME // BLOCK)
