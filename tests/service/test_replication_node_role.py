@@ -179,6 +179,8 @@ def test_install_twice_is_idempotent_hardened_and_firewalled(nodes: Nodes) -> No
     second = nodes.install()
     guest._record("node_role_second_install_s", time.monotonic() - started)
     assert (recap(second, "src1")["changed"], recap(second, "tgt1")["changed"]) == (0, 0), second
+    checked = nodes.run(nodes.script["install"] + " --check --diff")
+    assert (recap(checked, "src1")["changed"], recap(checked, "tgt1")["changed"]) == (0, 0)
 
     creds = nodes.tmp / "nodes" / "haven-credentials"
     for name in ("src1", "tgt1", "site"):
